@@ -1,0 +1,30 @@
+"""`dualpath` command line: one subcommand per concern, each registered by the module that owns it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines `register(subparsers)`, which adds its subcommand(s) with `set_defaults(run=...)`.
+# Modules are imported lazily-enough: only their `register` runs at start-up.
+SUBCOMMAND_MODULES = (
+    "dualpath.store.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualpath", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
