@@ -8,11 +8,13 @@ Keys therefore name a whole prefix: two engines that saw the same tokens find ea
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 _UINT32_MAX = 2**32 - 1
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def namespace_seed(namespace: str) -> str:
@@ -43,9 +45,9 @@ def block_keys(
     if tokens.size and (tokens.min() < 0 or tokens.max() > _UINT32_MAX):
         raise ValueError("token ids must fit in uint32 (SGLang hashes them as uint32-LE)")
     seed = namespace_seed(namespace) if namespace is not None else prior_key
-    prior = bytes.fromhex(seed) if seed else b""
-    if seed and len(prior) != 32:
+    if seed and not _DIGEST.fullmatch(seed):
         raise ValueError(f"prior key must be a 64-character SHA-256 hex digest, got {seed!r}")
+    prior = bytes.fromhex(seed) if seed else b""
     full = tokens.size // block_tokens
     pages = tokens[: full * block_tokens].astype("<u4").reshape(full, block_tokens)
     keys = []

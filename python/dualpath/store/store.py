@@ -204,10 +204,9 @@ class BlockStore:
         # Only unlink the very file we read: it may have been evicted and rewritten since we opened it.
         path = self.path(key)
         try:
-            ours = os.fstat(fd)
-            if os.stat(path).st_ino == ours.st_ino:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 path.unlink()
-                self.capacity.release(ours.st_size)
+                self.capacity.release(self.format.file_bytes)
         except FileNotFoundError:
             pass
 
@@ -277,13 +276,11 @@ class BlockStore:
             check_key(key)
         removed = 0
         for key in keys:
-            path = self.path(key)
             try:
-                size = path.stat().st_size
-                path.unlink()
+                self.path(key).unlink()
             except FileNotFoundError:
                 continue
-            self.capacity.release(size)
+            self.capacity.release(self.format.file_bytes)
             removed += 1
         return removed
 
