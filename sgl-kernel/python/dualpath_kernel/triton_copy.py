@@ -1,0 +1,158 @@
+"""One Triton kernel that moves pages between staged Full Blocks and the paged pool, either way.
+
+Each program copies a tile of tokens of one (block, layer, component): on the staging side that is a
+strided ``[tokens, row]`` slice of a Layer Block (K rows sit next to V rows), on the pool side
+``page_size`` consecutive slots of one buffer. Bytes move as the widest integer word every stride and
+address allows, with alignment hints so loads and stores become 16-byte vectors; nothing is converted,
+so bf16, fp16, fp8 and packed caches are all the same copy.
+
+Under ``TRITON_INTERPRET=1`` (read by Triton when this module is imported) the same kernel runs on CPU
+tensors, which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from dualpath_kernel.pool import PagedKVPool, power_of_two_dividing
+
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# Tiles narrower than this waste most of a memory transaction; mask a wider tile instead.
+_MIN_TILE_ROW_BYTES = 128
+
+
+@triton.jit
+def _copy_pages_kernel(
+    blocks_ptr,  # staged blocks [n, layers, tokens, COMPONENTS * row_words], as words
+    pool_table_ptr,  # int64 address of pool buffer [layer][component]
+    pages_ptr,  # int64 pool page of each staged block
+    first_layer,
+    layers,
+    block_stride,
+    layer_stride,
+    page_size,
+    row_words,
+    COMPONENTS: tl.constexpr,
+    ADDRESS_ALIGN: tl.constexpr,  # bytes every pool buffer address is a multiple of
+    VEC: tl.constexpr,  # words every row offset is a multiple of
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    EVEN: tl.constexpr,  # tiles divide the page and the row exactly: no masks
+    TO_POOL: tl.constexpr,
+):
+    # Same value (row_words is a multiple of VEC), but written so the compiler sees it and keeps the
+    # masked tail's accesses VEC words wide.
+    row_words = row_words // VEC * VEC
+    program = tl.program_id(0)
+    component = program % COMPONENTS
+    layer = (program // COMPONENTS) % layers
+    block = (program // (COMPONENTS * layers)).to(tl.int64)
+    page = tl.load(pages_ptr + block)
+    address = tl.load(pool_table_ptr + (first_layer + layer) * COMPONENTS + component)
+    pool_ptr = tl.multiple_of(address.to(tl.pointer_type(blocks_ptr.dtype.element_ty)), ADDRESS_ALIGN)
+
+    tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    staged_rows = block * block_stride + layer * layer_stride + (tokens * COMPONENTS + component) * row_words
+    pool_rows = (page * page_size + tokens) * row_words
+    staged_rows = tl.multiple_of(staged_rows, VEC)
+    pool_rows = tl.multiple_of(pool_rows, VEC)
+    for start in range(0, row_words, BLOCK_C):
+        columns = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+        staged = blocks_ptr + staged_rows[:, None] + columns[None, :]
+        pooled = pool_ptr + pool_rows[:, None] + columns[None, :]
+        if TO_POOL:
+            source, target = staged, pooled
+        else:
+            source, target = pooled, staged
+        if EVEN:
+            tl.store(target, tl.load(source, eviction_policy="evict_first"))
+        else:
+            mask = (tokens < page_size)[:, None] & (columns < row_words)[None, :]
+            tl.store(target, tl.load(source, mask=mask, eviction_policy="evict_first"), mask=mask)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel can run for a pool on ``device``: compiled on CUDA, interpreted on CPU."""
+    return device.type == "cuda" or isinstance(_copy_pages_kernel, InterpretedFunction)
+
+
+def _tile(row_words: int, page_size: int, word: int, tile_bytes: int) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_C)``: columns that divide the row when that keeps tiles wide, tokens to fill the tile."""
+    tile_words = max(1, tile_bytes // word)
+    columns = min(row_words & -row_words, tile_words)
+    if columns * word < _MIN_TILE_ROW_BYTES:
+        columns = min(triton.next_power_of_2(row_words), tile_words)
+    tokens = min(triton.next_power_of_2(page_size), max(1, tile_words // columns))
+    return tokens, columns
+
+
+class Launch(NamedTuple):
+    """Everything one kernel launch takes, worked out from validated arguments."""
+
+    grid: tuple[int, int]
+    args: tuple[object, ...]
+    constants: dict[str, int | bool]
+    num_warps: int
+
+
+def plan_copy(
+    blocks: torch.Tensor,
+    pool: PagedKVPool,
+    pages: torch.Tensor,
+    first_layer: int,
+    to_pool: bool,
+    tile_bytes: int,
+    num_warps: int,
+) -> Launch:
+    """Word size, vector hints and tile shape for copying ``blocks`` to or from ``pool``."""
+    row_bytes = pool.row_bytes
+    alignment = power_of_two_dividing(
+        row_bytes, blocks.stride(0), blocks.stride(1), blocks.data_ptr(), pool.address_alignment
+    )
+    word = min(alignment, 8)
+    row_words = row_bytes // word
+    block_t, block_c = _tile(row_words, pool.page_size, word, tile_bytes)
+    count, layers = blocks.shape[0], blocks.shape[1]
+    args = (
+        blocks.view(_WORD_DTYPES[word]),
+        pool.address_table,
+        pages,
+        first_layer,
+        layers,
+        blocks.stride(0) // word,
+        blocks.stride(1) // word,
+        pool.page_size,
+        row_words,
+    )
+    constants = {
+        "COMPONENTS": pool.components,
+        "ADDRESS_ALIGN": alignment,
+        "VEC": alignment // word,
+        "BLOCK_T": block_t,
+        "BLOCK_C": block_c,
+        "EVEN": row_words % block_c == 0 and pool.page_size % block_t == 0,
+        "TO_POOL": to_pool,
+    }
+    grid = (count * layers * pool.components, triton.cdiv(pool.page_size, block_t))
+    return Launch(grid, args, constants, num_warps)
+
+
+def copy_pages(
+    blocks: torch.Tensor,
+    pool: PagedKVPool,
+    pages: torch.Tensor,
+    first_layer: int,
+    to_pool: bool,
+    tile_bytes: int,
+    num_warps: int,
+) -> None:
+    """Launch the kernel on validated arguments (see ``dualpath_kernel.ops``)."""
+    launch = plan_copy(blocks, pool, pages, first_layer, to_pool, tile_bytes, num_warps)
+    with torch.cuda.device(pool.device) if pool.device.type == "cuda" else nullcontext():
+        _copy_pages_kernel[launch.grid](*launch.args, **launch.constants, num_warps=launch.num_warps)
