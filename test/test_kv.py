@@ -58,7 +58,7 @@ def test_keys_name_whole_prefixes_and_namespaces_separate_them():
     tokens = list(range(128))
     changed = [*tokens[:10], 999, *tokens[11:]]
     assert block_keys(tokens, 64)[1] != block_keys(changed, 64)[1]  # a change in block 0 renames block 1
-    assert block_keys(tokens, 64) == block_keys(tokens + [1, 2, 3], 64)  # partial blocks get no key
+    assert block_keys(tokens, 64) == block_keys([*tokens, 1, 2, 3], 64)  # partial blocks get no key
     spaced = block_keys(tokens, 64, namespace="tenant-a")
     assert not set(spaced) & set(block_keys(tokens, 64))
     assert spaced == block_keys(tokens, 64, prior_key=namespace_seed("tenant-a"))

@@ -77,7 +77,7 @@ def test_prefix_length_counts_leading_keys_only(root):
         store.write([keys[0], keys[1], keys[3]], fill(source, 3, seed=1))
         assert store.prefix_length(keys) == 2
         assert store.prefix_length([]) == 0
-        assert store.delete(keys[:1] + ["absent"]) == 1
+        assert store.delete([*keys[:1], "absent"]) == 1
         assert store.prefix_length(keys) == 0
 
 
