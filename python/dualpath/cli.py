@@ -10,6 +10,7 @@ import sys
 # Modules are imported lazily-enough: only their `register` runs at start-up.
 SUBCOMMAND_MODULES = (
     "dualpath.store.bench",
+    "dualpath.sim.cli",
 )
 
 

@@ -1,0 +1,54 @@
+"""Scheduler thresholds. Defaults are the paper's; alpha/beta are in tokens and must be profiled per cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PlacementPolicy = Literal["dualpath", "round_robin"]
+ReadPolicy = Literal["queue", "pe_only", "round_robin"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Inter-engine scheduling knobs.
+
+    alpha_tokens: a node whose read queue holds at most this many tokens is "short" (paper: 3 s of reads).
+    beta_tokens: a PE holding more unfinished tokens than this gets no work (paper: 5 s of GPU processing).
+    z_factor: DE high-token threshold Z = z_factor x group average (paper: 1.05).
+    placement: "dualpath" (the paper's rules) or "round_robin" (the ablation's naive scheduler).
+    read_policy: "queue" (shorter node read queue), "pe_only" (Basic) or "round_robin" (alternate sides).
+    split_reads: split one request's hit tokens across both sides so both queues drain together (off = paper).
+    split_block_tokens: split points fall on multiples of this (the store's Full Block size).
+    seed: tie-breaks among equal candidates use a seeded order, so a given state always gives one answer.
+    """
+
+    alpha_tokens: int = 3 * 1_250_000
+    beta_tokens: int = 5 * 40_000
+    z_factor: float = 1.05
+    placement: PlacementPolicy = "dualpath"
+    read_policy: ReadPolicy = "queue"
+    split_reads: bool = False
+    split_block_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.alpha_tokens < 0 or self.beta_tokens < 0:
+            raise ValueError(f"alpha_tokens and beta_tokens must be >= 0, got {self.alpha_tokens}, {self.beta_tokens}")
+        if self.z_factor < 1.0:
+            raise ValueError(f"z_factor must be >= 1.0, got {self.z_factor}")
+        if self.placement not in ("dualpath", "round_robin"):
+            raise ValueError(f"unknown placement {self.placement!r}")
+        if self.read_policy not in ("queue", "pe_only", "round_robin"):
+            raise ValueError(f"unknown read_policy {self.read_policy!r}")
+        if self.split_block_tokens < 1:
+            raise ValueError(f"split_block_tokens must be >= 1, got {self.split_block_tokens}")
+
+    @staticmethod
+    def profiled(read_tokens_per_s: float, gpu_tokens_per_s: float, **overrides: object) -> SchedulerConfig:
+        """The paper's definitions: alpha = 3 s of one node's reads, beta = 5 s of one GPU's processing."""
+        if read_tokens_per_s <= 0 or gpu_tokens_per_s <= 0:
+            raise ValueError(f"rates must be positive, got {read_tokens_per_s}, {gpu_tokens_per_s}")
+        return SchedulerConfig(
+            alpha_tokens=int(3 * read_tokens_per_s), beta_tokens=int(5 * gpu_tokens_per_s), **overrides  # type: ignore[arg-type]
+        )

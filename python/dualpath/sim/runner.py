@@ -1,0 +1,181 @@
+"""Offline (JCT) and online (capacity at SLO) experiments on a simulated cluster.
+
+Agents replay their turns in order: turn i+1 is sent `think_s` after turn i's last token. The hit length of
+every turn comes from the trace record (client-computed, as in the paper), so no cache state is simulated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from dualpath.bench.traces import AgentTrace
+from dualpath.scheduler import Request
+from dualpath.sim.cluster import Cluster, ClusterSpec, Job
+
+Progress = Callable[[float], None]
+
+
+@dataclass
+class RunResult:
+    """What one simulated run measured; latencies in seconds."""
+
+    mode: str
+    setting: str
+    agents: int
+    requests: int
+    finished: int
+    makespan_s: float
+    mean_ttft_s: float
+    p99_ttft_s: float
+    mean_tpot_s: float
+    prompt_tokens_per_s: float
+    snic_max_over_avg: float
+    wall_s: float
+    median_decision_us: float = 0.0
+
+
+class _Replay:
+    """Drives agents through a cluster and collects per-request latencies."""
+
+    def __init__(self, cluster: Cluster, measure_from: float = 0.0) -> None:
+        self.cluster = cluster
+        self.env = cluster.env
+        self.measure_from = measure_from
+        self.next_id = 0
+        self.submitted = self.finished = 0
+        self.prompt_tokens = 0
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
+        self.last_finish = 0.0
+
+    def start(self, agent: AgentTrace, at: float) -> None:
+        self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(lambda _e: self._send(agent, 0))
+
+    def _send(self, agent: AgentTrace, index: int) -> None:
+        turn = agent.turns[index]
+        request = Request(self.next_id, turn.context_tokens, turn.append_tokens, turn.gen_tokens)
+        self.next_id += 1
+        self.submitted += 1
+        self.cluster.submit(request, lambda job: self._done(agent, index, job))
+
+    def _done(self, agent: AgentTrace, index: int, job: Job) -> None:
+        self.finished += 1
+        self.last_finish = job.finish
+        self.prompt_tokens += job.request.total_tokens
+        if job.arrival >= self.measure_from:
+            self.ttft.append(job.first_token - job.arrival)
+            self.tpot.append(job.tpot)
+        if index + 1 < len(agent.turns):
+            think = agent.turns[index + 1].think_s
+            if think > 0:
+                self.env.timeout(think).callbacks.append(lambda _e: self._send(agent, index + 1))
+            else:
+                self._send(agent, index + 1)
+
+    def stuck_waits(self) -> list[float]:
+        """Requests measured but not yet answered count with the wait so far (a lower bound on their TTFT)."""
+        now = self.env.now
+        return [now - job.arrival for job in self.cluster.jobs.values()
+                if job.arrival >= self.measure_from and job.first_token == 0.0]
+
+
+def _summarise(cluster: Cluster, replay: _Replay, setting: str, agents: int, wall: float, horizon: float,
+               ttft: list[float]) -> RunResult:
+    decisions = [a + b for a, b in zip(sorted(cluster.prefill_decision_s), sorted(cluster.decode_decision_s),
+                                       strict=False)]
+    return RunResult(
+        mode=cluster.spec.mode.name, setting=setting, agents=agents, requests=replay.submitted,
+        finished=replay.finished, makespan_s=replay.last_finish,
+        mean_ttft_s=statistics.fmean(ttft) if ttft else 0.0,
+        p99_ttft_s=float(np.percentile(ttft, 99)) if ttft else 0.0,
+        mean_tpot_s=statistics.fmean(replay.tpot) if replay.tpot else 0.0,
+        prompt_tokens_per_s=replay.prompt_tokens / horizon if horizon > 0 else 0.0,
+        # The loaded first half: later, the tail of straggling agents leaves most NICs idle.
+        snic_max_over_avg=cluster.snic_max_over_avg(0.0, horizon / 2), wall_s=wall,
+        median_decision_us=statistics.median(decisions) * 1e6 if decisions else 0.0,
+    )
+
+
+def run_offline(spec: ClusterSpec, agents: Sequence[AgentTrace], setting: str = "",
+                progress: Progress | None = None, time_decisions: bool = False) -> RunResult:
+    """All agents start at their `arrival_s` (0 for the synthetic sets); JCT is when the last one finishes."""
+    if not agents:
+        raise ValueError("run_offline needs at least one agent")
+    wall = time.perf_counter()
+    cluster = Cluster(spec)
+    if time_decisions:
+        cluster.timer = time.perf_counter
+    replay = _Replay(cluster)
+    total = sum(len(a.turns) for a in agents)
+    env = cluster.env
+    done = env.event()
+    original = replay._done
+
+    def finish_hook(agent: AgentTrace, index: int, job: Job) -> None:
+        original(agent, index, job)
+        if replay.finished == total and not done.triggered:
+            done.succeed()
+
+    replay._done = finish_hook  # type: ignore[method-assign]
+    for agent in agents:
+        replay.start(agent, agent.arrival_s)
+    if progress is not None:
+        def tick() -> simpy.events.Event:
+            while not done.triggered:
+                progress(env.now)
+                yield env.timeout(60.0)
+        env.process(tick())
+    env.run(until=done)
+    return _summarise(cluster, replay, setting, len(agents), time.perf_counter() - wall, replay.last_finish,
+                      replay.ttft)
+
+
+def run_online(spec: ClusterSpec, pool: Sequence[AgentTrace], aps: float, duration_s: float,
+               warmup_s: float, setting: str = "", seed: int = 0) -> RunResult:
+    """Poisson agent arrivals at `aps` agents/s for `duration_s`, each replaying a trajectory drawn from
+    `pool`; latencies of requests sent after `warmup_s`, unanswered ones counted with their wait so far."""
+    if aps <= 0 or not pool or not 0 <= warmup_s < duration_s:
+        raise ValueError(f"need aps > 0, a non-empty pool and 0 <= warmup < duration; got {aps}, {warmup_s}")
+    wall = time.perf_counter()
+    cluster = Cluster(spec)
+    replay = _Replay(cluster, measure_from=warmup_s)
+    rng = np.random.default_rng(seed)
+    at, started = 0.0, 0
+    while True:
+        at += rng.exponential(1.0 / aps)
+        if at >= duration_s:
+            break
+        replay.start(pool[int(rng.integers(len(pool)))], at)
+        started += 1
+    cluster.env.run(until=duration_s)
+    ttft = replay.ttft + replay.stuck_waits()
+    return _summarise(cluster, replay, setting, started, time.perf_counter() - wall, duration_s, ttft)
+
+
+def meets_slo(result: RunResult, ttft_s: float = 4.0, tpot_s: float = 0.05) -> bool:
+    return 0 < result.mean_ttft_s <= ttft_s and result.mean_tpot_s <= tpot_s
+
+
+def capacity_at_slo(
+    run: Callable[[float], RunResult], low: float, high: float, steps: int = 6
+) -> tuple[float, list[RunResult]]:
+    """Largest agents/s meeting the SLO, by geometric bisection between `low` (assumed to pass) and `high`."""
+    if not 0 < low < high:
+        raise ValueError(f"need 0 < low < high, got {low}, {high}")
+    tried = []
+    best = 0.0
+    for _ in range(steps):
+        mid = (low * high) ** 0.5
+        result = run(mid)
+        tried.append(result)
+        if meets_slo(result):
+            best, low = mid, mid
+        else:
+            high = mid
+    return best, tried
