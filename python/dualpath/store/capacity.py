@@ -8,12 +8,12 @@ every read; eviction removes the oldest files until usage is back under ``evict_
 
 from __future__ import annotations
 
-import fcntl
 import os
-import threading
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import NamedTuple
+
+from dualpath.interprocess import FileLock
 
 
 class Evicted(NamedTuple):
@@ -40,9 +40,9 @@ class Capacity:
         self.limit = limit
         self.evict_to = evict_to if evict_to is not None else limit
         self._blocks_dir = blocks_dir
-        self._lock = threading.Lock()
         self._fd = os.open(directory / "usage", os.O_RDWR | os.O_CREAT, 0o644)
-        with self._exclusive():
+        self._exclusive = FileLock(self._fd)
+        with self._exclusive:
             if os.fstat(self._fd).st_size != 8:
                 self._store(self._recount())
 
@@ -50,15 +50,6 @@ class Capacity:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    @contextmanager
-    def _exclusive(self):
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _load(self) -> int:
         return int.from_bytes(os.pread(self._fd, 8, 0), "little", signed=True)
@@ -75,12 +66,12 @@ class Capacity:
 
     @property
     def usage(self) -> int:
-        with self._exclusive():
+        with self._exclusive:
             return self._load()
 
     def reserve(self, nbytes: int) -> Evicted:
         """Account ``nbytes`` about to be published, evicting LRU blocks first if they would not fit."""
-        with self._exclusive():
+        with self._exclusive:
             usage = self._load()
             evicted = Evicted(0, 0)
             if self.limit is not None and usage + nbytes > self.limit:
@@ -94,12 +85,12 @@ class Capacity:
             return evicted
 
     def release(self, nbytes: int) -> None:
-        with self._exclusive():
+        with self._exclusive:
             self._store(self._load() - nbytes)
 
     def evict(self, target_usage: int) -> Evicted:
         """Remove least-recently-used blocks until usage <= ``target_usage``."""
-        with self._exclusive():
+        with self._exclusive:
             return self._evict_locked(target_usage)
 
     def _evict_locked(self, target_usage: int) -> Evicted:

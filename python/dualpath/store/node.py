@@ -9,18 +9,18 @@ dies with reads queued leaves no phantom load behind.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
 import os
 import secrets
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from dualpath.interprocess import FileLock, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,6 @@ class Reservation(NamedTuple):
     finish_ns: int
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sleep_until(deadline_ns: int) -> None:
     delay = deadline_ns - time.monotonic_ns()
     if delay > 0:
@@ -86,9 +76,10 @@ class NodeState:
         directory.mkdir(parents=True, exist_ok=True)
         self.node = node
         self._fd = os.open(directory / f"{node}.state", os.O_RDWR | os.O_CREAT, 0o644)
-        self._lock = threading.Lock()
+        self._exclusive = FileLock(self._fd)
+        self._counters_lock = threading.Lock()
         try:
-            with self._exclusive():
+            with self._exclusive:
                 if os.fstat(self._fd).st_size < _FILE_BYTES:
                     os.ftruncate(self._fd, _FILE_BYTES)
                 self._map = mmap.mmap(self._fd, _FILE_BYTES)
@@ -103,16 +94,6 @@ class NodeState:
         except BaseException:
             os.close(self._fd)
             raise
-
-    @contextmanager
-    def _exclusive(self):
-        # flock excludes other processes; the thread lock excludes threads sharing this descriptor.
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _retire_dead_slots(self) -> None:
         for slot in np.flatnonzero(self._slots["pid"]):
@@ -151,14 +132,14 @@ class NodeState:
         rate = self.rate_bytes_per_s
         if rate is None:
             return Reservation(now, now)
-        with self._exclusive():
+        with self._exclusive:
             start = max(now, int(self._header["next_free_ns"][0]))
             finish = start + int(nbytes * 1e9 / rate)
             self._header["next_free_ns"] = finish
         return Reservation(start, finish)
 
     def _add(self, **deltas: int) -> None:
-        with self._lock:
+        with self._counters_lock:
             for field, delta in deltas.items():
                 self._slots[field][self._slot] += delta
 
@@ -194,7 +175,7 @@ class NodeState:
     def close(self) -> None:
         if self._fd < 0:
             return
-        with self._exclusive():
+        with self._exclusive:
             self._retire(self._slot)
             self._map.flush()
         del self._header, self._slots

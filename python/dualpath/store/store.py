@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dualpath.interprocess import pid_alive
 from dualpath.kv import PAGE, as_bytes
 from dualpath.kv.layout import address
 from dualpath.store.blockfile import BlockFile, CorruptBlock, check_key, scratch
 from dualpath.store.capacity import Capacity, Evicted, NoSpace
 from dualpath.store.config import StoreConfig
 from dualpath.store.io import BlockIO, PosixIO, UsrbioIO, supports_direct_io
-from dualpath.store.node import NodeState, ReadQueue, pid_alive, sleep_until
+from dualpath.store.node import NodeState, ReadQueue, sleep_until
 
 log = logging.getLogger(__name__)
 

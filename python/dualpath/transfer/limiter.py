@@ -16,16 +16,15 @@ promotion period under saturation.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
+from dualpath.interprocess import FileLock
 from dualpath.transfer.config import LimiterConfig, TrafficClass
 
 # Slots of the shared state (float64).
@@ -53,7 +52,6 @@ class PriorityLimiter:
     ) -> None:
         self.config = config
         self._clock, self._sleep = clock, sleep
-        self._thread_lock = threading.Lock()
         config.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(config.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -64,11 +62,9 @@ class PriorityLimiter:
             os.close(self._fd)
             raise
         self._state = np.frombuffer(self._map, dtype=np.float64, count=_SLOTS)
-        with self._locked():
+        self._locked = FileLock(self._fd)
+        with self._locked:
             self._state[_RATE] = config.bytes_per_s
-
-    def _locked(self) -> _Locked:
-        return _Locked(self._thread_lock, self._fd)
 
     def reserve(self, nbytes: int, traffic: TrafficClass, waited_s: float = 0.0) -> float | None:
         """Book ``nbytes`` on the timeline and return the grant's start time, or None: KV must wait."""
@@ -76,7 +72,7 @@ class PriorityLimiter:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         if traffic is TrafficClass.KV and nbytes > self.config.max_grant_bytes:
             raise ValueError(f"a KV grant is at most {self.config.max_grant_bytes} bytes, asked {nbytes}")
-        with self._locked():
+        with self._locked:
             state = self._state
             now = self._clock()
             if traffic is TrafficClass.KV and now < state[_MODEL_ACTIVE_UNTIL]:
@@ -103,7 +99,7 @@ class PriorityLimiter:
     def _acquire_one(self, nbytes: int, traffic: TrafficClass) -> None:
         asked = self._clock()
         while (start := self.reserve(nbytes, traffic, self._clock() - asked)) is None:
-            with self._locked():
+            with self._locked:
                 busy_for = float(self._state[_MODEL_ACTIVE_UNTIL]) - self._clock()
             promote_in = asked + self.config.promote_after_s - self._clock()
             self._sleep(max(1e-4, min(busy_for, promote_in)))
@@ -112,7 +108,7 @@ class PriorityLimiter:
             self._sleep(delay)
 
     def stats(self) -> LimiterStats:
-        with self._locked():
+        with self._locked:
             s = self._state
             return LimiterStats(float(s[_RATE]), int(s[_MODEL_BYTES]), int(s[_KV_BYTES]), int(s[_PROMOTIONS]))
 
@@ -121,17 +117,3 @@ class PriorityLimiter:
         self._map.close()
         os.close(self._fd)
 
-
-class _Locked:
-    """Thread lock, then an exclusive ``flock`` on the shared file (flock alone does not exclude threads)."""
-
-    def __init__(self, lock: threading.Lock, fd: int) -> None:
-        self._lock, self._fd = lock, fd
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._lock.release()
