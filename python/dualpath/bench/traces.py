@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-TRACES_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "traces"
-CLAUDE_CODE_DIR = TRACES_DIR / "claude-code"
-MOONCAKE_FILE = TRACES_DIR / "mooncake" / "conversation_trace.jsonl"
+# Samples of the real traces ship with the package (data/README.md); pass a path for the full sets.
+SAMPLES_DIR = Path(__file__).resolve().parent / "data"
+CLAUDE_CODE_DIR = SAMPLES_DIR / "claude-code"
+MOONCAKE_FILE = SAMPLES_DIR / "mooncake" / "conversation_trace_head1000.jsonl"
 
 
 @dataclass(frozen=True, slots=True)
