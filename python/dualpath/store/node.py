@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ _HEADER = np.dtype(
      ("retired_bytes", "<i8"), ("pad", "<i8", 3)]
 )
 _SLOT = np.dtype(
-    [("pid", "<i8"), ("owner", "<i8"), ("queued_tokens", "<i8"), ("queued_bytes", "<i8"),
+    [("pid", "<i8"), ("reserved", "<i8"), ("queued_tokens", "<i8"), ("queued_bytes", "<i8"),
      ("inflight_tokens", "<i8"), ("inflight_bytes", "<i8"), ("read_tokens", "<i8"), ("read_bytes", "<i8")]
 )
 _FILE_BYTES = 8192
@@ -92,6 +91,10 @@ class NodeState:
                 if rate_bytes_per_s is not None:
                     self._set_rate(rate_bytes_per_s)
         except BaseException:
+            if hasattr(self, "_map"):
+                self.__dict__.pop("_header", None)
+                self.__dict__.pop("_slots", None)
+                self._map.close()
             os.close(self._fd)
             raise
 
@@ -111,7 +114,6 @@ class NodeState:
             raise RuntimeError(f"node {self.node!r} already has {SLOTS} live store handles")
         slot = int(free[0])
         self._slots[slot] = 0
-        self._slots["owner"][slot] = secrets.randbits(62)
         self._slots["pid"][slot] = os.getpid()
         return slot
 
