@@ -14,6 +14,7 @@ from dualpath.scheduler.messages import (
     ReadSide,
     Request,
 )
+from dualpath.scheduler.route_hint import RouteHint
 
 __all__ = [
     "Assignment",
@@ -28,5 +29,6 @@ __all__ = [
     "PrefillPick",
     "ReadSide",
     "Request",
+    "RouteHint",
     "SchedulerConfig",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualpath.kv import BlockLayout, get_geometry
+from dualpath.kv import BlockLayout, KVGeometry, get_geometry
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class StoreConfig:
     """
 
     root: Path
-    model: str = "deepseek-v3"
+    # A preset name, or the geometry itself (the SGLang plugin derives it from the server's KV pool).
+    model: str | KVGeometry = "deepseek-v3"
     block_tokens: int = 64
     node: str = "node0"
     # Gigabits/s of the emulated storage NIC of `node`; None keeps what the node already has (uncapped
@@ -52,12 +53,16 @@ class StoreConfig:
         self.layout  # noqa: B018 - validates model and block_tokens now, not at first use
 
     @property
+    def geometry(self) -> KVGeometry:
+        return self.model if isinstance(self.model, KVGeometry) else get_geometry(self.model)
+
+    @property
     def layout(self) -> BlockLayout:
-        return BlockLayout(get_geometry(self.model), self.block_tokens)
+        return BlockLayout(self.geometry, self.block_tokens)
 
     @property
     def namespace(self) -> str:
-        return f"{self.model}-{self.block_tokens}t"
+        return f"{self.geometry.name}-{self.block_tokens}t"
 
     @property
     def nic_bytes_per_s(self) -> float | None:

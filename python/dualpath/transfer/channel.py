@@ -10,7 +10,7 @@ the request on both sides and releases its handles.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -36,7 +36,10 @@ class ChannelLive(NamedTuple):
 class KVChannel(Endpoint):
     """A NIXL agent, its registered grids, its peers and the requests moving between them."""
 
-    def __init__(self, config: TransferConfig) -> None:
+    def __init__(self, config: TransferConfig, on_expect: Callable[[str, Expect], None] | None = None) -> None:
+        # Called on the control thread for every Expect, so that a sender can serve requests it did not
+        # know about (the DE read path: the PE asks for blocks by key); it must hand work off, not block.
+        self._on_expect = on_expect
         self._expects: dict[tuple[str, str], Expect] = {}
         self._inbound: dict[tuple[str, str], Inbound] = {}
         self._outbound: dict[tuple[str, str], Outbound] = {}
@@ -62,8 +65,12 @@ class KVChannel(Endpoint):
             out.fail(reason)
 
     # -- receiving --------------------------------------------------------------------------------------
-    def expect(self, request_id: str, peer: str, grid: str, slots: np.ndarray | list[int]) -> Inbound:
-        """Ask ``peer`` to write ``request_id`` into ``slots`` of local ``grid``; wait on the result per layer."""
+    def expect(self, request_id: str, peer: str, grid: str, slots: np.ndarray | list[int],
+               meta: bytes = b"") -> Inbound:
+        """Ask ``peer`` to write ``request_id`` into ``slots`` of local ``grid``; wait on the result per layer.
+
+        ``meta`` travels with the request to the peer's ``on_expect`` callback.
+        """
         target = self._grid(grid)
         slots = target.check_slots(np.asarray(slots))
         key = (peer, request_id)
@@ -75,7 +82,7 @@ class KVChannel(Endpoint):
             flow = Inbound(request_id, peer, target.layers, self.config.timeout_s, self._stalled)
             self._inbound[key] = flow
             self._poller.hold()  # released when the flow leaves the table
-        if not self._control.send(peer, Expect(request_id, grid, slots.tolist())):
+        if not self._control.send(peer, Expect(request_id, grid, slots.tolist(), meta)):
             self._drop_inbound(flow, "could not reach peer")
             raise TransferFailed(request_id, f"{peer!r} is not reachable")
         return flow
@@ -217,6 +224,8 @@ class KVChannel(Endpoint):
             with self._cond:
                 self._expects[(peer, message.request_id)] = message
                 self._cond.notify_all()
+            if self._on_expect is not None:
+                self._on_expect(peer, message)
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
 

@@ -23,11 +23,15 @@ class Hello(msgspec.Struct, tag=True):
 
 
 class Expect(msgspec.Struct, tag=True):
-    """Receiver -> sender: write request ``request_id`` into these slots of my grid ``grid``."""
+    """Receiver -> sender: write request ``request_id`` into these slots of my grid ``grid``.
+
+    ``meta`` is opaque to the channel: a receiver that drives the transfer names what it wants there.
+    """
 
     request_id: str
     grid: str
     slots: list[int]
+    meta: bytes = b""
 
 
 class LayersDone(msgspec.Struct, array_like=True):

@@ -1,0 +1,72 @@
+"""The per-request read path, as the router tells it to the prefill and decode servers.
+
+SGLang 0.5.17 carries an opaque ``routing_key`` from the request to the scheduler's ``Req`` (the
+``routing_key`` field of ``/generate``, the ``X-SMG-Routing-Key`` header of the OpenAI routes), and uses
+it for metrics only. DualPath rides on it, e.g.
+``dualpath/1;side=de;pe=pe-node0@127.0.0.1:31001;de=de-node1@127.0.0.1:31002``: the KV channels (agent
+name and control address) of the chosen PE and DE, so that either side can reach the other. A request
+without a DualPath key takes the PE read path, which is stock SGLang behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dualpath.scheduler.messages import ReadSide
+
+PREFIX = "dualpath/1"
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """Where the hit KV of one request is read; for the DE side, the KV channels of both engines.
+
+    A channel is ``agent@host:port`` (``KVChannel`` name and control address, from ``/dualpath/info``).
+    """
+
+    side: ReadSide
+    pe_channel: str = ""
+    de_channel: str = ""
+
+    def __post_init__(self) -> None:
+        if self.side not in (ReadSide.PE, ReadSide.DE):
+            raise ValueError(f"a route hint reads on the PE or the DE side, not {self.side}")
+        if self.side is ReadSide.DE and not (self.pe_channel and self.de_channel):
+            raise ValueError("a DE-side route hint needs the KV channels of both the PE and the DE")
+        for value in (self.pe_channel, self.de_channel):
+            if value and (any(c in value for c in ";=") or value.count("@") != 1):
+                raise ValueError(f"a KV channel is 'agent@host:port' without ';' or '=', got {value!r}")
+
+    @property
+    def pe_agent(self) -> str:
+        return self.pe_channel.partition("@")[0]
+
+    @property
+    def pe_address(self) -> str:
+        return self.pe_channel.partition("@")[2]
+
+    @property
+    def de_agent(self) -> str:
+        return self.de_channel.partition("@")[0]
+
+    @property
+    def de_address(self) -> str:
+        return self.de_channel.partition("@")[2]
+
+    def encode(self) -> str:
+        fields = [PREFIX, f"side={self.side.value}"]
+        if self.side is ReadSide.DE:
+            fields += [f"pe={self.pe_channel}", f"de={self.de_channel}"]
+        return ";".join(fields)
+
+    @staticmethod
+    def decode(routing_key: str | None) -> RouteHint | None:
+        """The hint in ``routing_key``, or None when the key is absent or not DualPath's."""
+        if not routing_key or not routing_key.startswith(PREFIX + ";"):
+            return None
+        try:
+            fields = dict(item.split("=", 1) for item in routing_key.split(";")[1:])
+            return RouteHint(ReadSide(fields["side"]), fields.get("pe", ""), fields.get("de", ""))
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"malformed DualPath routing key {routing_key!r}: {exc}") from exc

@@ -1,0 +1,108 @@
+"""Full Block slots of one server: staging for store reads and for KV from peers, plus a read cache.
+
+One page-aligned region (registered once with NIXL as the ``blocks`` grid) holds every block a server
+moves: blocks read from the store on their way into SGLang's host pool, blocks a PE receives from a DE,
+and blocks a DE forwards. Blocks read from the store stay cached (least recently used first out) while
+their slot is not needed, so a DE that reads a prefix for its own decode and for the PE it forwards to
+reads it through its storage NIC once. A slot is pinned while someone uses it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+from dualpath.kv import BlockBuffer, BlockLayout
+from dualpath.store import BlockStatus, BlockStore
+
+
+class SlotsExhausted(RuntimeError):
+    """Every slot is pinned and none was released in time."""
+
+
+class BlockSlots:
+    def __init__(self, layout: BlockLayout, count: int, timeout_s: float) -> None:
+        self.buffer = BlockBuffer(layout, count)
+        self._timeout_s = timeout_s
+        self._free = list(range(count))
+        self._cached: OrderedDict[str, int] = OrderedDict()  # key -> slot holding its block
+        self._cached_slots: set[int] = set()
+        self._reading: set[str] = set()
+        self._pins = [0] * count
+        self._cond = threading.Condition()
+
+    def block(self, slot: int) -> np.ndarray:
+        return self.buffer.block(slot)
+
+    def take(self, count: int) -> list[int]:
+        """``count`` pinned slots for new data (cached blocks are given up, oldest first)."""
+        with self._cond:
+            return self._take(count)
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._cond:
+            self._unpin(slots)
+
+    def read(self, store: BlockStore, keys: Sequence[str]) -> list[int]:
+        """Pinned slots holding the leading ``keys`` that could be read (cached or from ``store``).
+
+        The result may be shorter than ``keys``: the first block that is missing or unreadable ends it.
+        Release the slots when done; the blocks stay cached until their slots are needed.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: self._reading.isdisjoint(keys), self._timeout_s)
+            found = {key: self._cached[key] for key in keys if key in self._cached}
+            for key, slot in found.items():
+                self._pins[slot] += 1
+                self._cached.move_to_end(key)
+            missing = [key for key in keys if key not in found]
+            try:
+                fresh = self._take(len(missing)) if missing else []
+            except SlotsExhausted:
+                self._unpin(list(found.values()))
+                raise
+            self._reading.update(missing)
+        statuses: list[BlockStatus] = []
+        try:
+            statuses = store.read(missing, self.buffer.blocks(fresh)) if missing else []
+        finally:
+            with self._cond:
+                self._reading.difference_update(missing)
+                failed = []
+                for key, slot, status in zip(missing, fresh, statuses or [None] * len(missing), strict=True):
+                    if status is BlockStatus.OK:
+                        self._cached[key], found[key] = slot, slot
+                        self._cached_slots.add(slot)
+                    else:
+                        failed.append(slot)
+                leading = list(itertools.takewhile(found.__contains__, keys))
+                self._unpin(failed + [found[key] for key in keys[len(leading):] if key in found])
+        return [found[key] for key in leading]
+
+    def _take(self, count: int) -> list[int]:
+        if count > len(self._pins):
+            raise ValueError(f"{count} blocks do not fit {len(self._pins)} staging slots")
+        if not self._cond.wait_for(lambda: self._available() >= count, self._timeout_s):
+            raise SlotsExhausted(f"no {count} free staging slots within {self._timeout_s} s")
+        while len(self._free) < count:
+            key = next(k for k, s in self._cached.items() if self._pins[s] == 0)
+            slot = self._cached.pop(key)
+            self._cached_slots.discard(slot)
+            self._free.append(slot)
+        slots = [self._free.pop() for _ in range(count)]
+        for slot in slots:
+            self._pins[slot] = 1
+        return slots
+
+    def _available(self) -> int:
+        return len(self._free) + sum(1 for s in self._cached_slots if self._pins[s] == 0)
+
+    def _unpin(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._pins[slot] -= 1
+            if self._pins[slot] == 0 and slot not in self._cached_slots:
+                self._free.append(slot)
+        self._cond.notify_all()

@@ -1,0 +1,96 @@
+"""CPU support: what SGLang's PD and HiCache paths need on a machine without CUDA.
+
+Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run stock code paths.
+
+- Rotary embedding: without CUDA, SGLang's ``RotaryEmbedding`` imports ``vllm._custom_ops``; a torch
+  stand-in (``vllm_standin/``) is put on ``sys.path`` when vLLM is not installed.
+- NIXL: SGLang registers KV pools as ``VRAM``; CPU pools are ``DRAM``.
+- Paged KV allocation: SGLang allocates pages with Triton kernels; they run in Triton's interpreter
+  (``TRITON_INTERPRET=1``, set by the launcher before anything imports Triton).
+- Host KV pool: no CUDA host registration (pinning); host <-> device copies with torch index ops instead
+  of ``sgl_kernel`` (whose CUDA build does not load without a driver). Layout ``layer_first`` only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STANDIN = Path(__file__).with_name("vllm_standin")
+
+# nixl_agent method -> positional index of its mem_type argument (self excluded).
+_NIXL_MEM_TYPE_ARG = {"register_memory": 1, "get_xfer_descs": 1, "get_reg_descs": 1, "prep_xfer_dlist": 2}
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def environment() -> dict[str, str]:
+    """Variables every SGLang process needs on CPU (inherited from the launcher)."""
+    return {"TRITON_INTERPRET": "1"}
+
+
+def install_rotary_standin() -> None:
+    if importlib.util.find_spec("vllm") is None and str(STANDIN) not in sys.path:
+        sys.path.append(str(STANDIN))
+
+
+def _dram(kind: object) -> object:
+    return "DRAM" if kind in ("VRAM", "cuda") else kind
+
+
+def _nixl_in_dram(position: int) -> Callable[..., Any]:
+    def hook(original: Callable[..., Any], self: object, *args: Any, **kwargs: Any) -> Any:
+        if "mem_type" in kwargs:
+            kwargs["mem_type"] = _dram(kwargs["mem_type"])
+        elif len(args) > position:
+            args = (*args[:position], _dram(args[position]), *args[position + 1:])
+        return original(self, *args, **kwargs)
+
+    return hook
+
+
+def _no_host_register(original: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Pinning registers memory with the CUDA driver; there is none."""
+
+
+def _indices(index: torch.Tensor) -> torch.Tensor:
+    return index.to(device="cpu", dtype=torch.long)
+
+
+def _check_layout(pool: Any) -> None:
+    if pool.layout != "layer_first":
+        raise ValueError(f"DualPath CPU support copies host KV in the layer_first layout only, not {pool.layout!r}")
+
+
+def load_to_device_per_layer(original: Callable[..., Any], pool: Any, device_pool: Any, host_indices: torch.Tensor,
+                             device_indices: torch.Tensor, layer_id: int, io_backend: str) -> None:
+    _check_layout(pool)
+    src, dst = _indices(host_indices), _indices(device_indices)
+    for host, device in ((pool.k_buffer, device_pool.k_buffer), (pool.v_buffer, device_pool.v_buffer)):
+        device[layer_id].index_copy_(0, dst, host[layer_id].index_select(0, src))
+
+
+def backup_from_device_all_layer(original: Callable[..., Any], pool: Any, device_pool: Any,
+                                 host_indices: torch.Tensor, device_indices: torch.Tensor, io_backend: str) -> None:
+    _check_layout(pool)
+    src, dst = _indices(device_indices), _indices(host_indices)
+    for layer in range(pool.layer_num):
+        for host, device in ((pool.k_buffer, device_pool.k_buffer), (pool.v_buffer, device_pool.v_buffer)):
+            host[layer].index_copy_(0, dst, device[layer].index_select(0, src))
+
+
+def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
+    """(target name, method or "", AROUND hook) for every CPU stand-in."""
+    return [
+        ("host_load_layer", "", load_to_device_per_layer),
+        ("host_backup_all", "", backup_from_device_all_layer),
+        ("cuda_host_register", "", _no_host_register),
+        *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],
+    ]

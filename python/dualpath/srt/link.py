@@ -1,0 +1,95 @@
+"""The DE read path between two SGLang servers: a PE asks a DE for blocks, the DE reads and forwards them.
+
+The PE drives: when its HiCache prefetch of a DE-side request needs blocks, it expects them from the
+request's DE (``KVChannel.expect`` with the page keys as ``meta``). The DE reads those blocks through
+its own storage NIC into its block slots (a block it read for its own decode comes from the cache) and
+writes them into the PE's slots with NIXL, one layer at a time at the KV traffic class: the K plane of
+layer 0, its V plane, then layer 1, ... Either side failing fails the request on both; the PE then
+reads the blocks itself (see ``storage.py``), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import msgspec
+from dualpath.srt.blocks import BlockSlots
+from dualpath.srt.config import SrtConfig
+from dualpath.store import BlockStore
+from dualpath.transfer import KVChannel, TransferConfig, TransferFailed, grid_for_buffer
+from dualpath.transfer.messages import Expect
+
+log = logging.getLogger(__name__)
+
+GRID = "blocks"
+
+
+class Fetched(NamedTuple):
+    slots: list[int]
+    ok: bool
+    reason: str
+
+
+class KVLink:
+    """One server's KV channel over its block slots: fetch from a DE (PE side), serve a PE (DE side)."""
+
+    def __init__(self, config: SrtConfig, slots: BlockSlots, store: BlockStore) -> None:
+        self.config = config
+        self._slots = slots
+        self._store = store
+        self._planes = slots.buffer.layout.geometry.layers
+        self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve")
+        self._connect_lock = threading.Lock()
+        self.channel = KVChannel(
+            TransferConfig(config.kv_agent, host=config.kv_host, port=config.kv_port, timeout_s=config.timeout_s),
+            on_expect=self._on_expect,
+        )
+        self.channel.register(grid_for_buffer(GRID, slots.buffer))
+
+    def _connected(self, agent: str, address: str) -> None:
+        with self._connect_lock:
+            if agent not in self.channel.peers():
+                self.channel.connect(agent, f"tcp://{address}")
+
+    # -- PE side ------------------------------------------------------------------------------------------
+    def fetch(self, transfer_id: str, de_channel: str, keys: list[str]) -> Fetched:
+        """Blocks ``keys`` from the DE at ``de_channel``, in pinned slots (release them when done)."""
+        agent, _, address = de_channel.partition("@")
+        slots = self._slots.take(len(keys))
+        try:
+            self._connected(agent, address)
+            self.channel.expect(transfer_id, agent, GRID, slots, meta=msgspec.msgpack.encode(keys)).wait_all()
+            return Fetched(slots, True, "")
+        except (TransferFailed, TimeoutError, OSError) as exc:
+            return Fetched(slots, False, str(exc))
+
+    # -- DE side ------------------------------------------------------------------------------------------
+    def _on_expect(self, peer: str, expect: Expect) -> None:
+        if expect.meta:
+            self._serving.submit(self._serve, peer, expect)
+
+    def _serve(self, peer: str, expect: Expect) -> None:
+        slots: list[int] = []
+        try:
+            keys = msgspec.msgpack.decode(expect.meta, type=list[str])
+            slots = self._slots.read(self._store, keys)
+            if len(slots) < len(keys):
+                raise TransferFailed(expect.request_id, f"{len(keys) - len(slots)} of {len(keys)} blocks not in store")
+            outbound = self.channel.open_send(expect.request_id, peer, GRID, slots)
+            layers = self._planes // 2  # SGLang pages: all K planes, then all V planes
+            for layer in range(layers):
+                outbound.send_layer(layer)
+                outbound.send_layer(layers + layer)
+            outbound.wait()
+        except Exception as exc:
+            log.warning("forwarding %s to %s failed: %s", expect.request_id, peer, exc)
+            self.channel.abort(expect.request_id, peer, f"DE could not forward: {exc}")
+        finally:
+            self._slots.release(slots)
+
+    def close(self) -> None:
+        self._serving.shutdown(wait=True)
+        self.channel.close()

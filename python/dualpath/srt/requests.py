@@ -1,0 +1,83 @@
+"""Which request the storage backend is serving, and how the router said to read its KV.
+
+SGLang calls the storage backend with page keys only. The hooks below record each request's
+:class:`RouteHint` when it arrives and set the current request id around the controller calls that
+run for one request (the storage hit query, the page transfer, the decode-side prefix match), so the
+backend can look the hint up. Everything here is per process; scheduler threads share it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from dualpath.scheduler.messages import ReadSide
+from dualpath.scheduler.route_hint import RouteHint
+
+log = logging.getLogger(__name__)
+
+# Requests whose hint is remembered; old ones are forgotten first (a request lives seconds, not hours).
+CAPACITY = 65536
+
+
+class Route(NamedTuple):
+    rid: str
+    room: int | None
+    hint: RouteHint | None
+
+    @property
+    def de_side(self) -> bool:
+        return self.hint is not None and self.hint.side is ReadSide.DE
+
+
+_routes: OrderedDict[str, Route] = OrderedDict()
+_lock = threading.Lock()
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_current_rid", default=None)
+
+
+def record(rid: str, room: int | None, routing_key: str | None) -> Route:
+    try:
+        hint = RouteHint.decode(routing_key)
+    except ValueError as exc:
+        log.warning("request %s: %s; reading its KV on the PE side", rid, exc)
+        hint = None
+    route = Route(rid, room, hint)
+    with _lock:
+        _routes[rid] = route
+        _routes.move_to_end(rid)
+        while len(_routes) > CAPACITY:
+            _routes.popitem(last=False)
+    return route
+
+
+def current() -> Route:
+    """The route of the request the calling thread serves (PE side, stock, when unknown)."""
+    rid = _current.get()
+    with _lock:
+        route = _routes.get(rid) if rid is not None else None
+    return route or Route(rid or "", None, None)
+
+
+def _serving(rid: str, call: Callable[[], Any]) -> Any:
+    token = _current.set(rid)
+    try:
+        return call()
+    finally:
+        _current.reset(token)
+
+
+def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    record(req.rid, getattr(req, "bootstrap_room", None), getattr(req, "routing_key", None))
+    return _serving(req.rid, lambda: original(scheduler, req, *args, **kwargs))
+
+
+def on_operation(original: Callable[..., Any], controller: Any, operation: Any, *args: Any, **kwargs: Any) -> Any:
+    return _serving(operation.request_id, lambda: original(controller, operation, *args, **kwargs))
+
+
+def on_prefix_match(original: Callable[..., Any], queue: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    return _serving(req.rid, lambda: original(queue, req, *args, **kwargs))

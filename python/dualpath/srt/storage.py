@@ -1,0 +1,165 @@
+"""HiCache storage backend on the DualPath block store (``--hicache-storage-backend dynamic``).
+
+Loaded by SGLang's backend factory in each scheduler process, zero-copy interface (``interface_v1``).
+Pages are SGLang's flat host pages (``layer_first``: all K planes, then all V planes), stored as Full
+Blocks of ``2 x layers`` planes under SGLang's own page keys, so any server finds what another wrote.
+
+Per request (see ``requests.py``):
+- PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
+- DE side: the prefill asks the request's DE for the pages (``link.py``); if that fails it reads them
+  itself, and a page in neither place ends the hit, so the rest is recomputed. The decode reads the
+  prefix for itself only for DE-side requests; for PE-side ones the prefill sends it, as in stock PD.
+- Write-back: the decode writes every full page; the prefill never writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from dualpath.kv import KVGeometry
+from dualpath.srt import requests
+from dualpath.srt.blocks import BlockSlots
+from dualpath.srt.config import SrtConfig
+from dualpath.srt.link import KVLink
+from dualpath.store import BlockStatus, BlockStore, StoreConfig
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+
+log = logging.getLogger(__name__)
+
+
+def page_geometry(pool: Any, model_name: str) -> KVGeometry:
+    """The Full Block of one SGLang host page: ``2 x layers`` planes of ``heads x head_dim`` per token."""
+    if pool.layout != "layer_first":
+        raise ValueError(f"DualPath stores layer_first host pages; the server uses {pool.layout!r} "
+                         "(start it with --hicache-mem-layout layer_first)")
+    dtype = str(pool.dtype).removeprefix("torch.")
+    name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(model_name).name or "model")
+    return KVGeometry(f"sglang-{name}-{dtype}", 2 * pool.layer_num, pool.head_num * pool.head_dim * pool.dtype.itemsize,
+                      dtype, "mha", pool.head_num, pool.head_dim)
+
+
+class DualPathStorage(HiCacheStorage):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
+        config = SrtConfig.from_env()
+        if config is None:
+            raise ValueError("the DualPath storage backend needs $DUALPATH_SRT_CONFIG: start the server with "
+                             "python -m dualpath.launch_server")
+        if storage_config.tp_size * storage_config.pp_size != 1:
+            raise ValueError("DualPath serves one TP/PP rank per server in this version; got "
+                             f"tp={storage_config.tp_size}, pp={storage_config.pp_size}")
+        if storage_config.is_mla_model:
+            raise ValueError("DualPath's SGLang backend stores MHA pages; MLA models are not supported yet")
+        self.config = config
+        self.model_name = storage_config.model_name or "model"
+        self.store: BlockStore | None = None
+        self.link: KVLink | None = None
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        geometry = page_geometry(mem_pool_host, self.model_name)
+        self.store = BlockStore(StoreConfig(self.config.store_root, model=geometry,
+                                            block_tokens=mem_pool_host.page_size, node=self.config.node,
+                                            nic_gbps=self.config.nic_gbps))
+        self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
+        self.link = KVLink(self.config, self.slots, self.store)
+        log.info("DualPath storage: %s node %s, store %s, KV channel %s", self.config.role, self.config.node,
+                 self.store.directory, self.config.kv_channel)
+
+    # -- what SGLang calls ---------------------------------------------------------------------------
+    def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
+        if self.config.role == "decode" and not requests.current().de_side:
+            return 0  # PE-side request: the prefill sends the whole KV, the decode reads nothing
+        return self._store().prefix_length(keys)
+
+    def exists(self, key: str) -> bool:
+        return self._store().prefix_length([key]) == 1
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        page = self.mem_pool_host.page_size
+        return self._guarded(keys, lambda: self._read(keys, lambda i, flat: self.mem_pool_host.set_from_flat_data_page(
+            int(host_indices[i * page]), flat)))
+
+    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[Any]:
+        targets = list(target_locations)
+        ok = self._read(keys, lambda i, flat: targets[i].view(-1).copy_(flat))
+        return [t if hit else None for t, hit in zip(targets, ok, strict=True)]
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
+        return self.batch_get([key], [target_location])[0]
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        page = self.mem_pool_host.page_size
+        return self._guarded(keys, lambda: self._write(
+            keys, lambda i: self.mem_pool_host.get_data_page(int(host_indices[i * page]), flat=False)))
+
+    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
+                  target_sizes: Any = None) -> bool:
+        sources = list(values)
+        return all(self._write(keys, lambda i: sources[i]))
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def get_stats(self) -> Any:
+        return self._store().stats()
+
+    # -- reading and writing pages -------------------------------------------------------------------------
+    @staticmethod
+    def _guarded(keys: list[str], call: Callable[[], list[bool]]) -> list[bool]:
+        """HiCache's I/O threads die on an exception; a failed batch is reported as missed pages instead."""
+        try:
+            return call()
+        except Exception:
+            log.exception("DualPath storage: %d pages failed", len(keys))
+            return [False] * len(keys)
+
+    def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
+        route = requests.current()
+        slots = None
+        if self.config.role == "prefill" and route.de_side and self.link is not None:
+            fetched = self.link.fetch(f"{route.rid}:{keys[0][:16]}", route.hint.de_channel, keys)
+            if fetched.ok:
+                slots = fetched.slots
+            else:
+                log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid, fetched.reason)
+                self.slots.release(fetched.slots)
+        if slots is None:
+            slots = self.slots.read(self._store(), keys)
+        try:
+            for i, slot in enumerate(slots):
+                place(i, self._flat(slot))
+        finally:
+            self.slots.release(slots)
+        return [i < len(slots) for i in range(len(keys))]
+
+    def _write(self, keys: list[str], page: Callable[[int], torch.Tensor]) -> list[bool]:
+        if self.config.role == "prefill":
+            return [True] * len(keys)  # the decode writes every block back (DESIGN.md section 2)
+        slots = self.slots.take(len(keys))
+        try:
+            for i, slot in enumerate(slots):
+                source = page(i)  # a strided view of the host pool: one copy, straight into the slot
+                self._flat(slot).view(source.shape).copy_(source)
+            statuses = self._store().write(keys, self.slots.buffer.blocks(slots))
+        finally:
+            self.slots.release(slots)
+        return [status in (BlockStatus.OK, BlockStatus.EXISTS) for status in statuses]
+
+    def _flat(self, slot: int) -> torch.Tensor:
+        return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.mem_pool_host.dtype)
+
+    def _store(self) -> BlockStore:
+        if self.store is None:
+            raise RuntimeError("the DualPath storage backend is used before SGLang registered its host pool")
+        return self.store
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        if self.store is not None:
+            self.store.close()
