@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from dualpath.srt import cpu, targets
-from dualpath.srt.config import ENV, SrtConfig
+from dualpath.srt.config import CPU_ENV, ENV, SrtConfig
 
 BACKEND = {"backend_name": "dualpath", "module_path": "dualpath.srt.storage", "class_name": "DualPathStorage",
            "interface_v1": 1}
@@ -29,7 +29,7 @@ REQUIRED = {
     "--hicache-mem-layout": "layer_first",
     "--hicache-storage-prefetch-policy": "wait_complete",
 }
-DEFAULTS = {"--page-size": "64", "--hicache-storage-backend-extra-config": json.dumps(BACKEND)}
+DEFAULTS: dict[str, str | None] = {"--page-size": "64", "--hicache-storage-backend-extra-config": json.dumps(BACKEND)}
 DEFAULT_STORE = Path.home() / ".cache" / "dualpath" / "store"
 
 
@@ -44,7 +44,21 @@ def dualpath_parser() -> argparse.ArgumentParser:
     group.add_argument("--dualpath-kv-port", type=int, default=0, help="KV channel port (0: a free one)")
     group.add_argument("--dualpath-staging-blocks", type=int, default=512, help="block slots of the KV staging area")
     group.add_argument("--dualpath-timeout", type=float, default=10.0, help="KV transfer timeout in seconds")
+    group.add_argument("--dualpath-prefill-quota-ms", type=float, default=0.0,
+                       help="PE compute quota per prefill batch in ms (paper: 300); 0 keeps SGLang's token budgets")
+    group.add_argument("--dualpath-cost-model", type=_cost_model, default=(),
+                       help="attention cost model BASE_S,PER_TOKEN_S,PER_PAIR_S for the quota (profiled)")
     return parser
+
+
+def _cost_model(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected BASE_S,PER_TOKEN_S,PER_PAIR_S, got {text!r}")
+    return values
 
 
 def _value(argv: list[str], flag: str) -> str | None:
@@ -56,7 +70,20 @@ def _value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def sglang_argv(argv: list[str], on_cpu: bool) -> list[str]:
+def _missing(argv: list[str], flags: dict[str, str | None]) -> list[str]:
+    extra: list[str] = []
+    for flag, value in flags.items():
+        if _value(argv, flag) is None:
+            extra += [flag] if value is None else [flag, value]
+    return extra
+
+
+def cpu_argv(argv: list[str]) -> list[str]:
+    """SGLang's overlap scheduler records CUDA events, and sgl_kernel's host copies need CUDA."""
+    return argv + _missing(argv, {"--disable-overlap-schedule": None, "--hicache-io-backend": "direct"})
+
+
+def sglang_argv(argv: list[str]) -> list[str]:
     """``argv`` with the flags DualPath needs; ``ValueError`` when the user set one differently."""
     extra: list[str] = []
     for flag, needed in REQUIRED.items():
@@ -65,17 +92,9 @@ def sglang_argv(argv: list[str], on_cpu: bool) -> list[str]:
             extra += [flag] if needed is None else [flag, needed]
         elif needed is not None and given != needed:
             raise ValueError(f"DualPath needs {flag} {needed}, got {given!r} (or pass --dualpath-off)")
-    for flag, default in DEFAULTS.items():
-        if _value(argv, flag) is None:
-            extra += [flag, default]
-    decode_radix = "--disaggregation-decode-enable-radix-cache"
-    if _value(argv, "--disaggregation-mode") == "decode" and _value(argv, decode_radix) is None:
-        extra.append(decode_radix)
-    if on_cpu:
-        # SGLang's overlap scheduler records CUDA events; sgl_kernel's host copies need CUDA.
-        for flag, value in (("--disable-overlap-schedule", None), ("--hicache-io-backend", "direct")):
-            if _value(argv, flag) is None:
-                extra += [flag] if value is None else [flag, value]
+    extra += _missing(argv, DEFAULTS)
+    if _value(argv, "--disaggregation-mode") == "decode":
+        extra += _missing(argv, {"--disaggregation-decode-enable-radix-cache": None})
     return argv + extra
 
 
@@ -92,21 +111,28 @@ def add_info_route(config: SrtConfig, page_size: int, model: str) -> None:
             "store_root": config.store_root, "model": model}
 
     async def dualpath_info() -> dict[str, object]:
-        return info
+        try:  # published by the scheduler process once SGLang built its host pool
+            published = json.loads(Path(config.announcement).read_text())
+        except (OSError, ValueError):
+            published = {}
+        return info | published
 
     app.add_api_route("/dualpath/info", dualpath_info, methods=["GET"])
 
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = dualpath_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    on_cpu = cpu.needed()
+    if on_cpu:  # SGLang on CPU needs the stand-ins whether DualPath is on or off
+        os.environ.update(cpu.environment())
+        os.environ[CPU_ENV] = "1"
+        rest = cpu_argv(rest)
     if args.dualpath_off:
         os.environ.pop(ENV, None)
     else:
-        if cpu.needed():
-            os.environ.update(cpu.environment())
         targets.self_check()
         try:
-            rest = sglang_argv(rest, cpu.needed())
+            rest = sglang_argv(rest)
         except ValueError as exc:
             raise SystemExit(f"dualpath.launch_server: {exc}") from exc
     from sglang.srt.plugins import load_plugins
@@ -116,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dualpath_off:
         config = SrtConfig(server_args.disaggregation_mode, args.dualpath_node, args.dualpath_store_root,
                            args.dualpath_kv_port or free_port(server_args.host), server_args.host,
-                           args.dualpath_nic_gbps, args.dualpath_staging_blocks, args.dualpath_timeout)
+                           args.dualpath_nic_gbps, args.dualpath_staging_blocks, args.dualpath_timeout,
+                           args.dualpath_prefill_quota_ms, args.dualpath_cost_model)
         os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
         add_info_route(config, server_args.page_size, server_args.served_model_name)
     load_plugins()

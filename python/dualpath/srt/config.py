@@ -9,6 +9,7 @@ from typing import Literal
 import msgspec
 
 ENV = "DUALPATH_SRT_CONFIG"
+CPU_ENV = "DUALPATH_CPU_SUPPORT"
 Role = Literal["prefill", "decode", "null"]
 
 
@@ -28,6 +29,10 @@ class SrtConfig:
     nic_gbps: float | None = None
     staging_blocks: int = 512
     timeout_s: float = 10.0
+    # PE compute quota per prefill batch (0: SGLang's own token budgets) and the attention cost model
+    # (base_s, per_token_s, per_pair_s) it predicts with; empty: AttentionCostModel's defaults.
+    prefill_quota_ms: float = 0.0
+    cost_model: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "null"):
@@ -38,6 +43,9 @@ class SrtConfig:
             raise ValueError(f"kv_port must be a TCP port, got {self.kv_port}")
         if self.staging_blocks <= 0 or self.timeout_s <= 0:
             raise ValueError("staging_blocks and timeout_s must be positive")
+        if self.prefill_quota_ms < 0 or len(self.cost_model) not in (0, 3) or any(c < 0 for c in self.cost_model):
+            raise ValueError(f"prefill_quota_ms must be >= 0 and cost_model 3 non-negative numbers, got "
+                             f"{self.prefill_quota_ms}, {self.cost_model}")
 
     @property
     def kv_agent(self) -> str:
@@ -47,6 +55,11 @@ class SrtConfig:
     def kv_channel(self) -> str:
         """``agent@host:port``, as a RouteHint names it."""
         return f"{self.kv_agent}@{self.kv_host}:{self.kv_port}"
+
+    @property
+    def announcement(self) -> str:
+        """Where the scheduler process publishes what only it knows (the store namespace of its pages)."""
+        return f"{self.store_root}/servers/{self.kv_agent}.json"
 
     def to_env(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -1,16 +1,21 @@
 """The ``sglang.srt.plugins`` entry point: DualPath's hooks, in every SGLang process.
 
 SGLang spawns its scheduler processes and calls ``load_plugins()`` in each, so hooks registered here
-apply where the scheduler runs. The plugin does nothing unless ``$DUALPATH_SRT_CONFIG`` is set (by
-``python -m dualpath.launch_server``): stock SGLang stays stock.
+apply where the scheduler runs. Both parts are switched on by ``python -m dualpath.launch_server``
+through the environment, so a plain ``python -m sglang.launch_server`` stays stock:
+- ``$DUALPATH_SRT_CONFIG``: DualPath itself;
+- ``$DUALPATH_CPU_SUPPORT=1``: the CPU stand-ins (also with ``--dualpath-off``; never with CUDA).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
+from dualpath.scheduler.batcher import AttentionCostModel
 from dualpath.srt import cpu, requests, targets
-from dualpath.srt.config import SrtConfig
+from dualpath.srt.batching import QuotaHook
+from dualpath.srt.config import CPU_ENV, SrtConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,27 +27,33 @@ REQUEST_HOOKS = (
     ("decode_prefix_match", requests.on_prefix_match),
 )
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
-SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + ["storage_base"]
+SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + ["storage_base", "prefill_batch"]
 CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()})
 
 
 def register() -> None:
     config = SrtConfig.from_env()
-    if config is None:
+    on_cpu = os.environ.get(CPU_ENV) == "1" and cpu.needed()
+    if config is None and not on_cpu:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    on_cpu = cpu.needed()
     try:
-        targets.self_check(SCHEDULER_TARGETS + (CPU_TARGETS if on_cpu else []))
+        targets.self_check((SCHEDULER_TARGETS if config else []) + (CPU_TARGETS if on_cpu else []))
     except targets.HookTargetError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"DualPath cannot start: {exc}") from exc  # load_plugins() swallows Exceptions
-    for name, hook in REQUEST_HOOKS:
-        HookRegistry.register(targets.TARGETS[name], hook, HookType.AROUND)
+    if config is not None:
+        for name, hook in REQUEST_HOOKS:
+            HookRegistry.register(targets.TARGETS[name], hook, HookType.AROUND)
+        if config.role == "prefill" and config.prefill_quota_ms > 0:
+            cost = AttentionCostModel(*config.cost_model) if config.cost_model else AttentionCostModel()
+            quota = QuotaHook(config.prefill_quota_ms / 1e3, cost)
+            HookRegistry.register(targets.TARGETS["prefill_batch"], quota, HookType.AROUND)
     if on_cpu:
         cpu.install_rotary_standin()
         for name, method, hook in cpu.hooks():
             path = targets.TARGETS[name] + (f".{method}" if method else "")
             HookRegistry.register(path, hook, HookType.AROUND)
-    log.info("DualPath plugin active: %s on node %s (CPU support: %s)", config.role, config.node, on_cpu)
+    log.info("DualPath plugin: %s (CPU support: %s)",
+             f"{config.role} on node {config.node}" if config else "off", on_cpu)

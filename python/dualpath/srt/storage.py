@@ -14,6 +14,7 @@ Per request (see ``requests.py``):
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -67,6 +68,9 @@ class DualPathStorage(HiCacheStorage):
                                             nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store)
+        announcement = Path(self.config.announcement)
+        announcement.parent.mkdir(parents=True, exist_ok=True)
+        announcement.write_text(json.dumps({"store_namespace": self.store.config.namespace}))
         log.info("DualPath storage: %s node %s, store %s, KV channel %s", self.config.role, self.config.node,
                  self.store.directory, self.config.kv_channel)
 
@@ -159,6 +163,7 @@ class DualPathStorage(HiCacheStorage):
         return self.store
 
     def close(self) -> None:
+        Path(self.config.announcement).unlink(missing_ok=True)
         if self.link is not None:
             self.link.close()
         if self.store is not None:

@@ -19,6 +19,8 @@ HOST_POOL = "sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost"
 TARGETS: dict[str, str] = {
     # Request arrival (all modes): the request's RouteHint is recorded by rid.
     "add_request": f"{SCHEDULER}._add_request_to_queue",
+    # Prefill batch selection (the PE compute quota).
+    "prefill_batch": f"{SCHEDULER}.get_new_batch_prefill",
     # Threads and calls in which the storage backend runs on behalf of one request.
     "storage_hit_query": f"{CONTROLLER}._storage_hit_query",
     "page_transfer": f"{CONTROLLER}._page_transfer",

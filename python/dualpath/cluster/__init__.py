@@ -1,0 +1,1 @@
+"""Local clusters of real SGLang servers with the DualPath plugin, a router, and trace replay."""

@@ -1,0 +1,163 @@
+"""Real SGLang servers (with or without the DualPath plugin) as child process groups on loopback.
+
+Every server runs in its own session so that stopping it reaches every process SGLang spawned; its log
+goes to a file whose tail is shown when it fails to start. On a machine without CUDA the servers run the
+tiny dummy-weight Llama shipped with the package on SGLang's torch-native CPU path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+TINY_MODEL = Path(__file__).resolve().parent.parent / "srt" / "tiny_llama"
+# What SGLang needs to serve the tiny model on CPU (reference: docs/srt.md).
+CPU_ARGS = ("--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu", "--attention-backend",
+            "torch_native", "--dtype", "float32")
+CPU_ENV = {"OMP_NUM_THREADS": "1", "SGLANG_HOST_IP": "127.0.0.1"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One SGLang server: its role, HTTP port and, for DualPath, the node whose storage NIC it uses."""
+
+    role: Literal["prefill", "decode", "null"]
+    port: int
+    node: str = "node0"
+    bootstrap_port: int | None = None
+    nic_gbps: float | None = None
+    dualpath: bool = True
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class ServerOptions:
+    """What every server of a run shares."""
+
+    store_root: Path
+    log_dir: Path
+    model: Path = TINY_MODEL
+    cpu: bool = True
+    max_total_tokens: int = 65536
+    transfer_timeout_s: float = 10.0
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
+    module = "dualpath.launch_server"
+    cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", "127.0.0.1",
+           "--port", str(spec.port), "--max-total-tokens", str(options.max_total_tokens)]
+    if options.cpu:
+        cmd += CPU_ARGS
+    if spec.role != "null":
+        cmd += ["--disaggregation-mode", spec.role, "--disaggregation-transfer-backend", "nixl"]
+    if spec.bootstrap_port is not None:
+        cmd += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
+    if spec.dualpath:
+        cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", str(options.store_root),
+                "--dualpath-timeout", str(options.transfer_timeout_s)]
+        if spec.nic_gbps is not None:
+            cmd += ["--dualpath-nic-gbps", str(spec.nic_gbps)]
+    else:
+        cmd += ["--dualpath-off", "--page-size", "64"]
+    return cmd + list(options.extra_args) + list(spec.extra_args)
+
+
+class Server:
+    """A started server; :meth:`stop` ends its whole process group."""
+
+    def __init__(self, spec: ServerSpec, options: ServerOptions) -> None:
+        self.spec = spec
+        options.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = options.log_dir / f"{spec.role}-{spec.port}.log"
+        env = {**os.environ, **(CPU_ENV if options.cpu else {}), **options.env}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(server_command(spec, options), stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def info(self) -> dict[str, object]:
+        with urllib.request.urlopen(f"{self.url}/dualpath/info", timeout=5) as response:
+            return json.load(response)
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # SGLang's children may outlive the leader briefly; the group must be empty before ports are reused.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def start_servers(specs: Sequence[ServerSpec], options: ServerOptions, timeout_s: float = 300.0) -> list[Server]:
+    """Start every server at once and wait until all answer ``/health``; on failure stop them all."""
+    servers = [Server(spec, options) for spec in specs]
+    deadline = time.monotonic() + timeout_s
+    try:
+        pending = list(servers)
+        while pending:
+            for server in list(pending):
+                if not server.alive():
+                    raise ServerStartError(f"{server.spec.role} server on port {server.spec.port} exited "
+                                           f"(log {server.log_path}):\n{server.log_tail()}")
+                if server.healthy():
+                    pending.remove(server)
+            if pending and time.monotonic() > deadline:
+                raise ServerStartError(f"servers not ready after {timeout_s:.0f} s: "
+                                       + ", ".join(f"{s.spec.role}:{s.spec.port} (log {s.log_path})" for s in pending))
+            time.sleep(1.0)
+    except BaseException:
+        stop_servers(servers)
+        raise
+    return servers
+
+
+def stop_servers(servers: Sequence[Server]) -> None:
+    for server in servers:
+        server.stop()

@@ -1,0 +1,278 @@
+"""DualPath inside real SGLang servers: plugin pieces (unit) and a real prefill/decode pair on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
+from dualpath.scheduler import ReadSide, RouteHint
+from dualpath.srt import targets
+from dualpath.srt.blocks import BlockSlots, SlotsExhausted
+from dualpath.srt.config import ENV, SrtConfig
+from dualpath.store import BlockStore, StoreConfig
+from dualpath.store.node import NodeState
+from hypothesis import given
+from hypothesis import strategies as st
+
+channel = st.from_regex(r"[a-z][a-z0-9-]{0,12}@127\.0\.0\.1:[1-9][0-9]{1,4}", fullmatch=True)
+
+
+# -- route hints and configuration ---------------------------------------------------------------------------
+@given(channel, channel)
+def test_route_hint_round_trips(pe: str, de: str) -> None:
+    for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de)):
+        assert RouteHint.decode(hint.encode()) == hint
+    assert RouteHint(ReadSide.DE, pe, de).de_address == de.partition("@")[2]
+
+
+def test_route_hint_rejects_bad_input() -> None:
+    assert RouteHint.decode(None) is None and RouteHint.decode("user-key") is None
+    with pytest.raises(ValueError, match="KV channels"):
+        RouteHint(ReadSide.DE, "pe@127.0.0.1:1")
+    with pytest.raises(ValueError, match="PE or the DE"):
+        RouteHint(ReadSide.SPLIT)
+    with pytest.raises(ValueError, match="malformed"):
+        RouteHint.decode("dualpath/1;side=sideways")
+
+
+def test_srt_config_travels_through_the_environment() -> None:
+    config = SrtConfig("decode", "de0", "/tmp/store", 31001, nic_gbps=2.5)
+    assert SrtConfig.from_env({ENV: config.to_env()}) == config
+    assert SrtConfig.from_env({}) is None
+    assert config.kv_channel == "decode-de0-31001@127.0.0.1:31001"
+    with pytest.raises(ValueError, match="role"):
+        SrtConfig("encode", "n", "/tmp", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a valid DualPath configuration"):
+        SrtConfig.from_env({ENV: '{"role": "prefill"}'})
+
+
+# -- hook targets ---------------------------------------------------------------------------------------------
+def test_self_check_names_a_missing_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(targets.TARGETS, "add_request", "dualpath.srt.targets.no_such_function")
+    with pytest.raises(targets.HookTargetError, match=r"'add_request' = 'dualpath\.srt\.targets\.no_such_function'"):
+        targets.self_check()
+    with pytest.raises(targets.HookTargetError, match="unknown"):
+        targets.resolve("nothing")
+
+
+def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions() -> None:
+    from dualpath.launch_server import cpu_argv, sglang_argv
+
+    argv = sglang_argv(["--model-path", "m", "--disaggregation-mode", "decode", "--page-size", "16"])
+    assert argv[argv.index("--hicache-storage-backend") + 1] == "dynamic"
+    assert "--disaggregation-decode-enable-radix-cache" in argv and argv.count("--page-size") == 1
+    assert "--disable-overlap-schedule" in cpu_argv(argv)
+    with pytest.raises(ValueError, match="--hicache-mem-layout layer_first"):
+        sglang_argv(["--hicache-mem-layout", "page_first"])
+
+
+def test_prefill_budget_follows_the_compute_quota() -> None:
+    from dualpath.scheduler import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
+    from dualpath.srt.batching import prefill_budget
+
+    per_token = AttentionCostModel(base_s=0.0, per_token_s=1e-3, per_pair_s=0.0)  # 1 ms per new token
+    batcher = ComputeQuotaBatcher(per_token.predict, BatcherConfig(quota_s=0.1))
+    # 30 whole tokens, then the next request chunked to the 70 that still fit; rounded up to 16-token pages
+    assert prefill_budget(batcher, [Chunk(1, 0, 30), Chunk(2, 500, 200)], 16) == 112
+    assert prefill_budget(batcher, [Chunk(1, 0, 0)], 16) is None
+
+
+# -- block slots ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def store(tmp_path: Path) -> BlockStore:
+    with BlockStore(StoreConfig(tmp_path, model="tiny", block_tokens=16, node="n0")) as s:
+        yield s
+
+
+def _write_blocks(store: BlockStore, count: int, seed: int) -> list[str]:
+    keys = block_keys(list(range(seed, seed + 16 * count)), 16)
+    buffer = BlockBuffer(store.layout, count)
+    for i, block in enumerate(buffer.blocks(range(count))):
+        block[...] = i + 1
+    store.write(keys, buffer.blocks(range(count)))
+    return keys
+
+
+def _read_tokens(store: BlockStore) -> int:
+    return store.read_queue().read_tokens
+
+
+def test_block_slots_read_once_and_serve_from_cache(store: BlockStore) -> None:
+    keys = _write_blocks(store, 4, 0)
+    slots = BlockSlots(BlockLayout(get_geometry("tiny"), 16), 6, timeout_s=1.0)
+    first = slots.read(store, keys)
+    assert [int(slots.block(s).flat[0]) for s in first] == [1, 2, 3, 4]
+    slots.release(first)
+    tokens = _read_tokens(store)
+    again = slots.read(store, keys)
+    assert _read_tokens(store) == tokens  # served from the cache: no storage read
+    slots.release(again)
+
+
+def test_block_slots_stop_at_the_first_missing_block(store: BlockStore) -> None:
+    keys = _write_blocks(store, 3, 100)
+    store.delete([keys[1]])
+    slots = BlockSlots(BlockLayout(get_geometry("tiny"), 16), 4, timeout_s=1.0)
+    got = slots.read(store, keys)
+    assert len(got) == 1
+    slots.release(got)
+    assert len(slots.take(4)) == 4  # every slot came back
+
+
+def test_block_slots_report_exhaustion_and_keep_state(store: BlockStore) -> None:
+    slots = BlockSlots(BlockLayout(get_geometry("tiny"), 16), 2, timeout_s=0.05)
+    held = slots.take(2)
+    with pytest.raises(SlotsExhausted):
+        slots.take(1)
+    with pytest.raises(ValueError, match="do not fit"):
+        slots.take(3)
+    slots.release(held)
+    assert sorted(slots.take(2)) == sorted(held)
+
+
+# -- a real SGLang prefill/decode pair with the plugin, and stock SGLang ------------------------------------------
+sglang = pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
+
+from dualpath.cluster.servers import ServerOptions, ServerSpec, start_servers, stop_servers  # noqa: E402
+from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
+
+BOOTSTRAP = 18998
+SAMPLING = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("srt")
+    options = ServerOptions(root / "store", root / "logs", transfer_timeout_s=3.0,
+                            env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
+    specs = [ServerSpec("prefill", 31100, "pe0", bootstrap_port=BOOTSTRAP), ServerSpec("decode", 31200, "de0"),
+             ServerSpec("null", 31300, dualpath=False)]
+    started = start_servers(specs, options, timeout_s=400)
+    yield {s.spec.role: s for s in started} | {"store": root / "store"}
+    stop_servers(started)
+    assert all(not s.alive() for s in started)
+
+
+def _post(url: str, body: dict, out: dict, key: str) -> None:
+    request = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        out[key] = json.load(response)
+
+
+def _pd_generate(servers: dict, ids: list[int], hint: RouteHint) -> tuple[list[int], dict]:
+    """Post to prefill and decode at once with the bootstrap fields, as SGLang's router does."""
+    body = {"input_ids": ids, "sampling_params": SAMPLING, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": BOOTSTRAP, "bootstrap_room": random.randrange(2**63), "routing_key": hint.encode()}
+    out: dict = {}
+    legs = [threading.Thread(target=_post, args=(servers[r].url, body, out, r)) for r in ("prefill", "decode")]
+    for leg in legs:
+        leg.start()
+    for leg in legs:
+        leg.join()
+    return out["decode"]["output_ids"], out["prefill"]["meta_info"]
+
+
+def _stock(servers: dict, ids: list[int]) -> list[int]:
+    out: dict = {}
+    _post(servers["null"].url, {"input_ids": ids, "sampling_params": SAMPLING}, out, "r")
+    return out["r"]["output_ids"]
+
+
+def _node_read_tokens(store_root: Path, node: str) -> int:
+    state = NodeState(store_root / "nodes", node, None)
+    try:
+        return state.snapshot().read_tokens
+    finally:
+        state.close()
+
+
+def _flush(servers: dict) -> None:
+    for role in ("prefill", "decode"):
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(urllib.request.Request(f"{servers[role].url}/flush_cache", method="POST"),
+                                        timeout=10) as response:
+                if b"Cache flushed" in response.read() or time.monotonic() > deadline:
+                    break
+
+
+def _prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 32000) for _ in range(300)]
+
+
+def _stored(servers: dict, ids: list[int]) -> list[str]:
+    """The prompt's full pages, once the decode has written them back (it does so asynchronously)."""
+    keys = block_keys(ids, 64)[: len(ids) // 64]
+    info = servers["decode"].info()
+    directory = Path(info["store_root"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(any(directory.glob(f"*/blocks/{k[:2]}/{k}.kv")) for k in keys):
+            return keys
+        time.sleep(0.2)
+    raise AssertionError("the decode did not write the prompt's blocks back")
+
+
+def _channels(servers: dict) -> tuple[str, str]:
+    return servers["prefill"].info()["kv_channel"], servers["decode"].info()["kv_channel"]
+
+
+def test_pe_path_matches_stock_and_the_decode_writes_back(servers: dict) -> None:
+    ids = _prompt(1)
+    out, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    assert out == _stock(servers, ids)
+    assert len(_stored(servers, ids)) == 4
+
+
+@pytest.mark.parametrize("side", [ReadSide.DE, ReadSide.PE])
+def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) -> None:
+    ids = _prompt(2)
+    expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    hit = 64 * len(_stored(servers, ids))
+    _flush(servers)
+    store = servers["store"]
+    before = {n: _node_read_tokens(store, n) for n in ("pe0", "de0")}
+    hint = RouteHint(ReadSide.DE, *_channels(servers)) if side is ReadSide.DE else RouteHint(ReadSide.PE)
+    out, prefill_meta = _pd_generate(servers, ids, hint)
+    assert out == expected == _stock(servers, ids)
+    assert prefill_meta["cached_tokens_details"]["storage"] == hit
+    read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
+    assert read == ({"pe0": 0, "de0": hit} if side is ReadSide.DE else {"pe0": hit, "de0": 0})
+
+
+def test_stalled_forwarding_falls_back_to_the_pe_read(servers: dict) -> None:
+    ids = _prompt(3)
+    expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    hit = 64 * len(_stored(servers, ids))
+    _flush(servers)
+    # A DE channel that accepts the PE's request and never writes: the PE gives up after its timeout.
+    silent = KVChannel(TransferConfig("silent-de", timeout_s=3.0))
+    try:
+        before = _node_read_tokens(servers["store"], "pe0")
+        stalled = f"silent-de@{silent.address.removeprefix('tcp://')}"
+        out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.DE, _channels(servers)[0], stalled))
+    finally:
+        silent.close()
+    assert out == expected
+    assert prefill_meta["cached_tokens_details"]["storage"] == hit
+    assert _node_read_tokens(servers["store"], "pe0") - before == hit
+
+
+def test_launch_fails_loudly_on_a_wrong_hook_target(tmp_path: Path) -> None:
+    script = ("import sys; import dualpath.srt.targets as t; "
+              "t.TARGETS['page_transfer'] = 'sglang.srt.managers.cache_controller.HiCacheController.gone'; "
+              "from dualpath.launch_server import main; main(sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", script, "--model-path", "x"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0
+    assert "'page_transfer'" in result.stderr and "HiCacheController.gone" in result.stderr
