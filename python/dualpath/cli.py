@@ -11,6 +11,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "dualpath.store.bench",
     "dualpath.sim.cli",
+    "dualpath.cluster.cli",
 )
 
 

@@ -1,0 +1,187 @@
+"""The router's decision overhead per request at 64 engines (32 prefill + 32 decode, one node each).
+
+Times the production decision path without HTTP: the hit estimate (block keys of the prompt, then the
+store's stored prefix, in a real store directory) and the global scheduler's submit, PE fetch and DE fetch
+with the loads of all 64 engines, for agent sessions whose every turn resends the conversation plus ~429
+new tokens (the paper's trace: 32.7K tokens of context on average). Up to 128 requests are in flight;
+polls (every 100 decisions) bring fresh node read queues. The same requests are then decided in baseline
+mode (every read on the PE side).
+
+    .venv/bin/python benchmark/router_bench.py [--sessions 32] [--turns 40] [--engines 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from array import array
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from dualpath.kv import block_keys
+from dualpath.router.config import PrefillSpec, RouterConfig
+from dualpath.router.decide import Decider
+from dualpath.router.engines import EngineRegistry
+from dualpath.router.protocol import ParsedRequest
+from dualpath.router.store_view import StoreView
+from dualpath.store import BlockStore, StoreConfig
+from dualpath.store.node import NodeState
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK = 64
+NEW_TOKENS_PER_TURN = 429
+IN_FLIGHT = 128
+POLL_EVERY = 100
+
+
+class Turn(NamedTuple):
+    session: int
+    prompt: list[int]
+
+
+def sessions(count: int, turns: int, seed: int) -> tuple[list[Turn], list[list[str]]]:
+    """Turns in arrival order (sessions interleaved; 16K-32K tokens of context growing by 429 a turn) and
+    the block keys of each session's last prompt, of which every earlier prompt is a prefix."""
+    rng = np.random.default_rng(seed)
+    finals = [rng.integers(0, 100_000, int(rng.integers(16_000, 32_000)) + turns * NEW_TOKENS_PER_TURN).tolist()
+              for _ in range(count)]
+    order = [Turn(s, finals[s][:len(finals[s]) - (turns - t) * NEW_TOKENS_PER_TURN])
+             for t in range(turns) for s in range(count)]
+    return order, [block_keys(final, BLOCK) for final in finals]
+
+
+def ready_registry(config: RouterConfig, store: StoreView) -> EngineRegistry:
+    """Engines as a poll would have left them: up, on their own nodes, with KV channels."""
+    registry = EngineRegistry(config, store, on_change=lambda: None)
+    for engine in registry.engines:
+        engine.discovered = engine.dualpath = True
+        engine.set_up(True)
+        engine.node = f"node-{engine.role[0]}{engine.engine_id}"
+        engine.node_id = registry.node_ids.setdefault(engine.node, len(registry.node_ids))
+        engine.kv_channel = f"agent-{engine.engine_id}@127.0.0.1:{31000 + engine.engine_id}"
+        engine.page_size = BLOCK
+        engine.capacity_tokens = 2_000_000
+    return registry
+
+
+class Timings(NamedTuple):
+    """Per decision, in µs: wall-clock time, CPU time of the thread (what other tenants of a shared machine
+    cannot inflate), and the wall-clock time of the decisions that were a session's first turn."""
+
+    wall: list[float]
+    cpu: list[float]
+    first_turn: list[float]
+
+
+async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], keys: list[list[str]],
+                     writer: BlockStore) -> Timings:
+    """Time the decision of every request, in arrival order."""
+    half = engines // 2
+    config = RouterConfig(tuple(PrefillSpec(f"http://127.0.0.1:{20000 + i}") for i in range(half)),
+                          tuple(f"http://127.0.0.1:{21000 + i}" for i in range(half)),
+                          mode=mode, store_root=root, store_namespace=writer.config.namespace,  # type: ignore[arg-type]
+                          store_block_tokens=BLOCK, read_tokens_per_s=2e6, gpu_tokens_per_s=1e5)
+    store = StoreView(root)
+    registry = ready_registry(config, store)
+    decider = Decider(config, registry, store)
+    rng = np.random.default_rng(7)
+    states = [NodeState(root / "nodes", node, None) for node in registry.dualpath_nodes()]
+    queued = [0] * len(states)
+    in_flight: deque = deque()
+    timings = Timings([], [], [])
+    written = [0] * len(keys)
+    for index, (session, prompt) in enumerate(turns):
+        if index % POLL_EVERY == 0:  # a poll: new read queues (the charges of placed reads are forgotten)
+            for i, state in enumerate(states):
+                state.dequeued(queued[i], 0)
+                queued[i] = int(rng.integers(0, 8_000_000))
+                state.queued(queued[i], 0)
+            registry.read_queues = {node: store.read_queue(node) for node in registry.dualpath_nodes()}
+            registry.polls += 1
+        ids = array("I", prompt)
+        parsed = ParsedRequest("generate", {}, False, None, (ids,), 0, 176, None)
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+        placement = await decider.place(parsed)
+        cpu = (time.thread_time_ns() - start_cpu) / 1e3
+        elapsed = (time.perf_counter_ns() - start) / 1e3
+        timings.wall.append(elapsed)
+        timings.cpu.append(cpu)
+        if not written[session]:
+            timings.first_turn.append(elapsed)
+        in_flight.append(placement)
+        if len(in_flight) > IN_FLIGHT:
+            done = in_flight.popleft()
+            decider.release_prefill(done)
+            decider.release_decode(done)
+        full = len(prompt) // BLOCK  # the decode writes the turn's blocks back for the next turn
+        for key in keys[session][written[session]:full]:
+            path = writer.path(key)
+            path.parent.mkdir(exist_ok=True)
+            path.touch()
+        written[session] = full
+    for state in states:
+        state.close()
+    store.close()
+    return timings
+
+
+def _record(metric: str, value: float, baseline_value: float, baseline: str, target: str, load: float) -> dict:
+    return {"metric": metric, "value": value, "unit": "us", "baseline": baseline, "baseline_value": baseline_value,
+            "ratio": value / baseline_value, "target": target,
+            "command": "python " + " ".join(["benchmark/router_bench.py", *sys.argv[1:]]),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+                       f"load average {load:.1f} at start (a shared machine)",
+            "date": datetime.now(UTC).date().isoformat()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument("--engines", type=int, default=64, help="prefill + decode servers (half each)")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    order, keys = sessions(args.sessions, args.turns, seed=1)
+    mean_context = np.mean([len(turn.prompt) for turn in order])
+    results = {}
+    for mode in ("dualpath", "baseline"):
+        with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+            root = Path(tmp)
+            with BlockStore(StoreConfig(root, "tiny", BLOCK, node="writer", io_threads=1)) as writer:
+                results[mode] = asyncio.run(decide_all(mode, args.engines, root, order, keys, writer))
+    stats = {mode: (np.median(t.wall), np.percentile(t.wall, 99), np.median(t.first_turn), np.median(t.cpu))
+             for mode, t in results.items()}
+    print(f"{args.engines} engines, {len(order)} requests, mean context {mean_context:,.0f} tokens "
+          f"({args.sessions} sessions x {args.turns} turns); load average {load:.1f} at start")
+    for mode, (p50, p99, cold, cpu) in stats.items():
+        print(f"  {mode:9s} decision p50 {p50:7.1f} us   p99 {p99:7.1f} us   "
+              f"first turn of a session p50 {cold:7.1f} us   CPU time p50 {cpu:7.1f} us")
+    (p50, p99, cold, cpu), (b50, b99, bcold, bcpu) = stats["dualpath"], stats["baseline"]
+    where = f"{args.engines} engines, {mean_context / 1000:.1f}K-token agent prompts"
+    records = [
+        _record("router_decision_p50", p50, b50, f"baseline-mode decision, same requests ({where})", "< 1000 us",
+                load),
+        _record("router_decision_p99", p99, b99, f"baseline-mode decision, same requests ({where})", "< 1000 us",
+                load),
+        _record("router_decision_first_turn_p50", cold, bcold,
+                f"baseline mode; a session's first turn hashes every block ({where})", "< 1000 us", load),
+        _record("router_decision_cpu_time_p50", cpu, bcpu, f"baseline-mode decision, same requests ({where})",
+                "< 1000 us", load),
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "router_bench.json").write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'router_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

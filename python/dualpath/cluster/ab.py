@@ -1,0 +1,143 @@
+"""A/B of one trace on one local cluster: the stock read path (baseline) against DualPath.
+
+Both runs replay the same trace shapes on the same servers, each starting cold (caches flushed, store
+emptied), each with its own token ids so that neither finds the other's KV anywhere. Agents advance in
+rounds with the servers' caches flushed in between, so every turn's context comes from the store — the
+regime of agents that outnumber the GPUs' memory, where the storage NICs decide throughput. Only the router's
+mode differs: ``baseline`` reads every hit on the prefill side, as the stock router does; ``dualpath``
+lets the global scheduler pick the side per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from dualpath.bench.traces import AgentTrace
+from dualpath.cluster.local import LocalCluster
+from dualpath.cluster.replay import ReplayResult, replay
+from dualpath.store.node import NodeState
+
+MODES = ("baseline", "dualpath")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    mode: str
+    requests: int
+    failed: int
+    makespan_s: float
+    tokens_per_s: float
+    jct_p50_s: float
+    jct_p99_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    node_read_bytes: dict[str, int]
+    nic_utilisation: dict[str, float]
+    de_read_share: float
+    first_error: str
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def node_read_bytes(store_root: Path, nodes: Sequence[str]) -> dict[str, int]:
+    totals = {}
+    for node in nodes:
+        state = NodeState(store_root / "nodes", node, None)
+        try:
+            totals[node] = state.snapshot().read_bytes
+        finally:
+            state.close()
+    return totals
+
+
+def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_per_s: float) -> RunSummary:
+    ok = [r for r in result.records if r.ok]
+    tokens = sum(r.prompt_tokens - r.context_tokens + r.output_tokens for r in ok)
+    tpots = [t for r in ok if (t := r.tpot_s) is not None]
+    total_read = sum(read.values()) or 1
+    return RunSummary(
+        mode, len(result.records), len(result.records) - len(ok), result.makespan_s,
+        tokens / result.makespan_s, _pct(list(result.jct_s.values()), 50), _pct(list(result.jct_s.values()), 99),
+        _pct([r.ttft_s for r in ok], 50), _pct([r.ttft_s for r in ok], 99), _pct(tpots, 50), _pct(tpots, 99),
+        read, {n: b / (nic_bytes_per_s * result.makespan_s) for n, b in read.items()},
+        sum(b for n, b in read.items() if n.startswith("de")) / total_read,
+        next((r.error for r in result.records if not r.ok), ""),
+    )
+
+
+def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | None, scale: float = 1.0,
+           progress: object | None = None) -> list[RunSummary]:
+    """Replay ``agents`` once per mode on ``cluster`` (already started); one summary per mode."""
+    nodes = [s.node for s in cluster.config.specs()]
+    total = sum(len(a.turns) - 1 for a in agents)  # the first round warms up
+    summaries = []
+    for seed, mode in enumerate(MODES):
+        cluster.reset()
+        cluster.route(mode)
+        before = node_read_bytes(cluster.config.store_root, nodes)
+        task = progress.add_task(f"{mode:>8}", total=total) if progress is not None else None
+
+        def advance(_record: object, task: object = task) -> None:
+            if progress is not None:
+                progress.advance(task)
+
+        def between_rounds(prompts: list[list[int]]) -> None:
+            if not cluster.wait_stored(prompts):
+                log.warning("the decode did not write a round's prompts back within the timeout")
+            cluster.flush()
+
+        result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
+                                    between_rounds=between_rounds, on_record=advance))
+        after = node_read_bytes(cluster.config.store_root, nodes)
+        read = {n: after[n] - before[n] for n in nodes}
+        summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8))
+    cluster.stop_router()
+    return summaries
+
+
+def result_records(summaries: Sequence[RunSummary], command: str, target: dict[str, str]) -> list[dict]:
+    """benchmark/results records: DualPath's value against the baseline's, measured in the same run."""
+    base, dual = summaries
+    machine = f"{platform.node()} ({platform.machine()}, CPU-only, real SGLang 0.5.17 servers)"
+    rows = [("throughput", "tokens/s", base.tokens_per_s, dual.tokens_per_s),
+            ("jct_p50", "s", base.jct_p50_s, dual.jct_p50_s),
+            ("ttft_p50", "s", base.ttft_p50_s, dual.ttft_p50_s), ("ttft_p99", "s", base.ttft_p99_s, dual.ttft_p99_s),
+            ("tpot_p50", "s", base.tpot_p50_s, dual.tpot_p50_s), ("tpot_p99", "s", base.tpot_p99_s, dual.tpot_p99_s),
+            ("de_read_share", "fraction", base.de_read_share, dual.de_read_share)]
+    return [{"metric": metric, "value": d, "unit": unit, "baseline": "baseline (PE-side reads)",
+             "baseline_value": b, "ratio": d / b if b else None, "target": target.get(metric, ""),
+             "command": command, "machine": machine, "date": date.today().isoformat()}
+            for metric, unit, b, d in rows]
+
+
+def write_json(path: Path, summaries: Sequence[RunSummary], records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    (path.with_suffix(".runs.json")).write_text(json.dumps([s.__dict__ for s in summaries], indent=1) + "\n")
+
+
+def estimate_minutes(agents: Sequence[AgentTrace], bytes_per_token: int, nic_gbps: float, prefill: int,
+                     scale: float) -> float:
+    """Rough wall time of both runs: reading every hit through one PE NIC, plus start-up."""
+    hit_bytes = sum(t.context_tokens for a in agents for t in a.turns) * bytes_per_token * scale
+    per_run = hit_bytes / (nic_gbps * 1e9 / 8) / prefill
+    return (150 + 2 * per_run * 1.3) / 60
+
+
+def clock() -> str:
+    return time.strftime("%H:%M:%S")

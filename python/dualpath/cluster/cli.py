@@ -1,0 +1,166 @@
+"""``dualpath ab``: start a local cluster, replay real agent traces through the baseline and DualPath
+routers, print the A/B table, write plots and benchmark records, and stop everything."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dualpath.bench.traces import AgentTrace, load_claude_code, load_mooncake
+from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
+from dualpath.cluster.local import ClusterConfig, LocalCluster
+from dualpath.cluster.servers import TINY_MODEL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ab", help="A/B: baseline vs DualPath on a local cluster of real SGLang servers",
+                              description=__doc__)
+    p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
+    p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
+    p.add_argument("--nic-gbps", type=float, default=0.02, help="storage-NIC cap of every node, Gb/s")
+    p.add_argument("--trace", choices=("claude-code", "mooncake"), default="claude-code")
+    p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
+                   "default: the samples shipped with the package")
+    p.add_argument("--agents", type=int, default=6, help="agents (sessions) replayed concurrently")
+    p.add_argument("--turns", type=int, default=4, help="turns per agent at most (the first one warms up)")
+    p.add_argument("--scale", type=float, default=0.25,
+                   help="token counts of every turn x this (hit ratios stay; CPU attention cost falls quadratically)")
+    p.add_argument("--max-gen", type=int, default=16, help="output tokens per turn at most")
+    p.add_argument("--max-context", type=int, default=20_000,
+                   help="skip agents whose (scaled) prompts grow beyond this")
+    p.add_argument("--model", type=Path, help="model path (default: the tiny dummy-weight Llama shipped)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (then give the model and --server-args for it)")
+    p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
+    p.add_argument("--base-port", type=int, default=32000)
+    p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
+    p.add_argument("--out", type=Path, default=Path("dualpath-ab"), help="folder for the plots and records")
+    p.add_argument("--name", default="cluster_ab", help="name of the records file <out>/<name>.json")
+    p.set_defaults(run=run)
+
+
+def select_agents(args: argparse.Namespace) -> list[AgentTrace]:
+    if args.trace == "mooncake":
+        agents = load_mooncake(args.trace_path) if args.trace_path else load_mooncake()
+    else:
+        agents = load_claude_code(args.trace_path) if args.trace_path else load_claude_code()
+    fitting = [replace(a, turns=a.turns[: args.turns]) for a in agents
+               if max(t.prompt_tokens for t in a.turns[: args.turns]) * args.scale <= args.max_context]
+    if not fitting:
+        raise SystemExit(f"no agent of the {args.trace} trace fits --max-context {args.max_context}")
+    return sorted(fitting, key=lambda a: -len(a.turns))[: args.agents]
+
+
+def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
+    t = Table(title="A/B: baseline (PE-side reads) vs DualPath")
+    t.add_column("metric")
+    for s in summaries:
+        t.add_column(s.mode, justify="right")
+    t.add_column("DualPath / baseline", justify="right")
+    rows = [("throughput (tokens/s)", "tokens_per_s", "{:.0f}"), ("JCT p50 (s)", "jct_p50_s", "{:.1f}"),
+            ("JCT p99 (s)", "jct_p99_s", "{:.1f}"), ("TTFT p50 (s)", "ttft_p50_s", "{:.2f}"),
+            ("TTFT p99 (s)", "ttft_p99_s", "{:.2f}"), ("TPOT p50 (ms)", "tpot_p50_s", "{:.1f}"),
+            ("TPOT p99 (ms)", "tpot_p99_s", "{:.1f}"), ("hit KV read by DEs", "de_read_share", "{:.0%}"),
+            ("failed requests", "failed", "{}")]
+    for label, field, fmt in rows:
+        values = [getattr(s, field) * (1000 if "tpot" in field else 1) for s in summaries]
+        ratio = f"{values[1] / values[0]:.2f}x" if values[0] and field != "failed" else ""
+        t.add_row(label, *(fmt.format(v) for v in values), ratio)
+    for node in nodes:
+        t.add_row(f"storage NIC {node} busy", *(f"{s.nic_utilisation[node]:.0%}" for s in summaries), "")
+    return t
+
+
+def plot(summaries: Sequence[RunSummary], nodes: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    modes = [s.mode for s in summaries]
+    axes[0].bar(modes, [s.tokens_per_s for s in summaries], color=["#999", "#2a7"])
+    axes[0].set_title("throughput (tokens/s)")
+    for i, (label, fields) in enumerate((("TTFT (s)", ("ttft_p50_s", "ttft_p99_s")),
+                                         ("TPOT (ms)", ("tpot_p50_s", "tpot_p99_s")),)):
+        ax = axes[1 + i]
+        for j, s in enumerate(summaries):
+            scale = 1000 if "tpot" in fields[0] else 1
+            ax.bar([j * 3, j * 3 + 1], [getattr(s, f) * scale for f in fields], color=["#2a7", "#a72"][j % 2])
+        ax.set_xticks([0, 1, 3, 4], [f"{m}\np50" if k == 0 else "p99" for m in modes for k in (0, 1)])
+        ax.set_title(label)
+    width = 0.4
+    for j, s in enumerate(summaries):
+        axes[3].bar([i + j * width for i in range(len(nodes))], [100 * s.nic_utilisation[n] for n in nodes],
+                    width, label=s.mode)
+    axes[3].set_xticks([i + width / 2 for i in range(len(nodes))], nodes)
+    axes[3].set_title("storage NIC busy (%)")
+    axes[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def on_cpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops every server
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    console = Console()
+    agents = select_agents(args)
+    turns = sum(len(a.turns) for a in agents)
+    minutes = estimate_minutes(agents, ClusterConfig.bytes_per_token, args.nic_gbps, args.prefill, args.scale)
+    model = "tiny dummy-weight Llama" if args.model is None else str(args.model)
+    device = "CPU" if on_cpu(args.device) else "CUDA"
+    console.print(f"[bold]dualpath ab[/]: {args.prefill}P{args.decode}D real SGLang servers ({model}, {device}), "
+                  f"storage NIC {args.nic_gbps} Gb/s per node; {len(agents)} {args.trace} agents, "
+                  f"{turns} turns x {args.scale} tokens, <= {args.max_gen} output tokens each. "
+                  f"Estimated ~{minutes:.0f} min.")
+    with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
+        work = args.work_dir or Path(scratch)
+        config = ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
+                               args.model or TINY_MODEL, device == "CPU",
+                               server_args=tuple(shlex.split(args.server_args)))
+        cluster = LocalCluster(config)
+        console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
+        try:
+            cluster.start()
+            console.print(f"[{clock()}] servers ready; replaying")
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                summaries = run_ab(cluster, agents, args.max_gen, args.scale, progress)
+        finally:
+            cluster.stop()
+    nodes = [s.node for s in config.specs()]
+    console.print(table(summaries, nodes))
+    for s in summaries:
+        if s.failed:
+            console.print(f"[red]{s.mode}: {s.failed} requests failed[/], first: {s.first_error}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(summaries, nodes, args.out / f"{args.name}.png")
+    bound = 1 + args.decode
+    target = {"throughput": f">= {0.9 * bound:.1f}x (bound {bound}x) with the PE storage NIC the bottleneck",
+              "tpot_p50": "within 5% of baseline"}
+    command = "dualpath " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dualpath ab"
+    write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, command, target))
+    console.print(f"plots and records in {args.out}/")
+    return 0 if all(s.failed == 0 for s in summaries) else 1

@@ -1,0 +1,178 @@
+"""A local PD cluster: P prefill and D decode real SGLang servers with the plugin, and a router.
+
+Each server is its own "node" with its own emulated storage-NIC cap over one shared store directory,
+which is what makes the prefill-side read bottleneck (and DualPath's relief of it) visible on one host.
+The router runs as a subprocess and can be restarted in another mode between runs; servers stay up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dualpath.cluster.servers import TINY_MODEL, Server, ServerOptions, ServerSpec, start_servers, stop_servers
+from dualpath.kv import block_keys
+from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
+
+PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    work_dir: Path
+    prefill: int = 1
+    decode: int = 1
+    nic_gbps: float = 0.16
+    base_port: int = 32000
+    model: Path = TINY_MODEL
+    cpu: bool = True
+    max_total_tokens: int = 300_000
+    staging_blocks: int = 1024
+    transfer_timeout_s: float = 20.0
+    # The router's scheduler thresholds: alpha = 3 s of one node's reads, beta = 5 s of one engine's prefill.
+    bytes_per_token: int = 2 * 2 * 2 * 64 * 4  # the tiny Llama: 2 layers x K,V x 2 heads x 64 dims x fp32
+    prefill_tokens_per_s: float = 20_000.0
+    server_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefill < 1 or self.decode < 1:
+            raise ValueError(f"a cluster needs >= 1 prefill and >= 1 decode server, got {self.prefill}P{self.decode}D")
+        if self.nic_gbps <= 0:
+            raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
+
+    @property
+    def store_root(self) -> Path:
+        return self.work_dir / "store"
+
+    @property
+    def router_port(self) -> int:
+        return self.base_port + 99
+
+    def specs(self) -> list[ServerSpec]:
+        prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
+                              nic_gbps=self.nic_gbps) for i in range(self.prefill)]
+        decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps)
+                  for i in range(self.decode)]
+        return prefill + decode
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not block servers
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports(config: ClusterConfig) -> list[int]:
+    return [p for s in config.specs() for p in (s.port, s.bootstrap_port) if p is not None] + [config.router_port]
+
+
+class LocalCluster:
+    """Start with :meth:`start`, pick a router mode with :meth:`route`, always :meth:`stop` (context manager)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.servers: list[Server] = []
+        self.router: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.router_port}"
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        busy = [p for p in _ports(self.config) if not _port_free(p)]
+        if busy:
+            raise RuntimeError(f"ports in use: {busy} (another cluster running? pick --base-port)")
+        c = self.config
+        extra = (*c.server_args, "--dualpath-staging-blocks", str(c.staging_blocks))
+        options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, c.max_total_tokens,
+                                c.transfer_timeout_s, extra, dict(c.env))
+        self.servers = start_servers(c.specs(), options, timeout_s)
+
+    def route(self, mode: str, timeout_s: float = 60.0) -> None:
+        """(Re)start the router in ``mode`` (``dualpath`` or ``baseline``) and wait until it serves."""
+        self.stop_router()
+        specs = self.config.specs()
+        config = RouterConfig(tuple(PrefillSpec(s.url, s.bootstrap_port) for s in specs if s.role == "prefill"),
+                              tuple(s.url for s in specs if s.role == "decode"), port=self.config.router_port,
+                              mode=mode, store_root=self.config.store_root,  # type: ignore[arg-type]
+                              read_tokens_per_s=self.config.nic_gbps * 1e9 / 8 / self.config.bytes_per_token,
+                              gpu_tokens_per_s=self.config.prefill_tokens_per_s)
+        log = open(self.config.work_dir / "logs" / f"router-{mode}.log", "wb")  # noqa: SIM115 - lives with the process
+        self.router = subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *to_argv(config)],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.router.poll() is not None:
+                raise RuntimeError(f"router exited; see {self.config.work_dir / 'logs'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"router not ready after {timeout_s} s")
+
+    def flush(self) -> None:
+        """Empty every server's GPU and host KV caches (SGLang's /flush_cache, retried while busy)."""
+        for server in self.servers:
+            deadline = time.monotonic() + 60
+            request = urllib.request.Request(f"{server.url}/flush_cache", method="POST")
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    if b"Cache flushed" in response.read():
+                        break
+                time.sleep(0.5)
+
+    def wait_stored(self, prompts: list[list[int]], timeout_s: float = 60.0) -> bool:
+        """Wait until the store holds every full page of ``prompts`` (decodes write back asynchronously)."""
+        keys = [k for ids in prompts for k in block_keys(ids, PAGE_TOKENS)[: len(ids) // PAGE_TOKENS]]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            namespaces = list(self.config.store_root.glob("*/blocks"))
+            if all(any((b / k[:2] / f"{k}.kv").exists() for b in namespaces) for k in keys):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def reset(self) -> None:
+        """Empty every cache and the store, so the next run starts cold like the previous one."""
+        self.flush()
+        for blocks in self.config.store_root.glob("*/blocks"):
+            for sub in blocks.iterdir():
+                shutil.rmtree(sub, ignore_errors=True)
+
+    def stop_router(self) -> None:
+        if self.router is not None and self.router.poll() is None:
+            self.router.terminate()
+            try:
+                self.router.wait(30)
+            except subprocess.TimeoutExpired:
+                self.router.kill()
+                self.router.wait(10)
+        self.router = None
+
+    def stop(self) -> None:
+        self.stop_router()
+        stop_servers(self.servers)
+        self.servers = []
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,154 @@
+"""Replay agent traces against a PD front door (the DualPath router, or any SGLang-router-compatible one).
+
+Agents run side by side, each turn after its previous one. A turn's prompt is the first
+``context_tokens`` of the agent's history (its previous prompts and the ids the server generated) plus
+``append_tokens`` fresh ids, so the KV of the context really exists when the turn arrives, as in the
+agent session the trace recorded. Requests stream (``/generate``) so that time to
+first token and time per output token are measured at the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from dualpath.bench.traces import AgentTrace
+
+VOCAB = (3, 32000)  # ids 0..2 are pad/bos/eos of the tiny model
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    agent_id: str
+    turn: int
+    prompt_tokens: int
+    context_tokens: int
+    output_tokens: int
+    start_s: float
+    ttft_s: float
+    e2e_s: float
+    ok: bool
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float | None:
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    records: tuple[RequestRecord, ...]
+    jct_s: dict[str, float]  # agent -> time its measured requests took, end to end
+    makespan_s: float  # measured rounds only
+
+
+def _fresh(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(*VOCAB) for _ in range(count)]
+
+
+async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], max_new: int,
+                    timeout_s: float) -> tuple[list[int], float]:
+    """Stream one request; (output ids, seconds to the first chunk)."""
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+    started = time.perf_counter()
+    first: float | None = None
+    output: list[int] = []
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.post(f"{url}/generate", json=body, timeout=timeout) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise RuntimeError(str(chunk["error"])[:300])
+            if first is None:
+                first = time.perf_counter() - started
+            ids_so_far = chunk.get("output_ids") or []
+            output = ids_so_far if len(ids_so_far) >= len(output) else output + ids_so_far
+    if first is None:
+        raise RuntimeError("the stream ended without a token")
+    return output, first
+
+
+class _Agent:
+    """One agent's history: its previous prompts and the ids the server generated for them."""
+
+    def __init__(self, trace: AgentTrace, seed: int, scale: float) -> None:
+        self.trace = trace
+        self.rng = random.Random(f"{seed}:{trace.agent_id}")
+        self.scale = scale
+        self.history: list[int] = [1]
+        self.last_prompt: list[int] = []
+        self.busy_s = 0.0
+
+    def prompt(self, turn: int) -> tuple[list[int], int]:
+        t = self.trace.turns[turn]
+        context = min(int(t.context_tokens * self.scale), len(self.history))
+        return self.history[:context] + _fresh(self.rng, max(1, int(t.append_tokens * self.scale))), context
+
+
+async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: int, max_gen: int | None,
+                timeout_s: float, t0: float) -> RequestRecord:
+    prompt, context = agent.prompt(index)
+    gen = agent.trace.turns[index].gen_tokens
+    gen = min(gen, max_gen) if max_gen else gen
+    start = time.perf_counter()
+    try:
+        output, ttft = await _generate(session, url, prompt, gen, timeout_s)
+        record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, len(output), start - t0, ttft,
+                               time.perf_counter() - start, True)
+    except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError) as exc:
+        output = _fresh(agent.rng, gen)  # the agent carries on as if it had an answer
+        record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, 0, start - t0, 0.0,
+                               time.perf_counter() - start, False, f"{type(exc).__name__}: {exc}")
+    agent.history = prompt + output
+    agent.busy_s += record.e2e_s
+    agent.last_prompt = prompt
+    return record
+
+
+async def replay(url: str, agents: Sequence[AgentTrace], seed: int = 0, max_gen: int | None = None,
+                 timeout_s: float = 600.0, scale: float = 1.0, warmup_rounds: int = 1,
+                 between_rounds: Callable[[list[list[int]]], None] | None = None,
+                 on_record: Callable[[RequestRecord], None] | None = None) -> ReplayResult:
+    """Replay ``agents`` in rounds (turn i of every agent at once, as agents working side by side).
+
+    ``between_rounds`` runs after every round with the round's prompts, outside the measured time:
+    ``dualpath ab`` waits there until the decode wrote them back and flushes the servers' caches, so each
+    turn finds its context in the store, as agents that outnumber the GPUs' memory do. The first
+    ``warmup_rounds`` rounds (computing the first contexts) are not measured.
+    ``scale`` shrinks every turn's token counts (hit ratios stay), ``on_record`` sees each measured request.
+    """
+    state = [_Agent(a, seed, scale) for a in agents]
+    records: list[RequestRecord] = []
+    measured = 0.0
+    rounds = max((len(a.turns) for a in agents), default=0)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for index in range(rounds):
+            t0 = time.perf_counter()
+            done = await asyncio.gather(*(_turn(session, url, a, index, max_gen, timeout_s, t0)
+                                          for a in state if index < len(a.trace.turns)))
+            if index >= warmup_rounds:
+                measured += time.perf_counter() - t0
+                for record in done:
+                    records.append(record)
+                    if on_record is not None:
+                        on_record(record)
+            else:
+                for agent in state:
+                    agent.busy_s = 0.0
+            if between_rounds is not None:
+                prompts = [a.last_prompt for a in state if index < len(a.trace.turns)]
+                await asyncio.to_thread(between_rounds, prompts)
+    return ReplayResult(tuple(records), {a.trace.agent_id: a.busy_s for a in state}, measured)

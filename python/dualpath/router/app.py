@@ -1,0 +1,151 @@
+"""The router's HTTP application: routes, error answers, start-up and graceful shutdown.
+
+Shutdown (SIGTERM or SIGINT under ``run``): the listening socket closes first, so nothing new is accepted;
+requests already accepted run to completion for up to ``shutdown_drain_s``; only then are the load poller
+and the engine connections closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from dualpath.router.config import RouterConfig
+from dualpath.router.decide import Decider
+from dualpath.router.engines import EngineRegistry
+from dualpath.router.metrics import RouterMetrics
+from dualpath.router.protocol import HttpError, Route, parse_request
+from dualpath.router.proxy import Forwarder
+from dualpath.router.store_view import StoreView
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """An OpenAI-style error object, which SGLang clients already parse."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+class Router:
+    """The parts of one router; ``build_app`` wires them to an aiohttp Application."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.store = StoreView(config.store_root) if config.store_root else None
+        self.registry = EngineRegistry(config, self.store, on_change=self._loads_changed)
+        self.decider = Decider(config, self.registry, self.store)
+        self.metrics = RouterMetrics(self.registry, self.decider)
+        self.forwarder = Forwarder(config, self.registry, self.decider, self.metrics)
+
+    def _loads_changed(self) -> None:
+        self.decider.pump()
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        """Engine connections and the load poller live from start-up until after the shutdown drain."""
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s,
+                                        connect=min(10.0, self.config.request_timeout_s))
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            self.forwarder.session = session
+            await self.registry.poll_once(session)  # engines that are up are routable from the first request
+            poller = asyncio.create_task(self.registry.poll_forever(session))
+            try:
+                yield
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+                if self.store is not None:
+                    self.store.close()
+
+    def generation_route(self, route: Route) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.content_length is not None and request.content_length > self.config.max_body_bytes:
+                raise HttpError(413, f"request body of {request.content_length} bytes is over the "
+                                f"{self.config.max_body_bytes}-byte limit")
+            parsed = parse_request(route, await request.read(), self.registry.models)
+            return await self.forwarder.handle(request, parsed)
+
+        return handle
+
+    async def health(self, request: web.Request) -> web.Response:
+        prefill_up = sum(e.up for e in self.registry.prefill)
+        decode_up = sum(e.up for e in self.registry.decode)
+        healthy = prefill_up > 0 and decode_up > 0
+        return web.json_response({"status": "ok" if healthy else "no prefill/decode pair is up",
+                                  "prefill_up": prefill_up, "decode_up": decode_up}, status=200 if healthy else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "owned_by": "sglang"} for name in sorted(self.registry.models)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def decisions(self, request: web.Request) -> web.Response:
+        try:
+            last = int(request.query.get("last", "100"))
+        except ValueError:
+            raise HttpError(400, f"'last' must be an integer, got {request.query['last']!r}") from None
+        entries = list(self.decider.decisions)[-last:] if last > 0 else []
+        return web.json_response({"decisions": entries})
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is a JSON answer with a message; the router itself never goes down with a request."""
+    router: Router = request.app[ROUTER]
+    try:
+        return await handler(request)
+    except HttpError as exc:
+        error = exc
+    except web.HTTPException as exc:  # aiohttp's own: no such route, body over client_max_size, ...
+        if exc.status < 400:
+            raise
+        error = HttpError(exc.status, exc.text or exc.reason, "too_large" if exc.status == 413 else "no_route")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise  # the client went away
+    except Exception as exc:
+        log.exception("unexpected error on %s", request.path)
+        error = HttpError(500, f"router error: {type(exc).__name__}: {exc}")
+    router.metrics.errors.labels(error.kind).inc()
+    return error_response(error.status, error.message)
+
+
+def build_app(config: RouterConfig) -> web.Application:
+    """An aiohttp Application serving ``config``; run it with ``web.run_app`` or an AppRunner."""
+    router = Router(config)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
+    app[ROUTER] = router
+    app.cleanup_ctx.append(router.lifetime)
+    app.add_routes([
+        web.post("/generate", router.generation_route("generate")),
+        web.post("/v1/completions", router.generation_route("completions")),
+        web.post("/v1/chat/completions", router.generation_route("chat")),
+        web.get("/health", router.health),
+        web.get("/v1/models", router.models),
+        web.get("/metrics", router.metrics_page),
+        web.get("/dualpath/decisions", router.decisions),
+    ])
+    return app
+
+
+def run(config: RouterConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (see the module docstring)."""
+    if config.ignored_policy:
+        log.warning("--policy %s is ignored: the DualPath global scheduler places every request",
+                    config.ignored_policy)
+    log.info("DualPath router (%s mode) on http://%s:%d: %d prefill, %d decode", config.mode, config.host,
+             config.port, len(config.prefill), len(config.decode))
+    web.run_app(build_app(config), host=config.host, port=config.port, shutdown_timeout=config.shutdown_drain_s,
+                access_log=None, print=None)

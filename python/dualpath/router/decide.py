@@ -1,0 +1,167 @@
+"""The router's side of the global scheduler: one decision (PE, DE, read side) per request.
+
+All prefill servers form one PE group and all decode servers one DE group, so that every fetch applies the
+paper's rules across every server (the lowest ``tok_e`` among PEs on short-queue nodes; the Z rule and HBM
+admission among DEs); with a group per server, the order of the fetches would pick the PE instead.
+A request that cannot be placed now waits in the scheduler's FIFO; ``pump`` runs again whenever the loads
+change (a poll, a dispatch completing), so waiting costs nothing and resumes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from typing import Any, NamedTuple
+
+from dualpath.router.config import RouterConfig
+from dualpath.router.engines import Engine, EngineRegistry
+from dualpath.router.protocol import CHARS_PER_TOKEN, ParsedRequest
+from dualpath.router.store_view import StoreView
+from dualpath.scheduler import (
+    Assignment,
+    EngineGroup,
+    EngineLoad,
+    GlobalScheduler,
+    NodeLoad,
+    ReadSide,
+    Request,
+    RouteHint,
+    SchedulerConfig,
+)
+
+PREFILL_GROUP, DECODE_GROUP = 0, 1
+UNREPORTED_HBM = 1 << 62  # a DE that does not report its KV capacity is never refused for lack of room
+DECISION_LOG = 1024
+
+
+class Placement(NamedTuple):
+    """The decision for one request, and the hint both servers get."""
+
+    request: Request
+    pe: Engine
+    de: Engine
+    planned: ReadSide  # the scheduler's side
+    hint: RouteHint  # what is sent: the DE side only where both servers have a DualPath KV channel
+
+
+class Decider:
+    """Owns the GlobalScheduler; every call runs on the event loop, which serialises them."""
+
+    def __init__(self, config: RouterConfig, registry: EngineRegistry, store: StoreView | None) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        groups = [EngineGroup(PREFILL_GROUP, "prefill", tuple(e.engine_id for e in registry.prefill)),
+                  EngineGroup(DECODE_GROUP, "decode", tuple(e.engine_id for e in registry.decode))]
+        read_policy = "pe_only" if config.mode == "baseline" else "queue"
+        self.scheduler = GlobalScheduler(groups, SchedulerConfig.profiled(
+            config.read_tokens_per_s, config.gpu_tokens_per_s, read_policy=read_policy))
+        self._beta = self.scheduler.config.beta_tokens
+        self._ids = itertools.count()
+        self._waiters: dict[int, asyncio.Future[Placement]] = {}
+        self._node_reports_seen = -1
+        self._engines = {e.engine_id: e for e in registry.engines}
+        self._reports: dict[int, tuple[int, EngineLoad]] = {}  # engine id -> (its version, its report)
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISION_LOG)
+
+    @property
+    def waiting(self) -> int:
+        """Requests the scheduler holds, waiting for a PE or a DE."""
+        return self.scheduler.waiting_prefill + self.scheduler.waiting_decode
+
+    def estimate(self, parsed: ParsedRequest) -> tuple[int, int]:
+        """(hit tokens, new tokens) of a request; text prompts count as new (the router does not tokenize)."""
+        store, block_tokens, namespace = self.store, self.registry.page_size, self.registry.store_namespace
+        cached = new = 0
+        for ids in parsed.token_ids:
+            hit = 0
+            if store is not None and block_tokens and namespace:  # the last prompt token is always computed
+                hit = min(store.hit_tokens(ids, namespace, block_tokens), len(ids) - 1)
+            cached, new = cached + hit, new + len(ids) - hit
+        new += -(-parsed.text_chars // CHARS_PER_TOKEN)
+        return cached, max(new, 1)
+
+    async def place(self, parsed: ParsedRequest) -> Placement:
+        """Queue the request and wait (at most ``queue_timeout_s``, then TimeoutError) for its placement."""
+        cached, new = self.estimate(parsed)
+        request = Request(next(self._ids), cached, new, parsed.gen_tokens * parsed.items)
+        future: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        self.scheduler.submit(request)
+        self.pump()
+        # A request given up on stays in the scheduler's FIFO; pump() releases it the moment it is placed.
+        return await asyncio.wait_for(future, self.config.queue_timeout_s)
+
+    def release_prefill(self, placement: Placement) -> None:
+        placement.pe.charge(-1, -placement.request.total_tokens, 0)
+        self.pump()
+
+    def release_decode(self, placement: Placement) -> None:
+        request = placement.request
+        placement.de.charge(-1, -request.total_tokens, -request.hbm_tokens)
+        self.pump()
+
+    def pump(self) -> None:
+        """Place whatever the current loads allow; wakes the waiting requests that got a placement."""
+        if not self._waiters:
+            return
+        nodes = self._node_reports()
+        engines = self._engines
+        picks = self.scheduler.fetch_prefill(PREFILL_GROUP, [self._load(e) for e in self.registry.prefill], nodes)
+        for pick in picks:
+            engines[pick.pe].charge(1, pick.request.total_tokens, 0)
+        if not self.scheduler.waiting_decode:
+            return
+        for assignment in self.scheduler.fetch_decode(
+                DECODE_GROUP, [self._load(e) for e in self.registry.decode], nodes):
+            placement = self._placement(assignment, engines)
+            placement.de.charge(1, assignment.request.total_tokens, assignment.request.hbm_tokens)
+            future = self._waiters.pop(assignment.request.request_id)
+            if future.done():  # its client gave up while it waited
+                placement.pe.charge(-1, -assignment.request.total_tokens, 0)
+                placement.de.charge(-1, -assignment.request.total_tokens, -assignment.request.hbm_tokens)
+                continue
+            self._log(placement)
+            future.set_result(placement)
+
+    def _node_reports(self) -> list[NodeLoad]:
+        """Node read queues, only when a poll brought new ones: in between, the scheduler's own charges
+        for the reads it just placed stand (so that a burst spreads over both sides)."""
+        if self.registry.polls == self._node_reports_seen:
+            return []
+        self._node_reports_seen = self.registry.polls
+        rate = self.config.read_tokens_per_s
+        return [NodeLoad(node_id, self.registry.read_queue(node).pending_tokens, rate)
+                for node, node_id in self.registry.node_ids.items()]
+
+    def _load(self, engine: Engine) -> EngineLoad:
+        """What an engine reports to the scheduler; an engine that is down reports itself full."""
+        cached = self._reports.get(engine.engine_id)
+        if cached is not None and cached[0] == engine.version:
+            return cached[1]
+        if engine.role == "prefill":
+            tokens = engine.tokens if engine.up else self._beta + 1 + engine.tokens
+            load = EngineLoad(engine.engine_id, engine.node_id, engine.seq, tokens)
+        else:
+            free = engine.free_hbm_tokens
+            free = UNREPORTED_HBM if free is None else free
+            load = EngineLoad(engine.engine_id, engine.node_id, engine.seq, engine.tokens, free if engine.up else 0)
+        self._reports[engine.engine_id] = (engine.version, load)
+        return load
+
+    def _placement(self, assignment: Assignment, engines: dict[int, Engine]) -> Placement:
+        pe, de = engines[assignment.pe], engines[assignment.de]
+        de_path = assignment.side is ReadSide.DE and bool(pe.kv_channel) and bool(de.kv_channel)
+        hint = RouteHint(ReadSide.DE, pe.kv_channel, de.kv_channel) if de_path else RouteHint(ReadSide.PE)
+        return Placement(assignment.request, pe, de, assignment.side, hint)
+
+    def _log(self, placement: Placement) -> None:
+        request = placement.request
+        self.decisions.append({
+            "request_id": request.request_id, "time": time.time(), "prefill": placement.pe.url,
+            "decode": placement.de.url, "side": placement.hint.side.value, "planned_side": placement.planned.value,
+            "cached_tokens": request.cached_tokens, "new_tokens": request.new_tokens,
+            "gen_tokens": request.gen_tokens, "routing_key": placement.hint.encode(),
+        })

@@ -1,0 +1,106 @@
+"""Prometheus metrics of one router (its own registry, so that several routers can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dualpath.router.decide import Decider
+from dualpath.router.engines import EngineRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 300.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the engine registry, the store and the scheduler queue."""
+
+    def __init__(self, registry: EngineRegistry, decider: Decider) -> None:
+        self.registry = registry
+        self.decider = decider
+
+    def collect(self) -> Iterator[Metric]:
+        read_bytes = CounterMetricFamily("dualpath_storage_read_bytes", "Bytes read through each node's storage NIC "
+                                         "(all processes of the node, lifetime)", labels=["node"])
+        queue_tokens = GaugeMetricFamily("dualpath_storage_read_queue_tokens",
+                                         "Tokens queued or in flight on each node's storage NIC", labels=["node"])
+        for node in self.registry.dualpath_nodes():
+            snapshot = self.registry.read_queue(node)
+            read_bytes.add_metric([node], snapshot.read_bytes)
+            queue_tokens.add_metric([node], snapshot.pending_tokens)
+        yield read_bytes
+        yield queue_tokens
+        yield GaugeMetricFamily("dualpath_router_queue_length",
+                                "Requests waiting for a prefill or decode server with room", value=self.decider.waiting)
+        up = GaugeMetricFamily("dualpath_engine_up", "1 when the engine answers its load polls",
+                               labels=["engine", "role"])
+        inflight = GaugeMetricFamily("dualpath_engine_inflight_requests", "The router's unfinished requests per engine",
+                                     labels=["engine", "role"])
+        tokens = GaugeMetricFamily("dualpath_engine_tokens", "Unfinished tokens per engine (tok_e) as scheduled",
+                                   labels=["engine", "role"])
+        for engine in self.registry.engines:
+            labels = [engine.url, engine.role]
+            up.add_metric(labels, int(engine.up))
+            inflight.add_metric(labels, engine.inflight_reqs)
+            tokens.add_metric(labels, engine.tokens)
+        yield from (up, inflight, tokens)
+
+
+class RouterMetrics:
+    """Counters and histograms the request path updates; the rest is collected at scrape time."""
+
+    def __init__(self, registry: EngineRegistry, decider: Decider) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(registry, decider))
+        self.requests = Counter("dualpath_router_requests", "Placed requests by read path side",
+                                ["side"], registry=self.registry)
+        self.hit_tokens = Counter("dualpath_router_hit_tokens", "Estimated hit tokens by read path side",
+                                  ["side"], registry=self.registry)
+        self.errors = Counter("dualpath_router_errors", "Requests answered with an error, by kind",
+                              ["kind"], registry=self.registry)
+        self.retries = Counter("dualpath_router_retries", "Requests retried on another pair after an engine failure",
+                               registry=self.registry)
+        self.ttft = Histogram("dualpath_router_ttft_seconds", "Time to first token (streaming: first chunk)",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("dualpath_router_tpot_seconds", "Time per output token after the first",
+                              buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("dualpath_router_e2e_seconds", "Request latency through the router",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_completion(self, e2e_s: float, ttft_s: float | None, output_tokens: int | None) -> None:
+        self.e2e.observe(e2e_s)
+        if ttft_s is None:
+            return
+        self.ttft.observe(ttft_s)
+        if output_tokens is not None and output_tokens > 1:
+            self.tpot.observe((e2e_s - ttft_s) / (output_tokens - 1))
+
+
+def output_tokens(response: Any) -> int | None:
+    """Generated tokens in a final SGLang (``meta_info``) or OpenAI (``usage``) response object."""
+    if not isinstance(response, dict):
+        return None
+    for section in ("meta_info", "usage"):
+        value = response.get(section)
+        if isinstance(value, dict) and isinstance(value.get("completion_tokens"), int):
+            return value["completion_tokens"]
+    return None
+
+
+def meta_ttft(response: Any, e2e_s: float) -> float | None:
+    """TTFT of a non-streaming ``/generate`` answer, from the decode throughput SGLang reports in meta_info
+    (with its metrics on): e2e minus the time the tokens after the first took; None when not reported."""
+    meta = response.get("meta_info") if isinstance(response, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    rate, tokens = meta.get("decode_throughput"), meta.get("completion_tokens")
+    if not isinstance(rate, int | float) or rate <= 0 or not isinstance(tokens, int) or tokens < 2:
+        return None
+    return max(e2e_s - (tokens - 1) / rate, 0.0)

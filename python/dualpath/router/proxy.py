@@ -1,0 +1,250 @@
+"""One request through a prefill/decode pair: both legs at once, the decode's answer back, retries on failure.
+
+The client's answer is the decode's. A leg that fails before the client got any byte (connection refused
+or reset, a 5xx, a stream that ends before its first chunk) marks its engine down, aborts the other leg
+and the request is placed again on another pair with a new bootstrap room, at most ``max_retries`` times,
+then 502. A streaming response is held back until the decode's first chunk, so that a decode dying during
+the KV transfer is still retried; one that dies later ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import NamedTuple
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from dualpath.router.config import RouterConfig
+from dualpath.router.decide import Decider, Placement
+from dualpath.router.engines import Engine, EngineRegistry
+from dualpath.router.metrics import RouterMetrics, meta_ttft, output_tokens
+from dualpath.router.protocol import PATHS, HttpError, ParsedRequest, new_rooms, pd_body
+from dualpath.scheduler.route_hint import ROUTING_KEY_HEADER
+
+log = logging.getLogger(__name__)
+_RETRIABLE = (aiohttp.ClientError, TimeoutError)
+
+
+class EngineFailure(Exception):
+    """An engine failed this request in a way another pair may not (it is marked down)."""
+
+    def __init__(self, engine: Engine, reason: str) -> None:
+        super().__init__(f"{engine.role} server {engine.url}: {reason}")
+        self.engine = engine
+
+
+class Answer(NamedTuple):
+    """A complete upstream answer."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+class StreamHead(NamedTuple):
+    response: aiohttp.ClientResponse
+    first_chunk: bytes
+
+
+class SseTracker:
+    """Counts the data events of a relayed SSE stream and keeps the last one (for the token count)."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.events = 0
+        self.last = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *events, self._tail = (self._tail + chunk).split(b"\n\n")
+        for event in events:
+            event = event.strip()
+            if event.startswith(b"data:") and event[5:].strip() != b"[DONE]":
+                self.events += 1
+                self.last = event[5:].strip()
+
+    def output_tokens(self) -> int:
+        with contextlib.suppress(msgspec.DecodeError):
+            return output_tokens(msgspec.json.decode(self.last)) or self.events
+        return self.events
+
+
+class Forwarder:
+    """Runs requests through pairs; ``session`` is set while the application runs."""
+
+    def __init__(self, config: RouterConfig, registry: EngineRegistry, decider: Decider,
+                 metrics: RouterMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.decider = decider
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[Answer | None]] = set()
+
+    async def handle(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        failures: list[str] = []
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                placement = await self.decider.place(parsed)
+            except TimeoutError:
+                raise HttpError(503, f"no prefill/decode pair had room within {self.config.queue_timeout_s} s; "
+                                f"{failures or 'no engine failure'}") from None
+            self.metrics.requests.labels(placement.hint.side.value).inc()
+            self.metrics.hit_tokens.labels(placement.hint.side.value).inc(placement.request.cached_tokens)
+            if attempt:
+                self.metrics.retries.inc()
+            try:
+                return await self._run_pair(request, parsed, placement, started)
+            except EngineFailure as exc:
+                log.warning("request %d attempt %d failed: %s", placement.request.request_id, attempt + 1, exc)
+                failures.append(str(exc))
+        raise HttpError(502, f"the request failed on {len(failures)} prefill/decode pair(s): {'; '.join(failures)}")
+
+    async def _run_pair(self, request: web.Request, parsed: ParsedRequest, placement: Placement,
+                        started: float) -> web.StreamResponse:
+        key = placement.hint.encode()
+        body = pd_body(parsed, placement.pe.host, placement.pe.bootstrap_port, new_rooms(parsed), key)
+        headers = {"Content-Type": "application/json"}
+        if parsed.route != "generate":
+            headers[ROUTING_KEY_HEADER] = key
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        path = PATHS[parsed.route]
+        prefill = asyncio.create_task(self._prefill_leg(placement, path, body, headers))
+        # The prefill's answer matters only until the decode answers; it may finish in the background.
+        self._background.add(prefill)
+        prefill.add_done_callback(self._prefill_done)
+        decode = asyncio.create_task(self._decode_head(placement.de, path, body, headers, parsed.stream))
+        try:
+            done, _ = await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill in done and not _succeeded(decode):
+                failure = prefill.exception()
+                rejected = None if failure else prefill.result()
+                if failure or rejected:
+                    # Without its prefill, a decode waits for KV that never comes: abort it.
+                    decode.cancel()
+                    await asyncio.gather(decode, return_exceptions=True)
+                    if failure:
+                        raise failure
+                    return _client_answer(rejected)
+            try:
+                head = await decode
+            except BaseException:
+                prefill.cancel()
+                raise
+            if isinstance(head, Answer):
+                e2e = time.monotonic() - started
+                if head.status < 300:
+                    self._observe_answer(head, e2e)
+                return _client_answer(head)
+            return await self._relay(request, placement.de, head, started)
+        finally:
+            self.decider.release_decode(placement)
+
+    def _prefill_done(self, task: asyncio.Task[Answer | None]) -> None:
+        # A failure has been handled (retry) or reported (engine marked down) already; only collect it.
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("prefill leg ended with %s", task.exception())
+
+    def _observe_answer(self, answer: Answer, e2e: float) -> None:
+        response = None
+        with contextlib.suppress(msgspec.DecodeError):
+            response = msgspec.json.decode(answer.body)
+        self.metrics.observe_completion(e2e, meta_ttft(response, e2e), output_tokens(response))
+
+    async def _prefill_leg(self, placement: Placement, path: str, body: bytes,
+                           headers: dict[str, str]) -> Answer | None:
+        """The prefill's call; None on success, its answer when it rejects the request (4xx)."""
+        engine = placement.pe
+        assert self.session is not None
+        try:
+            async with self.session.post(engine.url + path, data=body, headers=headers) as resp:
+                data = await resp.read()
+                _check_status(engine, resp.status, data)
+                return None if resp.status < 300 else Answer(resp.status, resp.content_type, data)
+        except _RETRIABLE as exc:
+            raise self._failed(engine, exc) from exc
+        except EngineFailure as exc:
+            self.registry.mark_down(engine, str(exc))
+            raise
+        finally:
+            self.decider.release_prefill(placement)
+
+    async def _decode_head(self, engine: Engine, path: str, body: bytes, headers: dict[str, str],
+                           stream: bool) -> Answer | StreamHead:
+        """The decode's whole answer, or for a stream its response with the first chunk read."""
+        assert self.session is not None
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await self.session.post(engine.url + path, data=body, headers=headers)
+            if not stream or resp.status >= 300:
+                data = await resp.read()
+                _check_status(engine, resp.status, data)
+                resp.release()
+                return Answer(resp.status, resp.content_type, data)
+            first = await resp.content.readany()
+            if not first:
+                raise EngineFailure(engine, "closed the stream before its first chunk")
+            return StreamHead(resp, first)
+        except _RETRIABLE as exc:
+            if resp is not None:
+                resp.close()
+            raise self._failed(engine, exc) from exc
+        except BaseException as exc:
+            if resp is not None:
+                resp.close()
+            if isinstance(exc, EngineFailure):
+                self.registry.mark_down(engine, str(exc))
+            raise
+
+    def _failed(self, engine: Engine, exc: BaseException) -> EngineFailure:
+        failure = EngineFailure(engine, f"{type(exc).__name__}: {exc}")
+        self.registry.mark_down(engine, str(failure))
+        return failure
+
+    async def _relay(self, request: web.Request, engine: Engine, head: StreamHead,
+                     started: float) -> web.StreamResponse:
+        upstream = head.response
+        out = web.StreamResponse(headers={"Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                                          "Cache-Control": "no-cache"})
+        tracker = SseTracker()
+        try:
+            await out.prepare(request)
+            ttft = time.monotonic() - started
+            tracker.feed(head.first_chunk)
+            await out.write(head.first_chunk)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    tracker.feed(chunk)
+                    await out.write(chunk)
+            except _RETRIABLE as exc:
+                self._failed(engine, exc)
+                self.metrics.errors.labels("upstream_mid_stream").inc()
+                error = {"error": {"message": f"decode server {engine.url} failed mid-stream: {exc}", "code": 502}}
+                await out.write(b"data: " + msgspec.json.encode(error) + b"\n\n")
+                await out.write_eof()
+                return out
+        finally:
+            upstream.close()
+        await out.write_eof()
+        self.metrics.observe_completion(time.monotonic() - started, ttft, tracker.output_tokens())
+        return out
+
+
+def _succeeded(task: asyncio.Task[Answer | StreamHead]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _check_status(engine: Engine, status: int, data: bytes) -> None:
+    if status >= 500:
+        raise EngineFailure(engine, f"HTTP {status}: {data[:300].decode(errors='replace')}")
+
+
+def _client_answer(answer: Answer) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, content_type=answer.content_type or None)
