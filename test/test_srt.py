@@ -236,7 +236,7 @@ def test_pe_path_matches_stock_and_the_decode_writes_back(servers: dict) -> None
 
 @pytest.mark.parametrize("side", [ReadSide.DE, ReadSide.PE])
 def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) -> None:
-    ids = _prompt(2)
+    ids = _prompt(2 if side is ReadSide.DE else 4)  # servers keep blocks they received in their slot cache
     expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
     hit = 64 * len(_stored(servers, ids))
     _flush(servers)

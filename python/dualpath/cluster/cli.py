@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (then give the model and --server-args for it)")
     p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
+    p.add_argument("--kv-bytes-per-token", type=int, default=ClusterConfig.bytes_per_token,
+                   help="KV bytes per token of the model (sets the router's read rate; default: the tiny Llama)")
     p.add_argument("--base-port", type=int, default=32000)
     p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path("dualpath-ab"), help="folder for the plots and records")
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     agents = select_agents(args)
     turns = sum(len(a.turns) for a in agents)
-    minutes = estimate_minutes(agents, ClusterConfig.bytes_per_token, args.nic_gbps, args.prefill, args.scale)
+    minutes = estimate_minutes(agents, args.kv_bytes_per_token, args.nic_gbps, args.prefill, args.scale)
     model = "tiny dummy-weight Llama" if args.model is None else str(args.model)
     device = "CPU" if on_cpu(args.device) else "CUDA"
     console.print(f"[bold]dualpath ab[/]: {args.prefill}P{args.decode}D real SGLang servers ({model}, {device}), "
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         work = args.work_dir or Path(scratch)
         config = ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
                                args.model or TINY_MODEL, device == "CPU",
-                               server_args=tuple(shlex.split(args.server_args)))
+                               server_args=tuple(shlex.split(args.server_args)),
+                               bytes_per_token=args.kv_bytes_per_token)
         cluster = LocalCluster(config)
         console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
         try:

@@ -33,7 +33,7 @@ class ClusterConfig:
     base_port: int = 32000
     model: Path = TINY_MODEL
     cpu: bool = True
-    max_total_tokens: int = 300_000
+    max_total_tokens: int = 160_000
     staging_blocks: int = 1024
     transfer_timeout_s: float = 20.0
     # The router's scheduler thresholds: alpha = 3 s of one node's reads, beta = 5 s of one engine's prefill.
@@ -126,16 +126,25 @@ class LocalCluster:
             time.sleep(0.5)
         raise RuntimeError(f"router not ready after {timeout_s} s")
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float = 120.0) -> None:
         """Empty every server's GPU and host KV caches (SGLang's /flush_cache, retried while busy)."""
         for server in self.servers:
-            deadline = time.monotonic() + 60
-            request = urllib.request.Request(f"{server.url}/flush_cache", method="POST")
-            while time.monotonic() < deadline:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    if b"Cache flushed" in response.read():
-                        break
+            deadline = time.monotonic() + timeout_s
+            while not self._flushed(server.url):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{server.url} kept refusing /flush_cache for {timeout_s:.0f} s")
                 time.sleep(0.5)
+
+    @staticmethod
+    def _flushed(url: str) -> bool:
+        request = urllib.request.Request(f"{url}/flush_cache", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return b"Cache flushed" in response.read()
+        except urllib.error.HTTPError as exc:  # 400 while requests are still running
+            if exc.code != 400:
+                raise
+            return False
 
     def wait_stored(self, prompts: list[list[int]], timeout_s: float = 60.0) -> bool:
         """Wait until the store holds every full page of ``prompts`` (decodes write back asynchronously)."""

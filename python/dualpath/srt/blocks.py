@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from dualpath.kv import BlockBuffer, BlockLayout
@@ -47,13 +47,23 @@ class BlockSlots:
             self._unpin(slots)
 
     def read(self, store: BlockStore, keys: Sequence[str]) -> list[int]:
-        """Pinned slots holding the leading ``keys`` that could be read (cached or from ``store``).
+        """:meth:`fill` from ``store``."""
+        def from_store(missing: list[str], slots: list[int]) -> list[bool]:
+            statuses = store.read(missing, self.buffer.blocks(slots))
+            return [status is BlockStatus.OK for status in statuses]
 
-        The result may be shorter than ``keys``: the first block that is missing or unreadable ends it.
-        Release the slots when done; the blocks stay cached until their slots are needed.
+        return self.fill(keys, from_store)
+
+    def fill(self, keys: Sequence[str], source: Callable[[list[str], list[int]], list[bool]]) -> list[int]:
+        """Pinned slots holding the leading ``keys`` that are cached or that ``source`` could provide.
+
+        ``source(keys, slots)`` writes the blocks it can into the slots and says which. Keys another
+        caller is filling are waited for, not fetched twice. The result may be shorter than ``keys``: the
+        first block that is missing ends it. Release the slots when done; the blocks stay cached until
+        their slots are needed.
         """
         with self._cond:
-            self._cond.wait_for(lambda: self._reading.isdisjoint(keys), self._timeout_s)
+            self._cond.wait_for(lambda: self._reading.isdisjoint(keys), 3 * self._timeout_s)
             found = {key: self._cached[key] for key in keys if key in self._cached}
             for key, slot in found.items():
                 self._pins[slot] += 1
@@ -65,15 +75,15 @@ class BlockSlots:
                 self._unpin(list(found.values()))
                 raise
             self._reading.update(missing)
-        statuses: list[BlockStatus] = []
+        filled: list[bool] = []
         try:
-            statuses = store.read(missing, self.buffer.blocks(fresh)) if missing else []
+            filled = source(missing, fresh) if missing else []
         finally:
             with self._cond:
                 self._reading.difference_update(missing)
                 failed = []
-                for key, slot, status in zip(missing, fresh, statuses or [None] * len(missing), strict=True):
-                    if status is BlockStatus.OK:
+                for key, slot, ok in zip(missing, fresh, filled or [False] * len(missing), strict=True):
+                    if ok:
                         self._cached[key], found[key] = slot, slot
                         self._cached_slots.add(slot)
                     else:

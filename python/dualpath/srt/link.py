@@ -10,6 +10,7 @@ reads the blocks itself (see ``storage.py``), so nothing is lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,6 @@ GRID = "blocks"
 
 
 class Fetched(NamedTuple):
-    slots: list[int]
     ok: bool
     reason: str
 
@@ -43,6 +43,7 @@ class KVLink:
         self._planes = slots.buffer.layout.geometry.layers
         self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve")
         self._connect_lock = threading.Lock()
+        self._ids = itertools.count()
         self.channel = KVChannel(
             TransferConfig(config.kv_agent, host=config.kv_host, port=config.kv_port, timeout_s=config.timeout_s),
             on_expect=self._on_expect,
@@ -55,16 +56,17 @@ class KVLink:
                 self.channel.connect(agent, f"tcp://{address}")
 
     # -- PE side ------------------------------------------------------------------------------------------
-    def fetch(self, transfer_id: str, de_channel: str, keys: list[str]) -> Fetched:
-        """Blocks ``keys`` from the DE at ``de_channel``, in pinned slots (release them when done)."""
+    def fetch(self, de_channel: str, keys: list[str], slots: list[int]) -> Fetched:
+        """Blocks ``keys`` from the DE at ``de_channel``, written into ``slots``."""
         agent, _, address = de_channel.partition("@")
-        slots = self._slots.take(len(keys))
         try:
             self._connected(agent, address)
-            self.channel.expect(transfer_id, agent, GRID, slots, meta=msgspec.msgpack.encode(keys)).wait_all()
-            return Fetched(slots, True, "")
+            inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", agent, GRID, slots,
+                                          meta=msgspec.msgpack.encode(keys))
+            inbound.wait_all()
+            return Fetched(True, "")
         except (TransferFailed, TimeoutError, OSError) as exc:
-            return Fetched(slots, False, str(exc))
+            return Fetched(False, str(exc))
 
     # -- DE side ------------------------------------------------------------------------------------------
     def _on_expect(self, peer: str, expect: Expect) -> None:

@@ -35,6 +35,8 @@ class Route(NamedTuple):
 
 
 _routes: OrderedDict[str, Route] = OrderedDict()
+# Called on the scheduler thread for every arriving request (route, prompt ids); must not block.
+_arrival_listeners: list[Callable[[Route, list[int]], None]] = []
 _lock = threading.Lock()
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_current_rid", default=None)
 
@@ -54,6 +56,11 @@ def record(rid: str, room: int | None, routing_key: str | None) -> Route:
     return route
 
 
+def on_arrival(listener: Callable[[Route, list[int]], None]) -> None:
+    """Have ``listener`` told of every request as it arrives (the PE starts DE reads early with it)."""
+    _arrival_listeners.append(listener)
+
+
 def current() -> Route:
     """The route of the request the calling thread serves (PE side, stock, when unknown)."""
     rid = _current.get()
@@ -71,7 +78,9 @@ def _serving(rid: str, call: Callable[[], Any]) -> Any:
 
 
 def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    record(req.rid, getattr(req, "bootstrap_room", None), getattr(req, "routing_key", None))
+    route = record(req.rid, getattr(req, "bootstrap_room", None), getattr(req, "routing_key", None))
+    for listener in _arrival_listeners:
+        listener(route, req.origin_input_ids)
     return _serving(req.rid, lambda: original(scheduler, req, *args, **kwargs))
 
 

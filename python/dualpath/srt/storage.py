@@ -18,11 +18,12 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from dualpath.kv import KVGeometry
+from dualpath.kv import KVGeometry, block_keys
 from dualpath.srt import requests
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
@@ -31,6 +32,7 @@ from dualpath.store import BlockStatus, BlockStore, StoreConfig
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 log = logging.getLogger(__name__)
+EARLY_BATCH = 128  # pages per early DE fetch, as HiCache batches its own reads
 
 
 def page_geometry(pool: Any, model_name: str) -> KVGeometry:
@@ -59,6 +61,8 @@ class DualPathStorage(HiCacheStorage):
         self.model_name = storage_config.model_name or "model"
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
+        self._early = ThreadPoolExecutor(2, thread_name_prefix="dualpath-early")
+        requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
@@ -122,17 +126,43 @@ class DualPathStorage(HiCacheStorage):
             log.exception("DualPath storage: %d pages failed", len(keys))
             return [False] * len(keys)
 
+    def _on_arrival(self, route: requests.Route, input_ids: list[int]) -> None:
+        """A DE-side request reached the prefill: ask its DE for the stored prefix now, in the background.
+
+        HiCache reads pages for one request after another on a single I/O thread; fetching only when it
+        gets there would leave this node's NIC idle while the DE reads. The pages land in the slot cache,
+        where ``batch_get_v1`` finds them (or waits for those still on their way).
+        """
+        if self.config.role == "prefill" and route.de_side and self.link is not None:
+            self._early.submit(self._fetch_early, route, list(input_ids))
+
+    def _fetch_early(self, route: requests.Route, input_ids: list[int]) -> None:
+        try:
+            store, page = self._store(), self.mem_pool_host.page_size
+            keys = block_keys(input_ids[: len(input_ids) // page * page], page)
+            keys = keys[: store.prefix_length(keys)]
+            for start in range(0, len(keys), EARLY_BATCH):
+                self.slots.release(self.slots.fill(keys[start:start + EARLY_BATCH], self._from_de(route)))
+        except Exception:  # the prefetch reads the pages itself when they are not here
+            log.exception("request %s: early DE fetch failed", route.rid)
+
+    def _from_de(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
+        """A slot source: the request's DE, and this node's own reads where the DE fails."""
+        def source(keys: list[str], slots: list[int]) -> list[bool]:
+            fetched = self.link.fetch(route.hint.de_channel, keys, slots)
+            if fetched.ok:
+                return [True] * len(keys)
+            log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid, fetched.reason)
+            statuses = self._store().read(keys, self.slots.buffer.blocks(slots))
+            return [status is BlockStatus.OK for status in statuses]
+
+        return source
+
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
         route = requests.current()
-        slots = None
         if self.config.role == "prefill" and route.de_side and self.link is not None:
-            fetched = self.link.fetch(f"{route.rid}:{keys[0][:16]}", route.hint.de_channel, keys)
-            if fetched.ok:
-                slots = fetched.slots
-            else:
-                log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid, fetched.reason)
-                self.slots.release(fetched.slots)
-        if slots is None:
+            slots = self.slots.fill(keys, self._from_de(route))
+        else:
             slots = self.slots.read(self._store(), keys)
         try:
             for i, slot in enumerate(slots):
@@ -163,6 +193,7 @@ class DualPathStorage(HiCacheStorage):
         return self.store
 
     def close(self) -> None:
+        self._early.shutdown(wait=True)
         Path(self.config.announcement).unlink(missing_ok=True)
         if self.link is not None:
             self.link.close()
