@@ -133,10 +133,11 @@ def write_json(path: Path, summaries: Sequence[RunSummary], records: list[dict])
 
 def estimate_minutes(agents: Sequence[AgentTrace], bytes_per_token: int, nic_gbps: float, prefill: int,
                      scale: float) -> float:
-    """Rough wall time of both runs: reading every hit through one PE NIC, plus start-up."""
+    """Rough wall time of both runs: every hit read through the PE NICs (the reads are about half of a
+    baseline run on a 2-core CPU), a warm-up round each, and starting the servers (measured, 2 cores)."""
     hit_bytes = sum(t.context_tokens for a in agents for t in a.turns) * bytes_per_token * scale
-    per_run = hit_bytes / (nic_gbps * 1e9 / 8) / prefill
-    return (150 + 2 * per_run * 1.3) / 60
+    per_run = 2.0 * hit_bytes / (nic_gbps * 1e9 / 8) / prefill + 90
+    return (100 + 2 * per_run) / 60
 
 
 def clock() -> str:

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__)
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
-    p.add_argument("--nic-gbps", type=float, default=0.02, help="storage-NIC cap of every node, Gb/s")
+    p.add_argument("--nic-gbps", type=float, default=0.005, help="storage-NIC cap of every node, Gb/s")
     p.add_argument("--trace", choices=("claude-code", "mooncake"), default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")

@@ -35,7 +35,9 @@ class ClusterConfig:
     cpu: bool = True
     max_total_tokens: int = 160_000
     staging_blocks: int = 1024
-    transfer_timeout_s: float = 20.0
+    # How long a PE waits for a DE's pages before reading them itself; None: room for the DE to read
+    # 64 MiB through its (emulated, often tiny) NIC twice over, and never under 20 s.
+    transfer_timeout_s: float | None = None
     # The router's scheduler thresholds: alpha = 3 s of one node's reads, beta = 5 s of one engine's prefill.
     bytes_per_token: int = 2 * 2 * 2 * 64 * 4  # the tiny Llama: 2 layers x K,V x 2 heads x 64 dims x fp32
     prefill_tokens_per_s: float = 20_000.0
@@ -47,6 +49,12 @@ class ClusterConfig:
             raise ValueError(f"a cluster needs >= 1 prefill and >= 1 decode server, got {self.prefill}P{self.decode}D")
         if self.nic_gbps <= 0:
             raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
+
+    @property
+    def timeout_s(self) -> float:
+        if self.transfer_timeout_s is not None:
+            return self.transfer_timeout_s
+        return max(20.0, 2 * (64 << 20) / (self.nic_gbps * 1e9 / 8))
 
     @property
     def store_root(self) -> Path:
@@ -97,7 +105,7 @@ class LocalCluster:
         c = self.config
         extra = (*c.server_args, "--dualpath-staging-blocks", str(c.staging_blocks))
         options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, c.max_total_tokens,
-                                c.transfer_timeout_s, extra, dict(c.env))
+                                c.timeout_s, extra, dict(c.env))
         self.servers = start_servers(c.specs(), options, timeout_s)
 
     def route(self, mode: str, timeout_s: float = 60.0) -> None:
