@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from dualpath.bench.traces import AgentTrace, Turn
+from dualpath.cluster.ab import MODES, run_ab
+from dualpath.cluster.local import ClusterConfig, LocalCluster, _port_free, _ports
+from dualpath.cluster.servers import live_group_members
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
 
-from dualpath.cluster.ab import MODES, run_ab
-from dualpath.cluster.local import ClusterConfig, LocalCluster, _port_free, _ports
-
 AGENTS = [AgentTrace(f"a{i}", (Turn(0, 700 + 64 * i, 4), Turn(640, 200, 4), Turn(900, 100, 4))) for i in range(3)]
-
-
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path) -> None:
@@ -39,7 +30,7 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
         assert sum(run.node_read_bytes.values()) > 0  # every measured turn read its context from the store
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
     assert dualpath.node_read_bytes["de0"] > 0  # DualPath put some reads on the decode's NIC
-    assert not any(_group_alive(pid) for pid in leaders)  # no server process left behind
+    assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
     assert all(_port_free(port) for port in _ports(config))
 
 

@@ -79,6 +79,19 @@ def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     return cmd + list(options.extra_args) + list(spec.extra_args)
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are still running (zombies, which hold nothing, excluded)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 class Server:
     """A started server; :meth:`stop` ends its whole process group."""
 
@@ -127,8 +140,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 continue
         # SGLang's children may outlive the leader briefly; the group must be empty before ports are reused.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while live_group_members(self.process.pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            time.sleep(0.1)
 
 
 class ServerStartError(RuntimeError):
