@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -146,6 +147,7 @@ from dualpath.cluster.servers import ServerOptions, ServerSpec, start_servers, s
 from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
 
 BOOTSTRAP = 18998
+QUOTA_TOKENS = 128
 SAMPLING = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
@@ -154,8 +156,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("srt")
     options = ServerOptions(root / "store", root / "logs", transfer_timeout_s=3.0,
                             env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
-    specs = [ServerSpec("prefill", 31100, "pe0", bootstrap_port=BOOTSTRAP), ServerSpec("decode", 31200, "de0"),
-             ServerSpec("null", 31300, dualpath=False)]
+    # The prefill runs the PE compute quota: 1 ms per new token under a 100 ms quota, 128 tokens a batch.
+    quota = ("--dualpath-prefill-quota-ms", "100", "--dualpath-cost-model", "0,0.001,0")
+    specs = [ServerSpec("prefill", 31100, "pe0", bootstrap_port=BOOTSTRAP, extra_args=quota),
+             ServerSpec("decode", 31200, "de0"), ServerSpec("null", 31300, dualpath=False)]
     started = start_servers(specs, options, timeout_s=400)
     yield {s.spec.role: s for s in started} | {"store": root / "store"}
     stop_servers(started)
@@ -248,6 +252,16 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
     assert read == ({"pe0": 0, "de0": hit} if side is ReadSide.DE else {"pe0": hit, "de0": 0})
+
+
+def test_the_compute_quota_bounds_every_prefill_batch(servers: dict) -> None:
+    ids = _prompt(5)
+    out, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    assert out == _stock(servers, ids)  # chunking by the quota changes no output
+    log = servers["prefill"].log_path.read_text()
+    batches = [int(m) for m in re.findall(r"Prefill batch.*?#new-token: (\d+)", log)]
+    assert batches and max(batches) <= QUOTA_TOKENS
+    assert QUOTA_TOKENS in batches  # a 301-token prompt needed full-quota chunks
 
 
 def test_stalled_forwarding_falls_back_to_the_pe_read(servers: dict) -> None:
