@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -13,11 +14,12 @@ from dualpath.bench.traces import (
     synthetic_agents,
 )
 from dualpath.cli import main as cli_main
-from dualpath.scheduler import Request
+from dualpath.scheduler import BatcherConfig, Chunk, ComputeQuotaBatcher, Request
 from dualpath.sim import (
     DS27B_GEOMETRY,
     Cluster,
     ClusterSpec,
+    HardwareSpec,
     build_workload,
     get_mode,
     get_model,
@@ -25,6 +27,9 @@ from dualpath.sim import (
     run_offline,
     run_online,
 )
+from dualpath.sim.hardware import PrefillCost
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 DS27B = get_model("ds27b")
 
@@ -59,6 +64,38 @@ def test_every_request_finishes_and_every_resource_is_released():
     for job in done:
         assert job.arrival <= job.prefill_done < job.first_token <= job.finish
         assert job.tpot > 0
+
+
+def test_runs_create_no_reference_cycles():
+    # The runners pause the cyclic garbage collector for speed: that is only safe while finished requests are
+    # freed by reference counting alone, so a collection in the middle of a run must find nothing.
+    found: list[int] = []
+    run_offline(ClusterSpec(1, 1, DS27B, get_mode("dualpath-split")), synthetic_agents("64k", 40, distinct=40),
+                progress=lambda now: found.append(gc.collect()))
+    assert len(found) > 2 and not any(found[1:])  # the first one may collect earlier tests' garbage
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 100_000), st.integers(1, 20_000)), min_size=1, max_size=8),
+       st.sampled_from(["ds660b", "ds27b"]), st.floats(0.01, 1.0))
+def test_batches_priced_by_the_simulated_model_are_maximal(items, model_name, quota):
+    # The batcher prices candidates incrementally with the simulator's cost model and searches the last chunk
+    # by secant steps: the batch must still be the largest FIFO prefix that fits, priced whole.
+    model, peak = get_model(model_name), HardwareSpec().peak_flops
+    queue = [Chunk(i, cached, new) for i, (cached, new) in enumerate(items)]
+    batch = ComputeQuotaBatcher(PrefillCost(model, peak, attention_only=True), BatcherConfig(quota)).form_batch(queue)
+
+    def price(pairs: list[tuple[int, int]]) -> float:
+        return model.prefill_seconds(pairs, peak, attention_only=True)
+
+    pairs = [(c.cached, c.new) for c in batch]
+    assert [c.key for c in batch] == list(range(len(batch))) and batch[:-1] == queue[: len(batch) - 1]
+    assert price(pairs) <= quota or pairs == [(queue[0].cached, 1)]
+    last, source = batch[-1], queue[len(batch) - 1]
+    if last.new < source.new:
+        assert price([*pairs[:-1], (last.cached, last.new + 1)]) > quota
+    elif len(batch) < len(queue):
+        assert price([*pairs, (queue[len(batch)].cached, 1)]) > quota
 
 
 def test_oracle_reads_nothing_and_basic_reads_only_on_prefill_nodes():

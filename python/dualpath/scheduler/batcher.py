@@ -9,9 +9,51 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+PairsCost = Callable[[Sequence[tuple[int, int]]], float]
+
+
+@runtime_checkable
+class BatchCost(Protocol):
+    """A batch's predicted time built up one request at a time: `add` folds a (cached, new) pair into an
+    accumulator, `seconds` prices it. The batcher then prices every candidate (each probe of its search for
+    the last chunk) in O(1) instead of re-pricing the whole batch."""
+
+    def empty(self) -> Any: ...
+
+    def add(self, acc: Any, cached: int, new: int) -> Any: ...
+
+    def seconds(self, acc: Any) -> float: ...
+
+
+class _WholeBatchCost:
+    """Any callable over the batch's (cached, new) pairs as a BatchCost: the accumulator is the pairs."""
+
+    def __init__(self, cost: PairsCost) -> None:
+        self.cost = cost
+
+    def empty(self) -> tuple[tuple[int, int], ...]:
+        return ()
+
+    def add(self, acc: tuple[tuple[int, int], ...], cached: int, new: int) -> tuple[tuple[int, int], ...]:
+        return (*acc, (cached, new))
+
+    def seconds(self, acc: tuple[tuple[int, int], ...]) -> float:
+        return self.cost(acc)
+
+
+def attended_pairs(cached: int, new: int, topk: int | None) -> float:
+    """(query, key) pairs the `new` tokens attend to: each sees its prefix (cached + position), capped at
+    `topk` keys for sparse attention (DeepSeek DSA attends to its top-k tokens only)."""
+    if topk is None or cached + new <= topk:
+        return new * (cached + (new + 1) / 2)
+    if cached >= topk:
+        return new * topk
+    grow = topk - cached  # the first tokens grow up to topk, the rest see exactly topk
+    return grow * (cached + (grow + 1) / 2) + (new - grow) * topk
 
 
 class Chunk(NamedTuple):
@@ -24,11 +66,10 @@ class Chunk(NamedTuple):
 
 @dataclass(frozen=True)
 class AttentionCostModel:
-    """time = base_s + per_token_s * sum(new) + per_pair_s * sum(new * mean attended context).
+    """time = base_s + per_token_s * sum(new) + per_pair_s * sum(attended_pairs(cached, new, topk)).
 
-    The attended context of a new token is its prefix (cached + position), capped at `topk` for sparse
-    attention (DeepSeek DSA attends to its top-k tokens only). Defaults are placeholders of the right order
-    for one Hopper GPU; `fit` replaces them with least squares over profiled batches.
+    Defaults are placeholders of the right order for one Hopper GPU; `fit` replaces them with least squares
+    over profiled batches.
     """
 
     base_s: float = 2e-3
@@ -42,19 +83,23 @@ class AttentionCostModel:
         attended = 0.0
         for cached, new in pairs:
             tokens += new
-            if topk is None or cached + new <= topk:
-                attended += new * (cached + (new + 1) / 2)
-            elif cached >= topk:
-                attended += new * topk
-            else:  # the first tokens grow up to topk, the rest see exactly topk
-                grow = topk - cached
-                attended += grow * (cached + (grow + 1) / 2) + (new - grow) * topk
+            attended += attended_pairs(cached, new, topk)
         return tokens, attended
 
     def predict(self, pairs: Sequence[tuple[int, int]]) -> float:
         if not pairs:
             return 0.0
-        tokens, attended = self.features(pairs, self.topk)
+        return self.seconds(self.features(pairs, self.topk))
+
+    # BatchCost: the accumulator is the features (new tokens, attended pairs), summed in batch order.
+    def empty(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def add(self, acc: tuple[float, float], cached: int, new: int) -> tuple[float, float]:
+        return acc[0] + new, acc[1] + attended_pairs(cached, new, self.topk)
+
+    def seconds(self, acc: tuple[float, float]) -> float:
+        tokens, attended = acc
         return self.base_s + self.per_token_s * tokens + self.per_pair_s * attended
 
     @staticmethod
@@ -85,19 +130,22 @@ class BatcherConfig:
 
 
 class ComputeQuotaBatcher:
-    """Forms one forward batch from a FIFO of (key, cached, remaining new) entries."""
+    """Forms one forward batch from a FIFO of (key, cached, remaining new) entries. `cost` is a BatchCost
+    (such as an AttentionCostModel) or any callable pricing a whole list of (cached, new) pairs."""
 
-    def __init__(self, cost: Callable[[Sequence[tuple[int, int]]], float], config: BatcherConfig | None = None) -> None:
-        self.cost = cost
+    SECANT_STEPS = 6  # before bisection takes over; a chunk crossing top-k (convex cost) may need 4-5
+
+    def __init__(self, cost: BatchCost | PairsCost, config: BatcherConfig | None = None) -> None:
+        self.cost: BatchCost = cost if isinstance(cost, BatchCost) else _WholeBatchCost(cost)
         self.config = config or BatcherConfig()
 
     def form_batch(self, queue: Sequence[Chunk]) -> list[Chunk]:
         """Whole requests FIFO while the prediction stays within the quota; the next one is chunked to the
-        largest `new` that still fits (binary search). A head request that alone exceeds the quota is
+        largest `new` that still fits (see `_largest_fit`). A head request that alone exceeds the quota is
         chunked too, to at least one token, so the engine always makes progress."""
-        quota, cap = self.config.quota_s, self.config.max_tokens
+        quota, cap, cost = self.config.quota_s, self.config.max_tokens, self.cost
         batch: list[Chunk] = []
-        pairs: list[tuple[int, int]] = []
+        acc = cost.empty()
         resident = 0
         for entry in queue:
             if entry.new < 1 or entry.cached < 0:
@@ -106,12 +154,14 @@ class ComputeQuotaBatcher:
             if room is not None and room < 1:
                 break
             whole = entry.new if room is None else min(entry.new, room)
-            if whole == entry.new and self.cost([*pairs, (entry.cached, entry.new)]) <= quota:
-                batch.append(entry)
-                pairs.append((entry.cached, entry.new))
-                resident += entry.cached + entry.new
-                continue
-            new = self._largest_fit(pairs, entry.cached, whole, quota)
+            if whole == entry.new:
+                grown = cost.add(acc, entry.cached, entry.new)
+                if cost.seconds(grown) <= quota:
+                    batch.append(entry)
+                    acc = grown
+                    resident += entry.cached + entry.new
+                    continue
+            new = self._largest_fit(acc, entry.cached, whole, quota)
             if new == 0 and not batch:
                 new = 1
             if new > 0:
@@ -119,11 +169,42 @@ class ComputeQuotaBatcher:
             break
         return batch
 
-    def _largest_fit(self, pairs: list[tuple[int, int]], cached: int, upper: int, quota: float) -> int:
-        lo, hi = 0, upper  # invariant: lo fits (0 trivially), anything above hi is unknown-or-too-big
+    def _largest_fit(self, acc: Any, cached: int, upper: int, quota: float) -> int:
+        """The largest `new` in [1, upper] for which the batch plus (cached, new) stays within the quota, or 0.
+
+        The cost grows with `new`, so the answer is the boundary of a monotone predicate and any exact search
+        finds the same one. Secant steps come first (Illinois variant: an end kept twice in a row counts half,
+        so guesses close in from both sides instead of creeping up a convex cost), then bisection finishes
+        whatever bracket is left: ~5 probes instead of the ~12 of bisection alone."""
+        cost = self.cost
+
+        def price(new: int) -> float:
+            return cost.seconds(cost.add(acc, cached, new))
+
+        low, high = price(1), price(upper)  # only real chunks are priced: never new = 0
+        if high <= quota:
+            return upper
+        if low > quota:
+            return 0
+        lo, hi = 1, upper - 1  # invariant: lo fits, hi + 1 does not
+        below, above = quota - low, high - quota  # how far the costs at lo and hi + 1 are from the quota
+        kept = 0  # +1: lo moved last step, -1: hi moved
+        for _ in range(self.SECANT_STEPS):
+            if lo == hi:
+                break
+            guess = min(max(lo + int((hi + 1 - lo) * below / (below + above)), lo + 1), hi)
+            guess_cost = price(guess)
+            if guess_cost <= quota:
+                lo, below = guess, quota - guess_cost
+                above = above / 2 if kept == 1 else above
+                kept = 1
+            else:
+                hi, above = guess - 1, guess_cost - quota
+                below = below / 2 if kept == -1 else below
+                kept = -1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.cost([*pairs, (cached, mid)]) <= quota:
+            if price(mid) <= quota:
                 lo = mid
             else:
                 hi = mid - 1

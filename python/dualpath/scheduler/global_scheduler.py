@@ -35,8 +35,10 @@ class GlobalScheduler:
             if group.group_id in self._groups:
                 raise ValueError(f"duplicate engine group id {group.group_id}")
             self._groups[group.group_id] = group
-        self._decode_groups = sorted((g.group_id for g in groups if g.role == "decode"),
-                                     key=lambda gid: tiebreak(self.config.seed, gid))
+        # Seeded ranks and member sets are fixed per group: computed once, not per fetch.
+        self._group_rank = {g.group_id: tiebreak(self.config.seed, g.group_id) for g in groups}
+        self._members = {g.group_id: frozenset(g.engine_ids) for g in groups}
+        self._decode_groups = sorted((g.group_id for g in groups if g.role == "decode"), key=self._group_rank.get)
         self._prefill_queue: deque[Request] = deque()
         self._decode_queue: deque[PrefillPick] = deque()
         self._private: dict[int, deque[PrefillPick]] = {gid: deque() for gid in self._decode_groups}
@@ -44,10 +46,13 @@ class GlobalScheduler:
         self._group_tokens: dict[int, int] = dict.fromkeys(self._decode_groups, 0)
         self._private_tokens: dict[int, int] = dict.fromkeys(self._decode_groups, 0)
         # (tokens, rank, group) with lazy deletion: an entry is live while its tokens match the group's.
-        self._group_heap = [(0, tiebreak(self.config.seed, gid), gid) for gid in self._decode_groups]
+        self._group_heap = [(0, self._group_rank[gid], gid) for gid in self._decode_groups]
         heapq.heapify(self._group_heap)
         self._ranks = {e: tiebreak(self.config.seed, e) for g in groups for e in g.engine_ids}
-        self._nodes: dict[int, NodeLoad] = {}
+        # Per node: its read queue (the last reported read_q plus the tokens assignments charged to it since)
+        # and its last reported drain rate. A node that has not reported counts as NodeLoad(node, 0).
+        self._read_q: dict[int, int] = {}
+        self._drain_rate: dict[int, float] = {}
         self._engine_node: dict[int, int] = {}
         self._rr_engine: dict[int, int] = {}
         self._rr_side = 0
@@ -85,12 +90,11 @@ class GlobalScheduler:
     def fetch_prefill(self, group_id: int, loads: Sequence[EngineLoad], nodes: Sequence[NodeLoad]) -> list[PrefillPick]:
         """A PE group's leader fetches: place head-of-queue requests until no PE of the group may take one."""
         slots = self._slots(group_id, "prefill", loads, nodes)
-        read_q = {node_id: load.read_q for node_id, load in self._nodes.items()}
         cfg = self.config
         picks: list[PrefillPick] = []
         while self._prefill_queue:
-            if cfg.placement == "dualpath":
-                slot = pick_prefill(slots, read_q, cfg.alpha_tokens, cfg.beta_tokens)
+            if cfg.placement == "dualpath":  # read queues change only in DE fetches: no copy needed here
+                slot = pick_prefill(slots, self._read_q, cfg.alpha_tokens, cfg.beta_tokens)
             else:
                 slot = self._next_round_robin(group_id, [s for s in slots if s.tok <= cfg.beta_tokens])
             if slot is None:
@@ -140,13 +144,13 @@ class GlobalScheduler:
             raise ValueError(f"unknown engine group {group_id}")
         if group.role != role:
             raise ValueError(f"group {group_id} is a {group.role} group, not {role}")
-        members = set(group.engine_ids)
-        strangers = [load.engine_id for load in loads if load.engine_id not in members]
-        if strangers or len(loads) != len(members):
+        members = self._members[group_id]
+        if len(loads) != len(members) or not all(load.engine_id in members for load in loads):
             raise ValueError(f"group {group_id} must report each of its engines {sorted(members)} once; "
                              f"got {[load.engine_id for load in loads]}")
         for node in nodes:
-            self._nodes[node.node_id] = node
+            self._drain_rate[node.node_id] = node.drain_tokens_per_s
+            self._read_q[node.node_id] = node.read_q
         for load in loads:
             self._engine_node[load.engine_id] = load.node_id
         return [EngineSlot.of(load, self._ranks[load.engine_id]) for load in loads]
@@ -155,9 +159,9 @@ class GlobalScheduler:
         if self._group_tokens[group_id] == tokens:
             return
         self._group_tokens[group_id] = tokens
-        heapq.heappush(self._group_heap, (tokens, tiebreak(self.config.seed, group_id), group_id))
+        heapq.heappush(self._group_heap, (tokens, self._group_rank[group_id], group_id))
         if len(self._group_heap) > 4 * len(self._decode_groups) + 64:  # drop stale entries now and then
-            self._group_heap = [(t, tiebreak(self.config.seed, g), g) for g, t in self._group_tokens.items()]
+            self._group_heap = [(t, self._group_rank[g], g) for g, t in self._group_tokens.items()]
             heapq.heapify(self._group_heap)
 
     def _least_loaded_group(self) -> int:
@@ -180,30 +184,28 @@ class GlobalScheduler:
                 return allowed[engine_id]
         return None
 
-    def _node_q(self, node_id: int) -> NodeLoad:
-        return self._nodes.get(node_id) or NodeLoad(node_id, 0)
-
     def _with_read_side(self, pick: PrefillPick, de: EngineSlot) -> Assignment:
         """Choose where the hit tokens are read and charge them to that node's queue until its next report."""
         request, cfg = pick.request, self.config
         hit = request.cached_tokens
-        pe_node = self._engine_node[pick.pe]
-        pe_q, de_q = self._node_q(pe_node), self._node_q(de.node_id)
         if hit == 0:
             return Assignment(request, pick.pe, de.engine_id, ReadSide.NONE, 0, 0)
+        pe_node, de_node, read_q = self._engine_node[pick.pe], de.node_id, self._read_q
         if cfg.read_policy == "pe_only":
             pe_tokens = hit
         elif cfg.read_policy == "round_robin":
             self._rr_side ^= 1
             pe_tokens = hit if self._rr_side else 0
         elif cfg.split_reads:
-            pe_tokens = split_tokens(hit, pe_q.read_q, de_q.read_q, pe_q.drain_tokens_per_s,
-                                     de_q.drain_tokens_per_s, cfg.split_block_tokens)
+            unreported = NodeLoad(-1, 0).drain_tokens_per_s
+            pe_tokens = split_tokens(hit, read_q.get(pe_node, 0), read_q.get(de_node, 0),
+                                     self._drain_rate.get(pe_node, unreported),
+                                     self._drain_rate.get(de_node, unreported), cfg.split_block_tokens)
         else:
-            pe_tokens = hit if read_side(pe_q.read_q, de_q.read_q) is ReadSide.PE else 0
+            pe_tokens = hit if read_side(read_q.get(pe_node, 0), read_q.get(de_node, 0)) is ReadSide.PE else 0
         de_tokens = hit - pe_tokens
         side = ReadSide.PE if de_tokens == 0 else ReadSide.DE if pe_tokens == 0 else ReadSide.SPLIT
-        self._nodes[pe_node] = NodeLoad(pe_node, pe_q.read_q + pe_tokens, pe_q.drain_tokens_per_s)
-        de_q = self._node_q(de.node_id)  # PE and DE may share a node in tests; re-read after the update
-        self._nodes[de.node_id] = NodeLoad(de.node_id, de_q.read_q + de_tokens, de_q.drain_tokens_per_s)
+        # PE and DE may share a node (in tests): charge one side, then read the other's queue afresh.
+        read_q[pe_node] = read_q.get(pe_node, 0) + pe_tokens
+        read_q[de_node] = read_q.get(de_node, 0) + de_tokens
         return Assignment(request, pick.pe, de.engine_id, side, pe_tokens, de_tokens)

@@ -7,9 +7,11 @@ datasheet or architecture figure.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from dualpath.kv import KVGeometry, get_geometry
+from dualpath.scheduler.batcher import attended_pairs
 
 # DS 27B (paper A.2) has no public checkpoint: 30 layers of V3.2-style MLA with the same FP8 cache format
 # (512 fp8 latent + 4 fp32 scales + 64 bf16 rope = 656 B per token per layer), so 30 x 656 B per token.
@@ -73,32 +75,51 @@ class ModelSpec:
     def bytes_per_token(self) -> int:
         return self.geometry.bytes_per_token
 
-    def prefill_seconds(self, pairs: list[tuple[int, int]], peak_flops: float, attention_only: bool = False) -> float:
+    def prefill_seconds(self, pairs: Sequence[tuple[int, int]], peak_flops: float,
+                        attention_only: bool = False) -> float:
         """Predicted forward time of a prefill batch of (cached, new) pairs on one GPU (or its attention part)."""
         if not pairs:
             return 0.0
-        topk = self.topk
-        linear = 0.0 if attention_only else 2 * self.active_params
-        sparse_total = full_total = new_total = 0.0
-        for cached, new in pairs:
-            full_pairs = new * (cached + (new + 1) / 2)
-            if cached + new <= topk:
-                sparse_total += full_pairs
-            elif cached >= topk:
-                sparse_total += new * topk
-            else:
-                grow = topk - cached
-                sparse_total += grow * (cached + (grow + 1) / 2) + (new - grow) * topk
-            full_total += full_pairs
-            new_total += new
-        layers = self.geometry.layers
-        flops = linear * new_total + layers * (self.attn_flops_per_pair * sparse_total
-                                               + self.indexer_flops_per_pair * full_total)
-        overhead = 0.0 if attention_only else self.forward_overhead_s
-        return overhead + flops / (peak_flops * self.mfu)
+        return PrefillCost(self, peak_flops, attention_only).batch_seconds(pairs)
 
     def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
         return self.decode_base_s + self.decode_per_request_s * batch + self.decode_per_context_token_s * context_tokens
+
+
+class PrefillCost:
+    """`ModelSpec.prefill_seconds` as the batcher's BatchCost: per request it sums the attended pairs under
+    sparse attention (main attention), all attended pairs (the indexer) and the new tokens. The batcher
+    prices a few candidate chunks per forward batch, so the model's constants are read once here."""
+
+    __slots__ = ("attn_flops_per_pair", "indexer_flops_per_pair", "layers", "linear_flops", "overhead_s",
+                 "topk", "useful_flops")
+
+    def __init__(self, model: ModelSpec, peak_flops: float, attention_only: bool = False) -> None:
+        self.topk, self.layers = model.topk, model.geometry.layers
+        self.attn_flops_per_pair, self.indexer_flops_per_pair = model.attn_flops_per_pair, model.indexer_flops_per_pair
+        self.linear_flops = 0.0 if attention_only else 2 * model.active_params
+        self.overhead_s = 0.0 if attention_only else model.forward_overhead_s
+        self.useful_flops = peak_flops * model.mfu
+
+    def empty(self) -> tuple[float, float, float]:
+        return 0.0, 0.0, 0.0
+
+    def add(self, acc: tuple[float, float, float], cached: int, new: int) -> tuple[float, float, float]:
+        sparse, full, tokens = acc
+        return (sparse + attended_pairs(cached, new, self.topk), full + attended_pairs(cached, new, None),
+                tokens + new)
+
+    def seconds(self, acc: tuple[float, float, float]) -> float:
+        sparse, full, tokens = acc
+        flops = self.linear_flops * tokens + self.layers * (self.attn_flops_per_pair * sparse
+                                                            + self.indexer_flops_per_pair * full)
+        return self.overhead_s + flops / self.useful_flops
+
+    def batch_seconds(self, pairs: Iterable[tuple[int, int]]) -> float:
+        acc = self.empty()
+        for cached, new in pairs:
+            acc = self.add(acc, cached, new)
+        return self.seconds(acc)
 
 
 MODELS: dict[str, ModelSpec] = {
