@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -9,6 +16,7 @@ from dualpath.bench.traces import AgentTrace, Turn
 from dualpath.cluster.ab import MODES, run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
+from dualpath.store.node import NodeState
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
 
@@ -31,6 +39,74 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
     assert dualpath.node_read_bytes["de0"] > 0  # DualPath put some reads on the decode's NIC
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
+    assert all(_port_free(port) for port in _ports(config))
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def _generate(url: str, ids: list[int], max_new: int) -> list[int]:
+    body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
+                                                             "ignore_eos": True}}).encode()
+    request = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.load(response)["output_ids"]
+
+
+def _reading(store_root: Path, node: str) -> bool:
+    state = NodeState(store_root / "nodes", node, None)
+    try:
+        queue = state.snapshot()
+    finally:
+        state.close()
+    return queue.queued_bytes + queue.inflight_bytes > 0
+
+
+def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path: Path) -> None:
+    # 1P2D behind the DualPath router. Turn 2 of four sessions finds its context in the store; once a decode
+    # is reading a DE-side request's pages through its NIC, that decode is killed (its whole process group,
+    # SIGKILL). The prefill gives up on its pages and the router places the request again on the other pair:
+    # every request completes, with the tokens it asked for.
+    config = ClusterConfig(tmp_path, prefill=1, decode=2, nic_gbps=0.004, base_port=34200, transfer_timeout_s=10.0)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 32000) for _ in range(1536)] for _ in range(4)]
+    cluster = LocalCluster(config)
+    try:
+        cluster.start()
+        leaders = [s.process.pid for s in cluster.servers]
+        cluster.route("dualpath")
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outputs = list(pool.map(lambda ids: _generate(cluster.url, ids, 4), prompts))
+            assert cluster.wait_stored(prompts)
+            cluster.flush()
+            seen = len(_get(f"{cluster.url}/dualpath/decisions")["decisions"])
+            turn2 = [ids + out + [rng.randrange(3, 32000) for _ in range(64)]
+                     for ids, out in zip(prompts, outputs, strict=True)]
+            pending = [pool.submit(_generate, cluster.url, ids, 8) for ids in turn2]
+            victim = None
+            deadline = time.monotonic() + 120
+            while victim is None and time.monotonic() < deadline and not all(f.done() for f in pending):
+                for d in _get(f"{cluster.url}/dualpath/decisions")["decisions"][seen:]:
+                    server = next(s for s in cluster.servers if s.url == d["decode"])
+                    if d["side"] == "de" and _reading(config.store_root, server.spec.node):
+                        victim = server
+                        break
+                time.sleep(0.05)
+            assert victim is not None, "no decode read a DE-side request's pages"
+            os.killpg(victim.process.pid, signal.SIGKILL)
+            answers = [f.result() for f in pending]
+        assert [len(a) for a in answers] == [8] * len(turn2)
+        metrics = urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10).read().decode()
+        retries = next(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("dualpath_router_retries_total"))
+        assert retries >= 1
+        after = _get(f"{cluster.url}/dualpath/decisions")["decisions"]
+        assert any(d["decode"] != victim.url for d in after[seen + len(turn2):])  # the retry went to the other pair
+    finally:
+        cluster.stop()
+    assert not any(live_group_members(pid) for pid in leaders)
     assert all(_port_free(port) for port in _ports(config))
 
 

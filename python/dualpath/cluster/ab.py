@@ -14,9 +14,10 @@ import asyncio
 import json
 import logging
 import platform
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class RunSummary:
     nic_utilisation: dict[str, float]
     de_read_share: float
     first_error: str
+    # Bytes each node had read since the run started, sampled every NicSampler.INTERVAL_S: (seconds, bytes).
+    nic_timeline: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # one per measured request (RequestRecord fields)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -65,7 +69,38 @@ def node_read_bytes(store_root: Path, nodes: Sequence[str]) -> dict[str, int]:
     return totals
 
 
-def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_per_s: float) -> RunSummary:
+class NicSampler:
+    """Samples every node's read bytes in a thread while a run replays (the timeline of the A/B plot)."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, store_root: Path, nodes: Sequence[str]) -> None:
+        self.store_root, self.nodes = store_root, list(nodes)
+        self.timeline: dict[str, list[tuple[float, int]]] = {n: [] for n in self.nodes}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nic-sampler", daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        first = node_read_bytes(self.store_root, self.nodes)
+        while True:
+            now = node_read_bytes(self.store_root, self.nodes)
+            for node in self.nodes:
+                self.timeline[node].append((round(time.monotonic() - start, 3), now[node] - first[node]))
+            if self._stop.wait(self.INTERVAL_S):
+                return
+
+    def __enter__(self) -> NicSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_per_s: float,
+              nic_timeline: dict[str, list[tuple[float, int]]] | None = None) -> RunSummary:
     ok = [r for r in result.records if r.ok]
     tokens = sum(r.prompt_tokens - r.context_tokens + r.output_tokens for r in ok)
     tpots = [t for r in ok if (t := r.tpot_s) is not None]
@@ -77,6 +112,7 @@ def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_p
         read, {n: b / (nic_bytes_per_s * result.makespan_s) for n, b in read.items()},
         sum(b for n, b in read.items() if n.startswith("de")) / total_read,
         next((r.error for r in result.records if not r.ok), ""),
+        nic_timeline or {}, [asdict(r) for r in result.records],
     )
 
 
@@ -101,11 +137,12 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
                 log.warning("the decode did not write a round's prompts back within the timeout")
             cluster.flush()
 
-        result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
-                                    between_rounds=between_rounds, on_record=advance))
+        with NicSampler(cluster.config.store_root, nodes) as sampler:
+            result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
+                                        between_rounds=between_rounds, on_record=advance))
         after = node_read_bytes(cluster.config.store_root, nodes)
         read = {n: after[n] - before[n] for n in nodes}
-        summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8))
+        summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8, sampler.timeline))
     cluster.stop_router()
     return summaries
 

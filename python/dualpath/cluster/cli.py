@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -89,7 +90,9 @@ def plot(summaries: Sequence[RunSummary], nodes: Sequence[str], path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = plt.figure(figsize=(16, 7.2))
+    grid = fig.add_gridspec(2, 4)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
     modes = [s.mode for s in summaries]
     axes[0].bar(modes, [s.tokens_per_s for s in summaries], color=["#999", "#2a7"])
     axes[0].set_title("throughput (tokens/s)")
@@ -108,6 +111,15 @@ def plot(summaries: Sequence[RunSummary], nodes: Sequence[str], path: Path) -> N
     axes[3].set_xticks([i + width / 2 for i in range(len(nodes))], nodes)
     axes[3].set_title("storage NIC busy (%)")
     axes[3].legend()
+    timelines = [fig.add_subplot(grid[1, 0:2]), fig.add_subplot(grid[1, 2:4])]
+    for ax, s in zip(timelines, summaries, strict=True):
+        for node in nodes:
+            samples = np.array(s.nic_timeline.get(node) or [(0.0, 0)], dtype=float)
+            rate = np.diff(samples[:, 1]) / np.maximum(np.diff(samples[:, 0]), 1e-9) / 1e6
+            ax.plot(samples[1:, 0], rate, label=node, lw=1)
+        ax.set_title(f"{s.mode}: storage NIC reads over time (MB/s; gaps between rounds flush the caches)")
+        ax.set_xlabel("s since the run started")
+        ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -127,19 +127,20 @@ class Server:
         return "\n".join(text[-lines:])
 
     def stop(self, grace_s: float = 15.0) -> None:
-        if self.process.poll() is not None:
-            return
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            if self.process.poll() is not None:
+                break
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
-                return
+                break
             try:
                 self.process.wait(wait)
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # SGLang's children may outlive the leader briefly; the group must be empty before ports are reused.
+        # SGLang's children may outlive the leader (briefly, or for good when the leader crashed); the group
+        # must be empty before ports are reused.
         deadline = time.monotonic() + 10.0
         while live_group_members(self.process.pid) and time.monotonic() < deadline:
             with contextlib.suppress(ProcessLookupError):
