@@ -120,32 +120,44 @@ def test_bad_arguments_raise_and_change_nothing(root):
         np.testing.assert_array_equal(out.block(0), good[0])
 
 
-def corrupt_data(path: Path) -> None:
+def block_location(store: BlockStore, key: str) -> tuple[Path, int]:
+    segment, offset = block_path(store, key).read_text().split()
+    return store.segments_dir / segment, int(offset)
+
+
+def corrupt_data(store: BlockStore, key: str) -> None:
+    path, offset = block_location(store, key)
     with open(path, "r+b") as f:
-        f.seek(4096 + 100)
+        f.seek(offset + 4096 + 100)
         byte = f.read(1)
-        f.seek(4096 + 100)
+        f.seek(offset + 4096 + 100)
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def corrupt_header(path: Path) -> None:
+def corrupt_header(store: BlockStore, key: str) -> None:
+    path, offset = block_location(store, key)
     with open(path, "r+b") as f:
-        f.seek(9)
+        f.seek(offset + 9)
         f.write(b"\x7f")
 
 
-def truncate(path: Path) -> None:
-    os.truncate(path, path.stat().st_size - 4096)
+def truncate(store: BlockStore, key: str) -> None:
+    path, offset = block_location(store, key)
+    os.truncate(path, offset + store.format.file_bytes - 4096)
 
 
-@pytest.mark.parametrize("damage", [corrupt_data, corrupt_header, truncate])
+def garble_entry(store: BlockStore, key: str) -> None:
+    block_path(store, key).write_text("not an entry")
+
+
+@pytest.mark.parametrize("damage", [corrupt_data, corrupt_header, truncate, garble_entry])
 def test_damaged_block_is_a_counted_miss_and_is_removed(root, damage):
     with open_store(root) as store:
         keys = keys_for(2)
         source = BlockBuffer(store.layout, 2)
         blocks = fill(source, 2, seed=3)
         store.write(keys, blocks)
-        damage(block_path(store, keys[1]))
+        damage(store, keys[1])
         usage = store.usage()
         out = poisoned(store, 2)
         assert store.read(keys, out.blocks(range(2))) == [OK, CORRUPT]
@@ -166,33 +178,47 @@ def test_block_under_another_keys_name_is_corrupt(root):
         assert store.read(keys[1:], poisoned(store, 1).blocks([0])) == [CORRUPT]
 
 
-def die_mid_write(root: Path, key: str) -> None:
-    def half_then_die(self, fd, buffers):
-        os.pwritev(fd, buffers[:1], 0)  # the header reaches the disk, the data never does
+def die_mid_write(root: Path, keys: list[str]) -> None:
+    """Publish ``keys[:-1]``, then die while appending the last one."""
+    store = open_store(root)
+    blocks = fill(BlockBuffer(store.layout, len(keys)), len(keys), seed=5)
+    assert store.write(keys[:-1], blocks[:-1]) == [OK] * (len(keys) - 1)
+
+    def half_then_die(self, fd, buffers, offset):
+        os.pwritev(fd, buffers[:1], offset)  # the header reaches the disk, the data never does
         os._exit(3)
 
     PosixIO.writev = half_then_die
-    store = open_store(root)
-    store.write([key], fill(BlockBuffer(store.layout, 1), 1, seed=5))
+    store.write(keys[-1:], blocks[-1:])
 
 
-def test_crash_in_the_middle_of_a_write_leaves_no_visible_block(root):
-    key = keys_for(1)[0]
-    child = SPAWN.Process(target=die_mid_write, args=(root, key))
+def segment_files(store: BlockStore) -> list[str]:
+    return sorted(p.name for p in store.segments_dir.iterdir())
+
+
+@pytest.mark.parametrize("published", [0, 2])
+def test_crash_in_the_middle_of_a_write_leaves_no_visible_block(root, published):
+    keys = keys_for(published + 1)
+    child = SPAWN.Process(target=die_mid_write, args=(root, keys))
     child.start()
     child.join(60)
     assert child.exitcode == 3
-    tmp_dir = root / "tiny-16t" / "tmp"
-    assert len(list(tmp_dir.iterdir())) == 1  # the torn temporary file of the dead writer
+    segments = root / "tiny-16t" / "segments"
+    assert len(list(segments.iterdir())) == 1  # the dead writer's segment, torn at its end
     with open_store(root) as store:
-        assert store.prefix_length([key]) == 0
-        assert store.read([key], poisoned(store, 1).blocks([0])) == [MISS]
-        assert list(tmp_dir.iterdir()) == []  # reclaimed: its writer is dead
+        assert store.prefix_length(keys) == published
+        statuses = store.read(keys, poisoned(store, len(keys)).blocks(range(len(keys))))
+        assert statuses == [OK] * published + [MISS]
+        # Reclaimed at start-up: the whole segment if nothing in it was published, else its torn tail.
+        assert len(segment_files(store)) == (1 if published else 0)
+        assert store.delete(keys) == published
+        assert segment_files(store) == []  # its last block freed: the (sealed) segment goes too
+        assert list(store.tmp_dir.iterdir()) == []
 
 
 def test_full_disk_fails_the_write_cleanly(root, monkeypatch):
     with open_store(root) as store:
-        def no_space(self, fd, buffers):
+        def no_space(self, fd, buffers, offset):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(PosixIO, "writev", no_space)
@@ -308,24 +334,36 @@ def test_nic_reservations_are_shared_by_a_node_and_strict(root):
             node.close()
 
 
-def test_read_queue_tracks_queued_and_inflight_reads(root, monkeypatch):
-    gate, entered = threading.Event(), threading.Semaphore(0)
+def gate_reads(monkeypatch) -> tuple[threading.Event, threading.Semaphore, list[int]]:
+    """Hold every PosixIO read until the gate opens; ``entered`` counts reads waiting, ``sizes`` their bytes."""
+    gate, entered, sizes = threading.Event(), threading.Semaphore(0), []
     real_readv = PosixIO.readv
 
-    def gated_readv(self, fd, buffers):
+    def gated_readv(self, fd, buffers, offset):
+        sizes.append(sum(b.nbytes for b in buffers))
         entered.release()
         gate.wait(30)
-        return real_readv(self, fd, buffers)
+        return real_readv(self, fd, buffers, offset)
 
+    monkeypatch.setattr(PosixIO, "readv", gated_readv)
+    return gate, entered, sizes
+
+
+@pytest.mark.parametrize("adjacent", [False, True], ids=["one-io-per-block", "merged"])
+def test_read_queue_tracks_queued_and_inflight_reads(root, monkeypatch, adjacent):
     with open_store(root, io_threads=2) as store:
-        keys = keys_for(5)
-        store.write(keys, fill(BlockBuffer(store.layout, 5), 5, seed=10))
-        monkeypatch.setattr(PosixIO, "readv", gated_readv)
+        keys, fillers = keys_for(5), keys_for(5, salt=1)
+        # Interleaved with fillers, the blocks are not adjacent: five I/Os, two threads.
+        batch = keys if adjacent else [k for pair in zip(keys, fillers, strict=True) for k in pair]
+        store.write(batch, fill(BlockBuffer(store.layout, len(batch)), len(batch), seed=10))
+        gate, entered, _ = gate_reads(monkeypatch)
         futures = store.submit_read(keys, poisoned(store, 5).blocks(range(5)))
-        entered.acquire(timeout=30)
-        entered.acquire(timeout=30)
+        for _ in range(1 if adjacent else 2):
+            entered.acquire(timeout=30)
         queue = store.read_queue()
-        assert (queue.inflight_tokens, queue.queued_tokens) == (2 * 16, 3 * 16)
+        # A merged run is in flight as a whole; separate blocks wait for a thread.
+        inflight = 5 if adjacent else 2
+        assert (queue.inflight_tokens, queue.queued_tokens) == (inflight * 16, (5 - inflight) * 16)
         assert queue.pending_bytes == 5 * store.layout.full_block_bytes
         gate.set()
         assert [f.result(30) for f in futures] == [OK] * 5
@@ -377,9 +415,134 @@ def test_3fs_backend_moves_data_through_usrbio_rings(root, monkeypatch):
         keys = keys_for(3)
         blocks = fill(BlockBuffer(store.layout, 3), 3, seed=11)
         assert store.write(keys, blocks) == [OK] * 3
-        corrupt_data(block_path(store, keys[2]))
+        corrupt_data(store, keys[2])
         out = poisoned(store, 3)
         assert store.read(keys, out.blocks(range(3))) == [OK, OK, CORRUPT]
         for got, want in zip(out.blocks(range(2)), blocks[:2], strict=True):
             np.testing.assert_array_equal(got, want)
-        assert fake.ios == 6 and not fake.registered
+        assert fake.ios == 6  # one USRBIO I/O per block each way (the iovec holds one block)
+        assert fake.registered  # segment files stay open (and registered) while the store is
+    assert not fake.registered
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """Blocks moved by each PosixIO read."""
+    blocks, real_readv = [], PosixIO.readv
+
+    def counted(self, fd, buffers, offset):
+        blocks.append(len(buffers))  # whole pages: a header and the data per block
+        return real_readv(self, fd, buffers, offset)
+
+    monkeypatch.setattr(PosixIO, "readv", counted)
+    return blocks
+
+
+def test_adjacent_blocks_are_read_with_merged_io(root, monkeypatch):
+    with open_store(root, segment_bytes=1 << 20) as store:
+        size = store.format.file_bytes
+        keys = keys_for(8)
+        blocks = fill(BlockBuffer(store.layout, 8), 8, seed=12)
+        assert store.write(keys[:6], blocks[:6]) == [OK] * 6  # one batch: contiguous in one segment
+        assert store.write(keys[6:], blocks[6:]) == [OK] * 2  # appended right behind it
+        reads = count_reads(monkeypatch)
+        out = poisoned(store, 8)
+        assert store.read(keys, out.blocks(range(8))) == [OK] * 8
+        assert sorted(reads) == [2 * 8]
+        reads.clear()
+        order = [5, 0, 1, 3, 4]  # batch order does not matter; the gap at block 2 splits the runs
+        assert store.read([keys[i] for i in order], out.blocks(range(5))) == [OK] * 5
+        assert sorted(reads) == [2 * 2, 2 * 3]
+        for slot, i in enumerate(order):
+            np.testing.assert_array_equal(out.block(slot), blocks[i])
+        assert store.read_queue().read_tokens == 13 * 16  # the NIC and the queue still count blocks
+    with open_store(root, segment_bytes=2 * size) as store:  # rolls over every two blocks
+        more = keys_for(4, salt=2)
+        for pair in (more[:2], more[2:]):
+            assert store.write(pair, fill(BlockBuffer(store.layout, 2), 2, seed=13)) == [OK] * 2
+        reads = count_reads(monkeypatch)
+        assert store.read(more, poisoned(store, 4).blocks(range(4))) == [OK] * 4
+        assert sorted(reads) == [2 * 2, 2 * 2]  # one run per segment
+
+
+def test_a_block_freed_under_a_reader_is_a_miss_never_data(root, monkeypatch):
+    with open_store(root) as store:
+        keys = keys_for(3)
+        blocks = fill(BlockBuffer(store.layout, 3), 3, seed=14)
+        store.write(keys, blocks)
+        gate, entered, _ = gate_reads(monkeypatch)
+        futures = store.submit_read(keys, poisoned(store, 3).blocks(range(3)))
+        assert entered.acquire(timeout=30)  # entries resolved, the I/O not issued yet
+        assert store.delete(keys[1:]) == 2  # entry gone, space punched
+        replacement = fill(BlockBuffer(store.layout, 1), 1, seed=15)
+        assert store.write(keys[2:], replacement) == [OK]  # the key is back, elsewhere, other data
+        gate.set()
+        assert [f.result(30) for f in futures] == [OK, MISS, MISS]
+        assert (store.stats().misses, store.stats().corrupt) == (2, 0)
+        out = poisoned(store, 1)
+        assert store.read(keys[2:], out.blocks([0])) == [OK]  # the stale reader left the new entry alone
+        np.testing.assert_array_equal(out.block(0), replacement[0])
+        assert store.usage() == 2 * store.format.file_bytes
+
+
+def test_segments_are_unlinked_once_no_block_lives_in_them(root):
+    with open_store(root) as store:
+        size = store.format.file_bytes
+    with open_store(root, segment_bytes=2 * size, capacity_bytes=4 * size, evict_to_fraction=0.5) as store:
+        keys = keys_for(6)
+        blocks = fill(BlockBuffer(store.layout, 6), 6, seed=16)
+        for first in range(0, 6, 2):
+            assert store.write(keys[first : first + 2], blocks[first : first + 2]) == [OK] * 2
+        # The third pair evicted the first (down to half of capacity): its segment, sealed and empty, is gone.
+        assert [store.prefix_length([k]) for k in keys] == [0, 0, 1, 1, 1, 1]
+        assert len(segment_files(store)) == 2
+        assert store.delete(keys) == 4
+        assert len(segment_files(store)) == 1  # the writer's current segment stays open for appends
+        assert store.usage() == 0
+    assert segment_files(store) == []  # sealed at close, and empty
+
+
+def write_shared_keys(root: Path, keys: list[str], seed: int, start, results) -> None:
+    store = open_store(root)
+    blocks = fill(BlockBuffer(store.layout, len(keys)), len(keys), seed=seed)
+    start.wait()
+    results.put((seed, [status.value for status in store.write(keys, blocks)]))
+    store.close()
+
+
+def test_processes_writing_the_same_keys_publish_one_copy_each(root):
+    keys = keys_for(6)
+    start, results = SPAWN.Event(), SPAWN.Queue()
+    writers = [SPAWN.Process(target=write_shared_keys, args=(root, keys, seed, start, results)) for seed in range(3)]
+    for writer in writers:
+        writer.start()
+    start.set()
+    outcomes = [statuses for _, statuses in sorted(results.get(timeout=120) for _ in writers)]  # by seed
+    for writer in writers:
+        writer.join(60)
+    assert all(sorted(column) == ["exists", "exists", "ok"] for column in zip(*outcomes, strict=True))
+    with open_store(root) as store:
+        out = poisoned(store, 6)
+        assert store.read(keys, out.blocks(range(6))) == [OK] * 6
+        for block, winner in enumerate(column.index("ok") for column in zip(*outcomes, strict=True)):
+            expected = fill(BlockBuffer(store.layout, 6), 6, seed=winner)[block]
+            np.testing.assert_array_equal(out.block(block), expected)
+        assert store.usage() == 6 * store.format.file_bytes
+        assert store.delete(keys) == 6
+        assert segment_files(store) == []  # the losers' copies were punched: nothing is left
+
+
+def test_blocks_survive_a_restart(root):
+    keys = keys_for(4)
+    with open_store(root) as store:
+        blocks = fill(BlockBuffer(store.layout, 4), 4, seed=17)
+        assert store.write(keys[:2], blocks[:2]) == [OK] * 2
+    with open_store(root) as store:
+        assert store.prefix_length(keys) == 2
+        assert store.usage() == 2 * store.format.file_bytes
+        assert store.write(keys, blocks) == [EXISTS, EXISTS, OK, OK]
+        assert len(segment_files(store)) == 2  # a new writer appends to a new segment
+    with open_store(root) as store:
+        out = poisoned(store, 4)
+        assert store.read(keys, out.blocks(range(4))) == [OK] * 4
+        for got, want in zip(out.blocks(range(4)), blocks, strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -1,4 +1,4 @@
-"""On-disk format of one block file: a one-page header, then the Full Block padded to whole pages.
+"""On-disk format of one block: a one-page header, then the Full Block padded to whole pages.
 
 The data starts on a page boundary so that O_DIRECT reads land straight in the caller's page-aligned
 buffer. Only the last partial page (when a Full Block is not a whole number of pages) goes through a
@@ -26,7 +26,7 @@ KEY_PATTERN = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}")
 
 
 class CorruptBlock(Exception):
-    """The file is not a complete, intact block of the expected key and layout."""
+    """The bytes read are not a complete, intact block of the expected key and layout."""
 
 
 class Scratch(NamedTuple):
@@ -37,13 +37,13 @@ class Scratch(NamedTuple):
 _scratch = threading.local()
 
 
-def scratch() -> Scratch:
-    """Per-thread page-aligned header and bounce pages (O_DIRECT needs aligned memory for both)."""
-    pages = getattr(_scratch, "pages", None)
-    if pages is None:
-        region = aligned_empty(2 * PAGE)
-        pages = _scratch.pages = Scratch(region[:PAGE], region[PAGE:])
-    return pages
+def scratch(count: int) -> list[Scratch]:
+    """Per-thread page-aligned header and bounce pages for ``count`` blocks (O_DIRECT needs both aligned)."""
+    region = getattr(_scratch, "region", None)
+    if region is None or region.nbytes < 2 * PAGE * count:
+        region = _scratch.region = aligned_empty(2 * PAGE * count)
+    return [Scratch(region[2 * PAGE * i : 2 * PAGE * i + PAGE], region[2 * PAGE * i + PAGE : 2 * PAGE * (i + 1)])
+            for i in range(count)]
 
 
 def check_key(key: str) -> None:
@@ -52,7 +52,7 @@ def check_key(key: str) -> None:
 
 
 class BlockFile:
-    """Encodes and checks block files of one layout."""
+    """Encodes and checks the blocks of one layout (``file_bytes`` each in a segment)."""
 
     def __init__(self, layout: BlockLayout) -> None:
         self.layout = layout
@@ -62,7 +62,7 @@ class BlockFile:
         self.file_bytes = PAGE + round_up(self.data_bytes)
 
     def iovecs(self, pages: Scratch, data: np.ndarray) -> list[np.ndarray]:
-        """The (header, in-place data, bounce tail) list for one preadv/pwritev of the whole file."""
+        """The (header, in-place data, bounce tail) list that moves one whole block in a preadv/pwritev."""
         vecs = [pages.header]
         if self.direct_bytes:
             vecs.append(data[: self.direct_bytes])

@@ -2,18 +2,21 @@
 
 Usage is a counter in a small file updated under an exclusive lock: writers add before publishing a
 block and deleters subtract. The counter can drift if a process dies between the two, so every
-eviction recounts from the directory, which is the truth. Recency is the block file's mtime, touched on
-every read; eviction removes the oldest files until usage is back under ``evict_to`` bytes.
+eviction recounts the index entries (live blocks times the block's size in a segment), which are the
+truth. Recency is the entry's mtime, touched on every read; eviction removes the oldest entries (and
+frees their blocks) until usage is back under ``evict_to`` bytes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import NamedTuple
 
 from dualpath.interprocess import FileLock
+from dualpath.store.index import Index
 
 
 class Evicted(NamedTuple):
@@ -25,21 +28,14 @@ class NoSpace(Exception):
     """A block cannot fit even after evicting everything evictable."""
 
 
-def block_files(blocks_dir: Path) -> list[os.DirEntry]:
-    entries = []
-    with os.scandir(blocks_dir) as fanout:
-        for sub in fanout:
-            if sub.is_dir(follow_symlinks=False):
-                with os.scandir(sub.path) as files:
-                    entries.extend(e for e in files if e.name.endswith(".kv"))
-    return entries
-
-
 class Capacity:
-    def __init__(self, directory: Path, blocks_dir: Path, limit: int | None, evict_to: int | None) -> None:
+    def __init__(self, directory: Path, index: Index, block_bytes: int, free: Callable[[bytes], None],
+                 limit: int | None, evict_to: int | None) -> None:
         self.limit = limit
         self.evict_to = evict_to if evict_to is not None else limit
-        self._blocks_dir = blocks_dir
+        self._index = index
+        self._block_bytes = block_bytes
+        self._free = free
         self._fd = os.open(directory / "usage", os.O_RDWR | os.O_CREAT, 0o644)
         self._exclusive = FileLock(self._fd)
         with self._exclusive:
@@ -58,11 +54,7 @@ class Capacity:
         os.pwrite(self._fd, max(usage, 0).to_bytes(8, "little", signed=True), 0)
 
     def _recount(self) -> int:
-        total = 0
-        for entry in block_files(self._blocks_dir):
-            with suppress(FileNotFoundError):
-                total += entry.stat().st_size
-        return total
+        return sum(1 for _ in self._index.scan()) * self._block_bytes
 
     @property
     def usage(self) -> int:
@@ -94,25 +86,17 @@ class Capacity:
             return self._evict_locked(target_usage)
 
     def _evict_locked(self, target_usage: int) -> Evicted:
-        files = []
-        for entry in block_files(self._blocks_dir):
-            try:
-                stat = entry.stat()
-            except FileNotFoundError:
-                continue
-            files.append((stat.st_mtime_ns, stat.st_size, entry.path))
-        usage = sum(size for _, size, _ in files)
-        freed_blocks = freed_bytes = 0
-        for _, size, path in sorted(files):
+        entries = []
+        for entry in self._index.scan():
+            with suppress(FileNotFoundError):
+                entries.append((entry.stat().st_mtime_ns, entry.name.removesuffix(".kv")))
+        usage = len(entries) * self._block_bytes
+        freed = 0
+        for _, key in sorted(entries):
             if usage <= target_usage:
                 break
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # deleted by someone else since the scan: it no longer counts either way
-            else:
-                freed_blocks += 1
-                freed_bytes += size
-            usage -= size
+            # An entry removed by someone else since the scan no longer counts either way.
+            freed += self._index.take(key, self._free)
+            usage -= self._block_bytes
         self._store(usage)
-        return Evicted(freed_blocks, freed_bytes)
+        return Evicted(freed, freed * self._block_bytes)

@@ -1,8 +1,8 @@
 """Data movers under the block store: POSIX (O_DIRECT preadv/pwritev) and 3FS USRBIO rings.
 
-Both move one whole block file per call, between the file and a list of page-aligned buffers. The store
-runs many such calls at once on its thread pool; file names, atomic publication, checksums and eviction
-are the store's business, identical for both.
+Both move a contiguous range of a segment file (one or many blocks) per call, between the file and a list
+of page-aligned buffers. The store runs many such calls at once on its thread pool; the index, atomic
+publication, checksums and eviction are the store's business, identical for both.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dualpath.kv import PAGE, aligned_empty
 class BlockIO(Protocol):
     direct: bool
 
-    def readv(self, fd: int, buffers: list[np.ndarray]) -> int: ...
+    def readv(self, fd: int, buffers: list[np.ndarray], offset: int) -> int: ...
 
-    def writev(self, fd: int, buffers: list[np.ndarray]) -> int: ...
+    def writev(self, fd: int, buffers: list[np.ndarray], offset: int) -> int: ...
 
     def open(self, path: Path, flags: int) -> int: ...
 
@@ -65,11 +65,11 @@ class PosixIO:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def readv(self, fd: int, buffers: list[np.ndarray]) -> int:
-        return os.preadv(fd, buffers, 0)
+    def readv(self, fd: int, buffers: list[np.ndarray], offset: int) -> int:
+        return os.preadv(fd, buffers, offset)
 
-    def writev(self, fd: int, buffers: list[np.ndarray]) -> int:
-        return os.pwritev(fd, buffers, 0)
+    def writev(self, fd: int, buffers: list[np.ndarray], offset: int) -> int:
+        return os.pwritev(fd, buffers, offset)
 
     def shutdown(self) -> None:
         pass
@@ -95,7 +95,7 @@ class _Ring:
 
 
 class UsrbioIO:
-    """3FS user-space block I/O (hf3fs-py-usrbio): one ring per store thread, one file per submit."""
+    """3FS user-space block I/O (hf3fs-py-usrbio): one ring per store thread, at most one block per submit."""
 
     direct = True
 
@@ -146,30 +146,54 @@ class UsrbioIO:
         finally:
             os.close(fd)
 
-    def _submit(self, ring: _Ring, for_read: bool, fd: int, nbytes: int) -> int:
+    def _submit(self, ring: _Ring, for_read: bool, fd: int, nbytes: int, offset: int) -> int:
         io_ring = ring.read_ring if for_read else ring.write_ring
-        io_ring.prepare(ring.iovec[0:nbytes], for_read, fd, 0)
+        io_ring.prepare(ring.iovec[0:nbytes], for_read, fd, offset)
         (done,) = io_ring.submit().wait(min_results=1, timeout=self._timeout)
         if done.result < 0:
             raise OSError(-done.result, os.strerror(-done.result))
         return done.result
 
-    def readv(self, fd: int, buffers: list[np.ndarray]) -> int:
-        ring = self._ring()
-        nread = self._submit(ring, True, fd, sum(b.nbytes for b in buffers))
-        offset = 0
+    def _pieces(self, buffers: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Consecutive buffers grouped to fill the iovec (one block file) per submit."""
+        pieces: list[list[np.ndarray]] = [[]]
+        size = 0
         for buffer in buffers:
-            buffer[:] = ring.view[offset : offset + buffer.nbytes]
-            offset += buffer.nbytes
-        return nread
+            if pieces[-1] and size + buffer.nbytes > self._max_file_bytes:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(buffer)
+            size += buffer.nbytes
+        return pieces
 
-    def writev(self, fd: int, buffers: list[np.ndarray]) -> int:
+    def readv(self, fd: int, buffers: list[np.ndarray], offset: int) -> int:
         ring = self._ring()
-        offset = 0
-        for buffer in buffers:
-            ring.view[offset : offset + buffer.nbytes] = buffer
-            offset += buffer.nbytes
-        return self._submit(ring, False, fd, offset)
+        total = 0
+        for piece in self._pieces(buffers):
+            size = sum(b.nbytes for b in piece)
+            nread = self._submit(ring, True, fd, size, offset + total)
+            position = 0
+            for buffer in piece:
+                buffer[:] = ring.view[position : position + buffer.nbytes]
+                position += buffer.nbytes
+            total += nread
+            if nread < size:
+                break
+        return total
+
+    def writev(self, fd: int, buffers: list[np.ndarray], offset: int) -> int:
+        ring = self._ring()
+        total = 0
+        for piece in self._pieces(buffers):
+            position = 0
+            for buffer in piece:
+                ring.view[position : position + buffer.nbytes] = buffer
+                position += buffer.nbytes
+            written = self._submit(ring, False, fd, position, offset + total)
+            total += written
+            if written < position:
+                break
+        return total
 
     def shutdown(self) -> None:
         with self._rings_lock:
