@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,8 +52,11 @@ def _generate(url: str, ids: list[int], max_new: int) -> list[int]:
     body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
                                                              "ignore_eos": True}}).encode()
     request = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.load(response)["output_ids"]
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.load(response)["output_ids"]
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"HTTP {exc.code}: {exc.read()[:500]!r}") from exc
 
 
 def _reading(store_root: Path, node: str) -> bool:
@@ -79,7 +83,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
         cluster.route("dualpath")
         with ThreadPoolExecutor(len(prompts)) as pool:
             outputs = list(pool.map(lambda ids: _generate(cluster.url, ids, 4), prompts))
-            assert cluster.wait_stored(prompts)
+            assert cluster.wait_stored(prompts, timeout_s=180), "the decodes did not write turn 1 back"
             cluster.flush()
             seen = len(_get(f"{cluster.url}/dualpath/decisions")["decisions"])
             turn2 = [ids + out + [rng.randrange(3, 32000) for _ in range(64)]
@@ -94,7 +98,8 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
                         victim = server
                         break
                 time.sleep(0.05)
-            assert victim is not None, "no decode read a DE-side request's pages"
+            decisions = _get(f"{cluster.url}/dualpath/decisions")["decisions"][seen:]
+            assert victim is not None, f"no decode read a DE-side request's pages; decisions: {decisions}"
             os.killpg(victim.process.pid, signal.SIGKILL)
             answers = [f.result() for f in pending]
         assert [len(a) for a in answers] == [8] * len(turn2)

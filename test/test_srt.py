@@ -65,6 +65,23 @@ def test_self_check_names_a_missing_target(monkeypatch: pytest.MonkeyPatch) -> N
         targets.resolve("nothing")
 
 
+def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualpath.srt import cpu
+
+    slept: list[float] = []
+    monkeypatch.setattr(cpu.time, "sleep", slept.append)
+    assert cpu._yield_when_idle(lambda scheduler, x: x + 1, object(), 1) == 2
+
+    def failing(scheduler: object) -> None:
+        raise RuntimeError("idle check failed")
+
+    with pytest.raises(RuntimeError, match="idle check failed"):
+        cpu._yield_when_idle(failing, object())
+    assert slept == [cpu.IDLE_YIELD_S, cpu.IDLE_YIELD_S]
+    assert ("scheduler_idle", "", cpu._yield_when_idle) in cpu.hooks()
+    targets.self_check(["scheduler_idle"])
+
+
 def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions() -> None:
     from dualpath.launch_server import cpu_argv, sglang_argv
 
@@ -114,9 +131,16 @@ def test_block_slots_read_once_and_serve_from_cache(store: BlockStore) -> None:
     assert [int(slots.block(s).flat[0]) for s in first] == [1, 2, 3, 4]
     slots.release(first)
     tokens = _read_tokens(store)
-    again = slots.read(store, keys)
+    again = slots.read(store, keys[:2])
     assert _read_tokens(store) == tokens  # served from the cache: no storage read
+    slots.forget()  # a cache flush: blocks in use stay readable, none is served from the cache again
+    assert [int(slots.block(s).flat[0]) for s in again] == [1, 2]
     slots.release(again)
+    third = slots.read(store, keys)
+    assert _read_tokens(store) == tokens + 4 * 16
+    assert [int(slots.block(s).flat[0]) for s in third] == [1, 2, 3, 4]
+    slots.release(third)
+    assert len(slots.take(6)) == 6  # every slot came back
 
 
 def test_block_slots_stop_at_the_first_missing_block(store: BlockStore) -> None:

@@ -46,6 +46,16 @@ class BlockSlots:
         with self._cond:
             self._unpin(slots)
 
+    def forget(self) -> None:
+        """Drop every cached block (a cache flush); blocks in use stay until released, then free their slots."""
+        with self._cond:
+            for slot in self._cached.values():
+                self._cached_slots.discard(slot)
+                if self._pins[slot] == 0:
+                    self._free.append(slot)
+            self._cached.clear()
+            self._cond.notify_all()
+
     def read(self, store: BlockStore, keys: Sequence[str]) -> list[int]:
         """:meth:`fill` from ``store``."""
         def from_store(missing: list[str], slots: list[int]) -> list[bool]:

@@ -9,12 +9,18 @@ Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run 
   (``TRITON_INTERPRET=1``, set by the launcher before anything imports Triton).
 - Host KV pool: no CUDA host registration (pinning); host <-> device copies with torch index ops instead
   of ``sgl_kernel`` (whose CUDA build does not load without a driver). Layout ``layer_first`` only.
+- Idle scheduler loop: a scheduler with no batch to run loops straight back, one core per server at 100%.
+  On a GPU server that core only launches kernels; on a CPU server it is the core that computes, and the
+  spinning loop, holding the GIL, starves the server's own I/O threads (HiCache reads, KV transfers) and
+  the other servers of the machine. Each idle turn sleeps ``IDLE_YIELD_S``; a running batch never waits
+  for it (the loop reaches ``on_idle`` only when it has nothing to run).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 
 STANDIN = Path(__file__).with_name("vllm_standin")
+IDLE_YIELD_S = 0.001
 
 # nixl_agent method -> positional index of its mem_type argument (self excluded).
 _NIXL_MEM_TYPE_ARG = {"register_memory": 1, "get_xfer_descs": 1, "get_reg_descs": 1, "prep_xfer_dlist": 2}
@@ -86,11 +93,19 @@ def backup_from_device_all_layer(original: Callable[..., Any], pool: Any, device
             host[layer].index_copy_(0, dst, device[layer].index_select(0, src))
 
 
+def _yield_when_idle(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return original(scheduler, *args, **kwargs)
+    finally:
+        time.sleep(IDLE_YIELD_S)
+
+
 def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
     """(target name, method or "", AROUND hook) for every CPU stand-in."""
     return [
         ("host_load_layer", "", load_to_device_per_layer),
         ("host_backup_all", "", backup_from_device_all_layer),
         ("cuda_host_register", "", _no_host_register),
+        ("scheduler_idle", "", _yield_when_idle),
         *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],
     ]

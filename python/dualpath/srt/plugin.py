@@ -27,7 +27,7 @@ REQUEST_HOOKS = (
     ("decode_prefix_match", requests.on_prefix_match),
 )
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
-SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + ["storage_base", "prefill_batch"]
+SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + ["storage_base", "prefill_batch", "controller_reset"]
 CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()})
 
 
@@ -46,6 +46,10 @@ def register() -> None:
     if config is not None:
         for name, hook in REQUEST_HOOKS:
             HookRegistry.register(targets.TARGETS[name], hook, HookType.AROUND)
+        from dualpath.srt.storage import DualPathStorage  # imports SGLang's storage base: scheduler processes only
+
+        HookRegistry.register(targets.TARGETS["controller_reset"], DualPathStorage.on_controller_reset,
+                              HookType.AROUND)
         if config.role == "prefill" and config.prefill_quota_ms > 0:
             cost = AttentionCostModel(*config.cost_model) if config.cost_model else AttentionCostModel()
             quota = QuotaHook(config.prefill_quota_ms / 1e3, cost)

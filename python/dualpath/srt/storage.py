@@ -32,7 +32,7 @@ from dualpath.store import BlockStatus, BlockStore, StoreConfig
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 log = logging.getLogger(__name__)
-EARLY_BATCH = 128  # pages per early DE fetch, as HiCache batches its own reads
+EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
 
 
 def page_geometry(pool: Any, model_name: str) -> KVGeometry:
@@ -127,13 +127,16 @@ class DualPathStorage(HiCacheStorage):
             return [False] * len(keys)
 
     def _on_arrival(self, route: requests.Route, input_ids: list[int]) -> None:
-        """A DE-side request reached the prefill: ask its DE for the stored prefix now, in the background.
+        """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
+        the background, on the side the router chose (this node's NIC, or the DE's through the KV link).
 
-        HiCache reads pages for one request after another on a single I/O thread; fetching only when it
-        gets there would leave this node's NIC idle while the DE reads. The pages land in the slot cache,
-        where ``batch_get_v1`` finds them (or waits for those still on their way).
+        HiCache reads pages for one request after another on a single I/O thread. Reading only when it gets
+        there would leave one NIC idle while the other reads: a DE-side request at the head of that queue
+        would hold back the PE-side ones behind it, and the other way round. The pages land in the slot
+        cache, where ``batch_get_v1`` finds them (or waits for those still on their way). Requests without
+        a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
-        if self.config.role == "prefill" and route.de_side and self.link is not None:
+        if self.config.role == "prefill" and route.hint is not None and self.link is not None:
             self._early.submit(self._fetch_early, route, list(input_ids))
 
     def _fetch_early(self, route: requests.Route, input_ids: list[int]) -> None:
@@ -142,9 +145,12 @@ class DualPathStorage(HiCacheStorage):
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
             keys = keys[: store.prefix_length(keys)]
             for start in range(0, len(keys), EARLY_BATCH):
-                self.slots.release(self.slots.fill(keys[start:start + EARLY_BATCH], self._from_de(route)))
+                batch = keys[start:start + EARLY_BATCH]
+                self.slots.release(self.slots.fill(batch, self._from_de(route)) if route.de_side
+                                   else self.slots.read(store, batch))
         except Exception:  # the prefetch reads the pages itself when they are not here
-            log.exception("request %s: early DE fetch failed", route.rid)
+            log.exception("request %s: early read on the %s side failed", route.rid,
+                          "DE" if route.de_side else "PE")
 
     def _from_de(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
         """A slot source: the request's DE, and this node's own reads where the DE fails."""
@@ -186,6 +192,16 @@ class DualPathStorage(HiCacheStorage):
 
     def _flat(self, slot: int) -> torch.Tensor:
         return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.mem_pool_host.dtype)
+
+    @staticmethod
+    def on_controller_reset(original: Callable[..., Any], controller: Any, *args: Any, **kwargs: Any) -> Any:
+        """A cache flush empties the host pool; the slot cache holds store reads in the same DRAM, so it is
+        emptied too. Otherwise a flushed server would serve a prefix again without reading it."""
+        result = original(controller, *args, **kwargs)
+        backend = getattr(controller, "storage_backend", None)
+        if isinstance(backend, DualPathStorage) and backend.store is not None:
+            backend.slots.forget()
+        return result
 
     def _store(self) -> BlockStore:
         if self.store is None:

@@ -24,6 +24,8 @@ TARGETS: dict[str, str] = {
     # Threads and calls in which the storage backend runs on behalf of one request.
     "storage_hit_query": f"{CONTROLLER}._storage_hit_query",
     "page_transfer": f"{CONTROLLER}._page_transfer",
+    # A cache flush (/flush_cache) resets the controller; the backend's slot cache goes with the host pool.
+    "controller_reset": f"{CONTROLLER}.reset",
     "decode_prefix_match": (
         "sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin._build_decode_prefix_match"
     ),
@@ -38,6 +40,7 @@ TARGETS: dict[str, str] = {
     "host_backup_all": f"{HOST_POOL}.backup_from_device_all_layer",
     "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "nixl_agent": "nixl._api.nixl_agent",
+    "scheduler_idle": f"{SCHEDULER}.on_idle",
 }
 
 
