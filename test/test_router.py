@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -198,6 +199,23 @@ async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseli
     for side, count in expected.items():
         assert f'dualpath_router_requests_total{{side="{side}"}} {count}.0' in page
     assert ('side="de"' in page) == (mode == "dualpath")
+
+
+@run_async
+async def test_a_burst_spreads_over_both_sides_while_the_node_reports_lag(tmp_path):
+    # The fakes read nothing, so every poll reports empty queues, as real nodes do before their reads of a
+    # burst are queued. The reads the router placed still count until the NIC can have done them (here
+    # never: 1 token/s), so a burst alternates sides instead of sending everything to the reporting-empty one.
+    ids = store_prompt(tmp_path, blocks=4)
+    prefill, decode = pd_fakes()
+    async with cluster(prefill, decode, store_root=tmp_path, read_tokens_per_s=1.0) as (url, client, router):
+        hints = []
+        for _ in range(4):
+            polls = router.registry.polls
+            await until(lambda polls=polls: router.registry.polls > polls, "a poll reported the (empty) queues")
+            hints += await sides(client, url, ids, 1)
+    assert [h.side for h in hints] == [ReadSide.PE, ReadSide.DE, ReadSide.PE, ReadSide.DE]
+    assert router.decider._placed_reads.pending(router.registry.node_ids["node-p0"], time.monotonic()) > 0
 
 
 @run_async

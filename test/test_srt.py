@@ -82,6 +82,24 @@ def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.Monk
     targets.self_check(["scheduler_idle"])
 
 
+def test_cpu_nixl_agents_run_without_the_spinning_progress_thread() -> None:
+    from dualpath.srt import cpu
+    from nixl._api import nixl_agent_config
+
+    created: list[tuple[str, object]] = []
+
+    def init(agent: object, name: str, conf: object) -> None:
+        created.append((name, conf))
+
+    given = nixl_agent_config(backends=[], num_threads=8)
+    cpu._no_progress_thread(init, object(), "sglang", given)
+    cpu._no_progress_thread(init, object(), "default")
+    assert [name for name, _ in created] == ["sglang", "default"]
+    assert created[0][1] is given and given.num_threads == 8  # SGLang's other settings stay
+    assert not any(conf.enable_pthread for _, conf in created)
+    assert ("nixl_agent", "__init__", cpu._no_progress_thread) in cpu.hooks()
+
+
 def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions() -> None:
     from dualpath.launch_server import cpu_argv, sglang_argv
 

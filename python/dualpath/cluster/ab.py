@@ -170,10 +170,10 @@ def write_json(path: Path, summaries: Sequence[RunSummary], records: list[dict])
 
 def estimate_minutes(agents: Sequence[AgentTrace], bytes_per_token: int, nic_gbps: float, prefill: int,
                      scale: float) -> float:
-    """Rough wall time of both runs: every hit read through the PE NICs (the reads are about half of a
-    baseline run on a 2-core CPU), a warm-up round each, and starting the servers (measured, 2 cores)."""
+    """Rough wall time of both runs: every hit read through the PE NICs (they are busy ~90% of a baseline
+    run on a 2-core CPU), a warm-up round each, and starting the servers (measured, 2 cores)."""
     hit_bytes = sum(t.context_tokens for a in agents for t in a.turns) * bytes_per_token * scale
-    per_run = 2.0 * hit_bytes / (nic_gbps * 1e9 / 8) / prefill + 90
+    per_run = 1.1 * hit_bytes / (nic_gbps * 1e9 / 8) / prefill + 60
     return (100 + 2 * per_run) / 60
 
 

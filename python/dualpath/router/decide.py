@@ -46,6 +46,28 @@ class Placement(NamedTuple):
     hint: RouteHint  # what is sent: the DE side only where both servers have a DualPath KV channel
 
 
+class PlacedReads:
+    """Hit tokens this router sent to each node's storage NIC, drained at the configured read rate.
+
+    A node's reported read queue lags the placements: a PE queues a read only once the request reached it,
+    a DE only once its PE asked for the pages. A report that does not show a burst's reads yet would undo
+    the scheduler's charges for them and send the rest of the burst to that side; a node's queue is
+    therefore taken as at least what this router placed there and the node cannot have read yet.
+    """
+
+    def __init__(self, tokens_per_s: float) -> None:
+        self.tokens_per_s = tokens_per_s
+        self._placed: dict[int, tuple[float, float]] = {}  # node id -> (tokens left, as of when)
+
+    def pending(self, node_id: int, now: float) -> int:
+        tokens, at = self._placed.get(node_id, (0.0, now))
+        return int(max(0.0, tokens - self.tokens_per_s * (now - at)))
+
+    def add(self, node_id: int, tokens: int, now: float) -> None:
+        if tokens > 0:
+            self._placed[node_id] = (self.pending(node_id, now) + tokens, now)
+
+
 class Decider:
     """Owns the GlobalScheduler; every call runs on the event loop, which serialises them."""
 
@@ -62,6 +84,7 @@ class Decider:
         self._ids = itertools.count()
         self._waiters: dict[int, asyncio.Future[Placement]] = {}
         self._node_reports_seen = -1
+        self._placed_reads = PlacedReads(config.read_tokens_per_s)
         self._engines = {e.engine_id: e for e in registry.engines}
         self._reports: dict[int, tuple[int, EngineLoad]] = {}  # engine id -> (its version, its report)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISION_LOG)
@@ -117,6 +140,9 @@ class Decider:
         for assignment in self.scheduler.fetch_decode(
                 DECODE_GROUP, [self._load(e) for e in self.registry.decode], nodes):
             placement = self._placement(assignment, engines)
+            now = time.monotonic()
+            self._placed_reads.add(placement.pe.node_id, assignment.pe_read_tokens, now)
+            self._placed_reads.add(placement.de.node_id, assignment.de_read_tokens, now)
             placement.de.charge(1, assignment.request.total_tokens, assignment.request.hbm_tokens)
             future = self._waiters.pop(assignment.request.request_id)
             if future.done():  # its client gave up while it waited
@@ -128,12 +154,14 @@ class Decider:
 
     def _node_reports(self) -> list[NodeLoad]:
         """Node read queues, only when a poll brought new ones: in between, the scheduler's own charges
-        for the reads it just placed stand (so that a burst spreads over both sides)."""
+        for the reads it just placed stand (so that a burst spreads over both sides). A report never
+        counts less than this router's placed reads the node cannot have finished (``PlacedReads``)."""
         if self.registry.polls == self._node_reports_seen:
             return []
         self._node_reports_seen = self.registry.polls
-        rate = self.config.read_tokens_per_s
-        return [NodeLoad(node_id, self.registry.read_queue(node).pending_tokens, rate)
+        rate, now = self.config.read_tokens_per_s, time.monotonic()
+        return [NodeLoad(node_id, max(self.registry.read_queue(node).pending_tokens,
+                                      self._placed_reads.pending(node_id, now)), rate)
                 for node, node_id in self.registry.node_ids.items()]
 
     def _load(self, engine: Engine) -> EngineLoad:

@@ -4,7 +4,8 @@ Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run 
 
 - Rotary embedding: without CUDA, SGLang's ``RotaryEmbedding`` imports ``vllm._custom_ops``; a torch
   stand-in (``vllm_standin/``) is put on ``sys.path`` when vLLM is not installed.
-- NIXL: SGLang registers KV pools as ``VRAM``; CPU pools are ``DRAM``.
+- NIXL: SGLang registers KV pools as ``VRAM``; CPU pools are ``DRAM``. NIXL's progress thread, which
+  polls without a pause, is off: SGLang's PD loops poll transfers and notifications themselves.
 - Paged KV allocation: SGLang allocates pages with Triton kernels; they run in Triton's interpreter
   (``TRITON_INTERPRET=1``, set by the launcher before anything imports Triton).
 - Host KV pool: no CUDA host registration (pinning); host <-> device copies with torch index ops instead
@@ -63,6 +64,17 @@ def _nixl_in_dram(position: int) -> Callable[..., Any]:
     return hook
 
 
+def _no_progress_thread(original: Callable[..., Any], agent: object, name: str, nixl_conf: Any = None,
+                        *args: Any, **kwargs: Any) -> None:
+    """NIXL's progress thread polls UCX without a pause: one core per agent. SGLang's PD loops drive progress
+    themselves (they poll transfer states and notifications), so on CPU the core goes back to compute."""
+    from nixl._api import nixl_agent_config
+
+    conf = nixl_conf if nixl_conf is not None else nixl_agent_config()
+    conf.enable_pthread = False
+    original(agent, name, conf, *args, **kwargs)
+
+
 def _no_host_register(original: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Pinning registers memory with the CUDA driver; there is none."""
 
@@ -108,4 +120,5 @@ def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
         ("cuda_host_register", "", _no_host_register),
         ("scheduler_idle", "", _yield_when_idle),
         *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],
+        ("nixl_agent", "__init__", _no_progress_thread),
     ]

@@ -61,7 +61,9 @@ class DualPathStorage(HiCacheStorage):
         self.model_name = storage_config.model_name or "model"
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
-        self._early = ThreadPoolExecutor(2, thread_name_prefix="dualpath-early")
+        # One pool per side: a DE-side fetch waits for the DE's NIC, and must not hold up this node's reads.
+        self._early = {side: ThreadPoolExecutor(2, thread_name_prefix=f"dualpath-early-{side}")
+                       for side in ("pe", "de")}
         requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -137,7 +139,7 @@ class DualPathStorage(HiCacheStorage):
         a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
         if self.config.role == "prefill" and route.hint is not None and self.link is not None:
-            self._early.submit(self._fetch_early, route, list(input_ids))
+            self._early["de" if route.de_side else "pe"].submit(self._fetch_early, route, list(input_ids))
 
     def _fetch_early(self, route: requests.Route, input_ids: list[int]) -> None:
         try:
@@ -209,7 +211,8 @@ class DualPathStorage(HiCacheStorage):
         return self.store
 
     def close(self) -> None:
-        self._early.shutdown(wait=True)
+        for pool in self._early.values():
+            pool.shutdown(wait=True)
         Path(self.config.announcement).unlink(missing_ok=True)
         if self.link is not None:
             self.link.close()
