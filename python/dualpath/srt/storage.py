@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,20 +140,25 @@ class DualPathStorage(HiCacheStorage):
         a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
         if self.config.role == "prefill" and route.hint is not None and self.link is not None:
-            self._early["de" if route.de_side else "pe"].submit(self._fetch_early, route, list(input_ids))
+            self._early["de" if route.de_side else "pe"].submit(self._fetch_early, route, list(input_ids),
+                                                                  time.monotonic())
 
-    def _fetch_early(self, route: requests.Route, input_ids: list[int]) -> None:
+    def _fetch_early(self, route: requests.Route, input_ids: list[int], arrived: float) -> None:
+        side = "DE" if route.de_side else "PE"
         try:
             store, page = self._store(), self.mem_pool_host.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
             keys = keys[: store.prefix_length(keys)]
+            started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
                 batch = keys[start:start + EARLY_BATCH]
                 self.slots.release(self.slots.fill(batch, self._from_de(route)) if route.de_side
                                    else self.slots.read(store, batch))
+            # Where a request's time goes before its prefill: queued for a reader, then reading.
+            log.info("request %s: %d pages read on the %s side in %.1f s, %.1f s after it arrived", route.rid,
+                     len(keys), side, time.monotonic() - started, time.monotonic() - arrived)
         except Exception:  # the prefetch reads the pages itself when they are not here
-            log.exception("request %s: early read on the %s side failed", route.rid,
-                          "DE" if route.de_side else "PE")
+            log.exception("request %s: early read on the %s side failed", route.rid, side)
 
     def _from_de(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
         """A slot source: the request's DE, and this node's own reads where the DE fails."""
@@ -167,11 +173,14 @@ class DualPathStorage(HiCacheStorage):
         return source
 
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
-        route = requests.current()
+        route, started = requests.current(), time.monotonic()
         if self.config.role == "prefill" and route.de_side and self.link is not None:
             slots = self.slots.fill(keys, self._from_de(route))
         else:
             slots = self.slots.read(self._store(), keys)
+        if time.monotonic() - started > 1.0:  # HiCache's one I/O thread waited: every request behind it did too
+            log.info("request %s: HiCache's I/O thread waited %.1f s for %d pages (%s side)", route.rid,
+                     time.monotonic() - started, len(keys), "DE" if route.de_side else "PE")
         try:
             for i, slot in enumerate(slots):
                 place(i, self._flat(slot))
