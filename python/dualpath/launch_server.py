@@ -135,9 +135,6 @@ def main(argv: list[str] | None = None) -> None:
             rest = sglang_argv(rest)
         except ValueError as exc:
             raise SystemExit(f"dualpath.launch_server: {exc}") from exc
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.utils import kill_process_tree
-
     server_args = targets.resolve("prepare_server_args")(rest)
     if not args.dualpath_off:
         config = SrtConfig(server_args.disaggregation_mode, args.dualpath_node, args.dualpath_store_root,
@@ -146,11 +143,11 @@ def main(argv: list[str] | None = None) -> None:
                            args.dualpath_prefill_quota_ms, args.dualpath_cost_model)
         os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
         add_info_route(config, server_args.page_size, server_args.served_model_name)
-    load_plugins()
+    targets.resolve("load_plugins")()
     try:
         targets.resolve("launch_main")(server_args)
     finally:
-        kill_process_tree(os.getpid(), include_parent=False)
+        targets.resolve("kill_process_tree")(os.getpid(), include_parent=False)
 
 
 if __name__ == "__main__":

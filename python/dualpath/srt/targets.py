@@ -34,6 +34,8 @@ TARGETS: dict[str, str] = {
     # The HTTP app of the server process (for GET /dualpath/info).
     "http_app": "sglang.srt.entrypoints.http_server.app",
     "launch_main": "sglang.launch_server.run_server",
+    "load_plugins": "sglang.srt.plugins.load_plugins",
+    "kill_process_tree": "sglang.srt.utils.kill_process_tree",
     "prepare_server_args": "sglang.srt.server_args.prepare_server_args",
     # CPU support (hooked only without CUDA).
     "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
