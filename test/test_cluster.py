@@ -17,7 +17,7 @@ from dualpath.bench.traces import AgentTrace, Turn
 from dualpath.cluster.ab import MODES, run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
-from dualpath.store.node import NodeState
+from dualpath.router.store_view import StoreView
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
 
@@ -59,15 +59,6 @@ def _generate(url: str, ids: list[int], max_new: int) -> list[int]:
         raise AssertionError(f"HTTP {exc.code}: {exc.read()[:500]!r}") from exc
 
 
-def _reading(store_root: Path, node: str) -> bool:
-    state = NodeState(store_root / "nodes", node, None)
-    try:
-        queue = state.snapshot()
-    finally:
-        state.close()
-    return queue.queued_bytes + queue.inflight_bytes > 0
-
-
 def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path: Path) -> None:
     # 1P2D behind the DualPath router. Turn 2 of four sessions finds its context in the store; once a decode
     # is reading a DE-side request's pages through its NIC, that decode is killed (its whole process group,
@@ -77,6 +68,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 32000) for _ in range(1536)] for _ in range(4)]
     cluster = LocalCluster(config)
+    view = StoreView(config.store_root)
     try:
         cluster.start()
         leaders = [s.process.pid for s in cluster.servers]
@@ -94,7 +86,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
             while victim is None and time.monotonic() < deadline and not all(f.done() for f in pending):
                 for d in _get(f"{cluster.url}/dualpath/decisions")["decisions"][seen:]:
                     server = next(s for s in cluster.servers if s.url == d["decode"])
-                    if d["side"] == "de" and _reading(config.store_root, server.spec.node):
+                    if d["side"] == "de" and view.read_queue(server.spec.node).pending_bytes > 0:
                         victim = server
                         break
                 time.sleep(0.05)
@@ -110,6 +102,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
         after = _get(f"{cluster.url}/dualpath/decisions")["decisions"]
         assert any(d["decode"] != victim.url for d in after[seen + len(turn2):])  # the retry went to the other pair
     finally:
+        view.close()
         cluster.stop()
     assert not any(live_group_members(pid) for pid in leaders)
     assert all(_port_free(port) for port in _ports(config))

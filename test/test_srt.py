@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
+from dualpath.router.store_view import StoreView
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import targets
 from dualpath.srt.blocks import BlockSlots, SlotsExhausted
 from dualpath.srt.config import ENV, SrtConfig
 from dualpath.store import BlockStore, StoreConfig
-from dualpath.store.node import NodeState
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -234,11 +234,11 @@ def _stock(servers: dict, ids: list[int]) -> list[int]:
 
 
 def _node_read_tokens(store_root: Path, node: str) -> int:
-    state = NodeState(store_root / "nodes", node, None)
+    view = StoreView(store_root)
     try:
-        return state.snapshot().read_tokens
+        return view.read_queue(node).read_tokens
     finally:
-        state.close()
+        view.close()
 
 
 def _flush(servers: dict) -> None:

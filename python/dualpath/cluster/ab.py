@@ -26,7 +26,7 @@ import numpy as np
 from dualpath.bench.traces import AgentTrace
 from dualpath.cluster.local import LocalCluster
 from dualpath.cluster.replay import ReplayResult, replay
-from dualpath.store.node import NodeState
+from dualpath.router.store_view import StoreView
 
 MODES = ("baseline", "dualpath")
 log = logging.getLogger(__name__)
@@ -58,15 +58,8 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def node_read_bytes(store_root: Path, nodes: Sequence[str]) -> dict[str, int]:
-    totals = {}
-    for node in nodes:
-        state = NodeState(store_root / "nodes", node, None)
-        try:
-            totals[node] = state.snapshot().read_bytes
-        finally:
-            state.close()
-    return totals
+def node_read_bytes(view: StoreView, nodes: Sequence[str]) -> dict[str, int]:
+    return {node: view.read_queue(node).read_bytes for node in nodes}
 
 
 class NicSampler:
@@ -74,17 +67,17 @@ class NicSampler:
 
     INTERVAL_S = 0.5
 
-    def __init__(self, store_root: Path, nodes: Sequence[str]) -> None:
-        self.store_root, self.nodes = store_root, list(nodes)
+    def __init__(self, view: StoreView, nodes: Sequence[str]) -> None:
+        self.view, self.nodes = view, list(nodes)
         self.timeline: dict[str, list[tuple[float, int]]] = {n: [] for n in self.nodes}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nic-sampler", daemon=True)
 
     def _run(self) -> None:
         start = time.monotonic()
-        first = node_read_bytes(self.store_root, self.nodes)
+        first = node_read_bytes(self.view, self.nodes)
         while True:
-            now = node_read_bytes(self.store_root, self.nodes)
+            now = node_read_bytes(self.view, self.nodes)
             for node in self.nodes:
                 self.timeline[node].append((round(time.monotonic() - start, 3), now[node] - first[node]))
             if self._stop.wait(self.INTERVAL_S):
@@ -122,27 +115,31 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
     nodes = [s.node for s in cluster.config.specs()]
     total = sum(len(a.turns) - 1 for a in agents)  # the first round warms up
     summaries = []
-    for seed, mode in enumerate(MODES):
-        cluster.reset()
-        cluster.route(mode)
-        before = node_read_bytes(cluster.config.store_root, nodes)
-        task = progress.add_task(f"{mode:>8}", total=total) if progress is not None else None
+    view = StoreView(cluster.config.store_root)  # read-only: the nodes' state files, mapped once for both runs
+    try:
+        for seed, mode in enumerate(MODES):
+            cluster.reset()
+            cluster.route(mode)
+            before = node_read_bytes(view, nodes)
+            task = progress.add_task(f"{mode:>8}", total=total) if progress is not None else None
 
-        def advance(_record: object, task: object = task) -> None:
-            if progress is not None:
-                progress.advance(task)
+            def advance(_record: object, task: object = task) -> None:
+                if progress is not None:
+                    progress.advance(task)
 
-        def between_rounds(prompts: list[list[int]]) -> None:
-            if not cluster.wait_stored(prompts):
-                log.warning("the decode did not write a round's prompts back within the timeout")
-            cluster.flush()
+            def between_rounds(prompts: list[list[int]]) -> None:
+                if not cluster.wait_stored(prompts):
+                    log.warning("the decode did not write a round's prompts back within the timeout")
+                cluster.flush()
 
-        with NicSampler(cluster.config.store_root, nodes) as sampler:
-            result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
-                                        between_rounds=between_rounds, on_record=advance))
-        after = node_read_bytes(cluster.config.store_root, nodes)
-        read = {n: after[n] - before[n] for n in nodes}
-        summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8, sampler.timeline))
+            with NicSampler(view, nodes) as sampler:
+                result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
+                                            between_rounds=between_rounds, on_record=advance))
+            after = node_read_bytes(view, nodes)
+            read = {n: after[n] - before[n] for n in nodes}
+            summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8, sampler.timeline))
+    finally:
+        view.close()
     cluster.stop_router()
     return summaries
 
