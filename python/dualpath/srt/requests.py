@@ -33,6 +33,11 @@ class Route(NamedTuple):
     def de_side(self) -> bool:
         return self.hint is not None and self.hint.side is ReadSide.DE
 
+    @property
+    def side(self) -> ReadSide:
+        """Where the request's hit pages are read: the DE side only when the router said so."""
+        return ReadSide.DE if self.de_side else ReadSide.PE
+
 
 _routes: OrderedDict[str, Route] = OrderedDict()
 # Called on the scheduler thread for every arriving request (route, prompt ids); must not block.

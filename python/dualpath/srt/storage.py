@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from dualpath.kv import KVGeometry, block_keys
+from dualpath.scheduler import ReadSide
 from dualpath.srt import requests
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
@@ -63,8 +64,8 @@ class DualPathStorage(HiCacheStorage):
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
         # One pool per side: a DE-side fetch waits for the DE's NIC, and must not hold up this node's reads.
-        self._early = {side: ThreadPoolExecutor(2, thread_name_prefix=f"dualpath-early-{side}")
-                       for side in ("pe", "de")}
+        self._early = {side: ThreadPoolExecutor(2, thread_name_prefix=f"dualpath-early-{side.value}")
+                       for side in (ReadSide.PE, ReadSide.DE)}
         requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -140,25 +141,21 @@ class DualPathStorage(HiCacheStorage):
         a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
         if self.config.role == "prefill" and route.hint is not None and self.link is not None:
-            self._early["de" if route.de_side else "pe"].submit(self._fetch_early, route, list(input_ids),
-                                                                  time.monotonic())
+            self._early[route.side].submit(self._fetch_early, route, list(input_ids), time.monotonic())
 
     def _fetch_early(self, route: requests.Route, input_ids: list[int], arrived: float) -> None:
-        side = "DE" if route.de_side else "PE"
         try:
             store, page = self._store(), self.mem_pool_host.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
             keys = keys[: store.prefix_length(keys)]
             started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
-                batch = keys[start:start + EARLY_BATCH]
-                self.slots.release(self.slots.fill(batch, self._from_de(route)) if route.de_side
-                                   else self.slots.read(store, batch))
+                self.slots.release(self._pinned(route, keys[start:start + EARLY_BATCH]))
             # Where a request's time goes before its prefill: queued for a reader, then reading.
             log.info("request %s: %d pages read on the %s side in %.1f s, %.1f s after it arrived", route.rid,
-                     len(keys), side, time.monotonic() - started, time.monotonic() - arrived)
+                     len(keys), route.side.name, time.monotonic() - started, time.monotonic() - arrived)
         except Exception:  # the prefetch reads the pages itself when they are not here
-            log.exception("request %s: early read on the %s side failed", route.rid, side)
+            log.exception("request %s: early read on the %s side failed", route.rid, route.side.name)
 
     def _from_de(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
         """A slot source: the request's DE, and this node's own reads where the DE fails."""
@@ -172,15 +169,19 @@ class DualPathStorage(HiCacheStorage):
 
         return source
 
+    def _pinned(self, route: requests.Route, keys: list[str]) -> list[int]:
+        """Pinned slots holding the leading ``keys``: from the request's DE on a prefill when the request is
+        DE-side, else from this node's store (the slot cache serves either when it has the page)."""
+        if self.config.role == "prefill" and route.de_side and self.link is not None:
+            return self.slots.fill(keys, self._from_de(route))
+        return self.slots.read(self._store(), keys)
+
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
         route, started = requests.current(), time.monotonic()
-        if self.config.role == "prefill" and route.de_side and self.link is not None:
-            slots = self.slots.fill(keys, self._from_de(route))
-        else:
-            slots = self.slots.read(self._store(), keys)
+        slots = self._pinned(route, keys)
         if time.monotonic() - started > 1.0:  # HiCache's one I/O thread waited: every request behind it did too
             log.info("request %s: HiCache's I/O thread waited %.1f s for %d pages (%s side)", route.rid,
-                     time.monotonic() - started, len(keys), "DE" if route.de_side else "PE")
+                     time.monotonic() - started, len(keys), route.side.name)
         try:
             for i, slot in enumerate(slots):
                 place(i, self._flat(slot))
