@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dualpath.bench.traces import AgentTrace, Turn
 from dualpath.cluster.ab import MODES, run_ab
-from dualpath.cluster.local import ClusterConfig, LocalCluster, _port_free, _ports
+from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
 from dualpath.router.store_view import StoreView
 
@@ -25,7 +25,7 @@ AGENTS = [AgentTrace(f"a{i}", (Turn(0, 700 + 64 * i, 4), Turn(640, 200, 4), Turn
 
 
 def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path) -> None:
-    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.5, base_port=34000)
+    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.5, base_port=29000)
     cluster = LocalCluster(config)
     try:
         cluster.start()
@@ -64,7 +64,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
     # is reading a DE-side request's pages through its NIC, that decode is killed (its whole process group,
     # SIGKILL). The prefill gives up on its pages and the router places the request again on the other pair:
     # every request completes, with the tokens it asked for.
-    config = ClusterConfig(tmp_path, prefill=1, decode=2, nic_gbps=0.004, base_port=34200, transfer_timeout_s=10.0)
+    config = ClusterConfig(tmp_path, prefill=1, decode=2, nic_gbps=0.004, base_port=29200, transfer_timeout_s=10.0)
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 32000) for _ in range(1536)] for _ in range(4)]
     cluster = LocalCluster(config)
@@ -113,3 +113,5 @@ def test_cluster_config_rejects_bad_shapes(tmp_path: Path) -> None:
         ClusterConfig(tmp_path, prefill=1, decode=0)
     with pytest.raises(ValueError, match="nic_gbps"):
         ClusterConfig(tmp_path, nic_gbps=0)
+    with pytest.raises(ValueError, match="ephemeral port range"):
+        ClusterConfig(tmp_path, base_port=_ephemeral_ports()[0] + 200)

@@ -49,6 +49,12 @@ class ClusterConfig:
             raise ValueError(f"a cluster needs >= 1 prefill and >= 1 decode server, got {self.prefill}P{self.decode}D")
         if self.nic_gbps <= 0:
             raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
+        low, high = _ephemeral_ports()
+        if self.base_port + 99 >= low and self.base_port <= high:
+            # An outgoing connection (the router probing its engines, SGLang's own clients) may take any port
+            # of that range first, and the server bound there later fails with EADDRINUSE.
+            raise ValueError(f"ports {self.base_port}-{self.base_port + 99} overlap the kernel's ephemeral port "
+                             f"range {low}-{high}; pick a base port below {low - 99} or above {high}")
 
     @property
     def timeout_s(self) -> float:
@@ -70,6 +76,14 @@ class ClusterConfig:
         decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps)
                   for i in range(self.decode)]
         return prefill + decode
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _port_free(port: int) -> bool:
@@ -124,7 +138,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.router.poll() is not None:
-                raise RuntimeError(f"router exited; see {self.config.work_dir / 'logs'}")
+                tail = (self.config.work_dir / "logs" / f"router-{mode}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"router exited with {self.router.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
