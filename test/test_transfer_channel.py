@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -156,6 +157,29 @@ def test_receiver_death_fails_sender_and_releases_everything(pair: tuple[Engine,
         de.call("send_layer", "d", 0)
     agent, *rest = de.call("live")
     assert agent == (1, 1, 0, 0) and rest == [0, 0, 0, 0, 0]
+
+
+def test_a_dropped_connection_between_live_peers_fails_both_sides_at_once_and_heals(
+        pair: tuple[Engine, Engine]) -> None:
+    pe, de = pair
+    pe.call("expect", "d", "de", "pe_buf", [0, 1])
+    de.call("open_send", "d", "pe", "de_buf", [0, 1])
+    de.call("send_layer", "d", 0)
+    assert pe.call("wait_layer", "d", 0) == "ok"
+    assert pe.call("cut", de.call("address")) == 1  # the PE's connection to the DE drops; both stay up
+    assert pe.call("wait_layer", "d", 1) == "failed: 'de': connection lost"
+    # The PE dials again and greets the DE, which fails its side at once rather than at a timeout.
+    assert de.call("wait_sent", "d", 5.0) == "failed: 'pe': peer lost its connection to us"
+    deadline = time.monotonic() + 10.0
+    while (pe.call("peers"), de.call("peers")) != (["de"], ["pe"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pe.call("expect", "again", "de", "pe_buf", [5])
+    de.call("open_send", "again", "pe", "de_buf", [7])
+    for layer in range(LAYERS):
+        de.call("send_layer", "again", layer)
+    assert pe.call("wait_all", "again") == "ok" and de.call("wait_sent", "again") == "ok"
+    assert np.array_equal(pe.call("read", "pe_buf", 5), pattern(1, 7))
+    assert clean(pe.call("live")) and clean(de.call("live"))
 
 
 def test_stalled_sender_is_detected_within_timeout() -> None:

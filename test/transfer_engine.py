@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,25 @@ LAYOUT = BlockLayout(get_geometry("tiny"), 16)
 def pattern(seed: int, slot: int) -> np.ndarray:
     """Distinct, reproducible bytes for one Full Block."""
     return np.random.default_rng([seed, slot]).integers(0, 256, LAYOUT.shape, dtype=np.uint8)
+
+
+def _cut(address: str) -> int:
+    """Shut down this process's TCP connections to ``address`` (a network fault; both ends stay up)."""
+    port = int(address.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:  # remote address:port, hex
+                inodes.add(fields[9])
+    cut = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").removeprefix("socket:[").rstrip("]") in inodes:
+                with socket.socket(fileno=os.dup(int(fd))) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+                cut += 1
+    return cut
 
 
 def _serve(name: str, timeout_s: float, conn: Any) -> None:
@@ -58,6 +80,7 @@ def _serve(name: str, timeout_s: float, conn: Any) -> None:
         "read": lambda grid, slot: buffers[grid].block(slot).copy(),
         "write": lambda grid, slot, data: buffers[grid].block(slot).__setitem__(..., data),
         "live": lambda: tuple(channel.live()),
+        "cut": _cut,
     }
     while True:
         command, args = conn.recv()

@@ -2,13 +2,16 @@
 
 One thread receives and decodes messages and watches every DEALER's monitor socket: a peer that dies
 drops its TCP connection at once, a peer that stalls stops answering ZMTP heartbeats, and both surface
-as a disconnect event — the fast failure signal that transfer timeouts only back up.
+as a disconnect event — the fast failure signal that transfer timeouts only back up. A lost connection
+is dialled again at once, so that the peer hears from us as soon as it can (a live peer whose connection
+merely dropped must learn that our side failed the requests it shares with us).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -20,10 +23,14 @@ from dualpath.transfer.messages import Message, decoder, encoder
 log = logging.getLogger(__name__)
 
 
+_QUIET_EVENTS = zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
 class _Peer:
     def __init__(self, socket: zmq.Socket, monitor: zmq.Socket, address: str) -> None:
         self.socket, self.monitor, self.address = socket, monitor, address
         self.lock = threading.Lock()  # a ZMQ socket is used by one thread at a time
+        self.connected_at: float | None = None
 
 
 class ControlPlane:
@@ -67,7 +74,7 @@ class ControlPlane:
         socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, self._heartbeat_ms // 3))
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._heartbeat_ms)
         socket.setsockopt(zmq.HEARTBEAT_TTL, self._heartbeat_ms)
-        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = socket.get_monitor_socket(zmq.EVENT_ALL & ~_QUIET_EVENTS)
         socket.connect(address)
         with self._lock:
             old = self._peers.pop(peer, None)
@@ -155,14 +162,23 @@ class ControlPlane:
     def _monitor_event(self, peer: str, monitor: zmq.Socket) -> None:
         while monitor.poll(0):
             event = parse_monitor_message(monitor.recv_multipart())
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
             with self._lock:
                 entry = self._peers.get(peer)
-                current = entry is not None and entry.monitor is monitor
-            if current:
-                self.drop(peer)
+            if entry is None or entry.monitor is not monitor:
+                continue
+            kind = zmq.Event(event["event"])
+            if kind == zmq.EVENT_CONNECTED:
+                entry.connected_at = time.monotonic()
+                log.debug("%s: control connection to %r at %s up (fd %s)", self.name, peer, entry.address,
+                          event["value"])
+            elif kind == zmq.EVENT_DISCONNECTED:
+                up = time.monotonic() - entry.connected_at if entry.connected_at is not None else 0.0
+                log.warning("%s: control connection to %r at %s dropped after %.1f s (fd %s); dialling again",
+                            self.name, peer, entry.address, up, event["value"])
+                self.connect(peer, entry.address)
                 self._on_lost(peer)
+            else:
+                log.info("%s: control connection to %r: %s (%s)", self.name, peer, kind.name, event["value"])
 
     def close(self) -> None:
         with self._lock:

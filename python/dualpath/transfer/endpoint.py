@@ -52,7 +52,7 @@ class Endpoint(ABC):
         self._peers: dict[str, _Peer] = {}
         self._refreshing: set[str] = set()  # peers being forgotten and loaded again
         self._control = ControlPlane(self.name, config.host, config.port, config.timeout_s,
-                                     self._on_message, lambda peer: self._forget(peer, "connection lost"))
+                                     self._on_message, self._on_lost)
 
     @property
     def address(self) -> str:
@@ -113,16 +113,23 @@ class Endpoint(ABC):
             state = self._peers.get(peer)
             return dict(state.grids) if state is not None else {}
 
+    def _on_lost(self, peer: str) -> None:
+        self._forget(peer, "connection lost")
+        self._control.send(peer, self._hello(reply=False))  # on the connection dialled again
+
     def _on_hello(self, peer: str, hello: Hello) -> None:
         with self._cond:
             known = self._peers.get(peer)
         restarted = known is not None and known.incarnation != hello.incarnation
-        if known is not None and (restarted or known.metadata != hello.metadata):
+        if known is not None and (restarted or known.metadata != hello.metadata or not hello.reply):
             # NIXL loads an agent's metadata once: new registrations mean forgetting the peer and
-            # loading it again, which fails the requests in flight with it.
+            # loading it again, which fails the requests in flight with it. A known peer that greets us
+            # afresh has forgotten us (its connection dropped) and failed its side of those requests.
             with self._cond:
                 self._refreshing.add(peer)
-            self._forget(peer, "peer restarted" if restarted else "peer re-registered its memory")
+            reason = ("peer restarted" if restarted else "peer re-registered its memory"
+                      if known.metadata != hello.metadata else "peer lost its connection to us")
+            self._forget(peer, reason)
         # A restarted peer always gets a fresh connection, so that the old one's disconnect is ignored.
         if restarted or not self._control.connected_to(peer, hello.address):
             self._control.connect(peer, hello.address)
