@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import zmq
 
 pytest.importorskip("nixl")
 
+from dualpath.transfer.control import ControlPlane
 from transfer_engine import LAYOUT, Engine, pattern
 
 LAYERS = LAYOUT.geometry.layers
@@ -180,6 +182,22 @@ def test_a_dropped_connection_between_live_peers_fails_both_sides_at_once_and_he
     assert pe.call("wait_all", "again") == "ok" and de.call("wait_sent", "again") == "ok"
     assert np.array_equal(pe.call("read", "pe_buf", 5), pattern(1, 7))
     assert clean(pe.call("live")) and clean(de.call("live"))
+
+
+def test_long_timeouts_keep_heartbeats_within_what_libzmq_carries() -> None:
+    # A heartbeat TTL of 65.6 s or more wraps around in libzmq (zeromq/libzmq#4226): with the 215 s timeout
+    # of a slow emulated NIC, live idle connections dropped 18.4 s after every PING.
+    lost: list[str] = []
+    planes = [ControlPlane(name, "127.0.0.1", 0, 215.0, lambda peer, message: None, lost.append)
+              for name in ("a", "b")]
+    try:
+        planes[0].connect("b", planes[1].address)
+        ttl = planes[0]._peers["b"].socket.getsockopt(zmq.HEARTBEAT_TTL)
+        assert 0 < ttl < 65_600 and planes[0]._peers["b"].socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == ttl
+    finally:
+        for plane in planes:
+            plane.close()
+    assert lost == []
 
 
 def test_stalled_sender_is_detected_within_timeout() -> None:

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 
 _QUIET_EVENTS = zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# libzmq keeps the peer's heartbeat TTL in 16-bit milliseconds: a TTL of 65.6 s or more wraps around
+# (215 s becomes 18.4 s) and the peer drops a live connection that is idle that long after a PING
+# (zeromq/libzmq#4226, open in 4.3.5). Stalled peers are caught within this bound; dead ones at once.
+MAX_HEARTBEAT_MS = 60_000
 
 
 class _Peer:
@@ -46,7 +50,7 @@ class ControlPlane:
         on_lost: Callable[[str], None],
     ) -> None:
         self.name = name
-        self._heartbeat_ms = max(1, int(heartbeat_s * 1000))
+        self._heartbeat_ms = min(max(1, int(heartbeat_s * 1000)), MAX_HEARTBEAT_MS)
         self._on_message, self._on_lost = on_message, on_lost
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
