@@ -23,7 +23,9 @@ from dualpath.transfer.messages import Message, decoder, encoder
 log = logging.getLogger(__name__)
 
 
-_QUIET_EVENTS = zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# Routine while a connection comes up, or while it is dialled again to a peer that is gone.
+_QUIET_EVENTS = (zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                 | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 # libzmq keeps the peer's heartbeat TTL in 16-bit milliseconds: a TTL of 65.6 s or more wraps around
 # (215 s becomes 18.4 s) and the peer drops a live connection that is idle that long after a PING
 # (zeromq/libzmq#4226, open in 4.3.5). Stalled peers are caught within this bound; dead ones at once.
@@ -176,8 +178,8 @@ class ControlPlane:
                 log.debug("%s: control connection to %r at %s up (fd %s)", self.name, peer, entry.address,
                           event["value"])
             elif kind == zmq.EVENT_DISCONNECTED:
-                up = time.monotonic() - entry.connected_at if entry.connected_at is not None else 0.0
-                log.warning("%s: control connection to %r at %s dropped after %.1f s (fd %s); dialling again",
+                up = "" if entry.connected_at is None else f" after {time.monotonic() - entry.connected_at:.1f} s"
+                log.warning("%s: control connection to %r at %s dropped%s (fd %s); dialling again",
                             self.name, peer, entry.address, up, event["value"])
                 self.connect(peer, entry.address)
                 self._on_lost(peer)
