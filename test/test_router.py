@@ -167,6 +167,24 @@ async def sides(client: aiohttp.ClientSession, url: str, ids: list[int], count: 
     return hints
 
 
+@run_async
+async def test_split_mode_shares_one_request_s_reads_between_idle_nodes_and_spares_a_busy_one(tmp_path):
+    ids = store_prompt(tmp_path, blocks=4)
+    prefill, decode = pd_fakes()
+    channels = ("agent-p0@127.0.0.1:7000", "agent-d0@127.0.0.1:7000")
+    async with cluster(prefill, decode, store_root=tmp_path, mode="split") as (url, client, router):
+        [hint] = await sides(client, url, ids, 1)
+        hit = router.decider.decisions[-1]["cached_tokens"]
+        # Both nodes idle, read at the same rate: each side reads about half, the PE's part in whole blocks.
+        assert (hint.side, hint.pe_channel, hint.de_channel) == (ReadSide.SPLIT, *channels)
+        assert abs(2 * hint.de_tokens - hit) <= 64 and (hit - hint.de_tokens) % 64 == 0
+        busy = queue_on(tmp_path, "node-p0", 50_000_000)
+        polls = router.registry.polls
+        await until(lambda: router.registry.polls >= polls + 2, "two polls saw the busy PE node")
+        assert await sides(client, url, ids, 2) == [RouteHint(ReadSide.DE, *channels)] * 2
+        busy.close()
+
+
 @pytest.mark.parametrize("mode", ["dualpath", "baseline"])
 @run_async
 async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseline(tmp_path, mode):

@@ -28,9 +28,9 @@ channel = st.from_regex(r"[a-z][a-z0-9-]{0,12}@127\.0\.0\.1:[1-9][0-9]{1,4}", fu
 
 
 # -- route hints and configuration ---------------------------------------------------------------------------
-@given(channel, channel)
-def test_route_hint_round_trips(pe: str, de: str) -> None:
-    for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de)):
+@given(channel, channel, st.integers(1, 1 << 30))
+def test_route_hint_round_trips(pe: str, de: str, de_tokens: int) -> None:
+    for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens)):
         assert RouteHint.decode(hint.encode()) == hint
     assert RouteHint(ReadSide.DE, pe, de).de_address == de.partition("@")[2]
 
@@ -39,8 +39,14 @@ def test_route_hint_rejects_bad_input() -> None:
     assert RouteHint.decode(None) is None and RouteHint.decode("user-key") is None
     with pytest.raises(ValueError, match="KV channels"):
         RouteHint(ReadSide.DE, "pe@127.0.0.1:1")
-    with pytest.raises(ValueError, match="PE or the DE"):
-        RouteHint(ReadSide.SPLIT)
+    with pytest.raises(ValueError, match="KV channels"):
+        RouteHint(ReadSide.SPLIT, de_tokens=64)
+    with pytest.raises(ValueError, match="de_tokens"):
+        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2")
+    with pytest.raises(ValueError, match="de_tokens"):
+        RouteHint(ReadSide.DE, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64)
+    with pytest.raises(ValueError, match="PE side, the DE side or both"):
+        RouteHint(ReadSide.NONE)
     with pytest.raises(ValueError, match="malformed"):
         RouteHint.decode("dualpath/1;side=sideways")
 
@@ -280,20 +286,23 @@ def test_pe_path_matches_stock_and_the_decode_writes_back(servers: dict) -> None
     assert len(_stored(servers, ids)) == 4
 
 
-@pytest.mark.parametrize("side", [ReadSide.DE, ReadSide.PE])
+@pytest.mark.parametrize("side", [ReadSide.DE, ReadSide.PE, ReadSide.SPLIT])
 def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) -> None:
-    ids = _prompt(2 if side is ReadSide.DE else 4)  # servers keep blocks they received in their slot cache
+    # A fresh prompt per case: servers keep blocks they received in their slot cache.
+    ids = _prompt({ReadSide.DE: 2, ReadSide.PE: 4, ReadSide.SPLIT: 6}[side])
     expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
     hit = 64 * len(_stored(servers, ids))
     _flush(servers)
     store = servers["store"]
     before = {n: _node_read_tokens(store, n) for n in ("pe0", "de0")}
-    hint = RouteHint(ReadSide.DE, *_channels(servers)) if side is ReadSide.DE else RouteHint(ReadSide.PE)
+    de_tokens = {ReadSide.DE: hit, ReadSide.PE: 0, ReadSide.SPLIT: 128}[side]  # split: the DE reads pages 0-1
+    hint = RouteHint(side, *_channels(servers), de_tokens if side is ReadSide.SPLIT else 0) \
+        if side is not ReadSide.PE else RouteHint(ReadSide.PE)
     out, prefill_meta = _pd_generate(servers, ids, hint)
     assert out == expected == _stock(servers, ids)
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
-    assert read == ({"pe0": 0, "de0": hit} if side is ReadSide.DE else {"pe0": hit, "de0": 0})
+    assert read == {"pe0": hit - de_tokens, "de0": de_tokens}
 
 
 def test_the_compute_quota_bounds_every_prefill_batch(servers: dict) -> None:

@@ -5,7 +5,7 @@ emptied), each with its own token ids so that neither finds the other's KV anywh
 rounds with the servers' caches flushed in between, so every turn's context comes from the store — the
 regime of agents that outnumber the GPUs' memory, where the storage NICs decide throughput. Only the router's
 mode differs: ``baseline`` reads every hit on the prefill side, as the stock router does; ``dualpath``
-lets the global scheduler pick the side per request.
+lets the global scheduler pick the side per request (``split``: and split one request's reads between them).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dualpath.cluster.local import LocalCluster
 from dualpath.cluster.replay import ReplayResult, replay
 from dualpath.router.store_view import StoreView
 
-MODES = ("baseline", "dualpath")
 log = logging.getLogger(__name__)
 
 
@@ -110,18 +109,18 @@ def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_p
 
 
 def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | None, scale: float = 1.0,
-           progress: object | None = None) -> list[RunSummary]:
-    """Replay ``agents`` once per mode on ``cluster`` (already started); one summary per mode."""
+           progress: object | None = None, mode: str = "dualpath") -> list[RunSummary]:
+    """Replay ``agents`` on ``cluster`` (already started) in baseline mode, then in ``mode``; one summary each."""
     nodes = [s.node for s in cluster.config.specs()]
     total = sum(len(a.turns) - 1 for a in agents)  # the first round warms up
     summaries = []
     view = StoreView(cluster.config.store_root)  # read-only: the nodes' state files, mapped once for both runs
     try:
-        for seed, mode in enumerate(MODES):
+        for seed, run_mode in enumerate(("baseline", mode)):
             cluster.reset()
-            cluster.route(mode)
+            cluster.route(run_mode)
             before = node_read_bytes(view, nodes)
-            task = progress.add_task(f"{mode:>8}", total=total) if progress is not None else None
+            task = progress.add_task(f"{run_mode:>8}", total=total) if progress is not None else None
 
             def advance(_record: object, task: object = task) -> None:
                 if progress is not None:
@@ -137,7 +136,8 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
                                             between_rounds=between_rounds, on_record=advance))
             after = node_read_bytes(view, nodes)
             read = {n: after[n] - before[n] for n in nodes}
-            summaries.append(summarise(mode, result, read, cluster.config.nic_gbps * 1e9 / 8, sampler.timeline))
+            summaries.append(summarise(run_mode, result, read, cluster.config.nic_gbps * 1e9 / 8,
+                                       sampler.timeline))
     finally:
         view.close()
     cluster.stop_router()

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
     p.add_argument("--nic-gbps", type=float, default=0.005, help="storage-NIC cap of every node, Gb/s")
+    p.add_argument("--dualpath-mode", choices=("dualpath", "split"), default="dualpath",
+                   help="the router's mode of the B run: dualpath (the paper) or split (also split one request's "
+                   "reads between both sides)")
     p.add_argument("--trace", choices=("claude-code", "mooncake"), default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[{clock()}] servers ready; replaying")
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console) as progress:
-                summaries = run_ab(cluster, agents, args.max_gen, args.scale, progress)
+                summaries = run_ab(cluster, agents, args.max_gen, args.scale, progress, args.dualpath_mode)
         finally:
             cluster.stop()
     nodes = [s.node for s in config.specs()]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
-Mode = Literal["dualpath", "baseline"]
+Mode = Literal["dualpath", "split", "baseline"]
 DEFAULT_BOOTSTRAP_PORT = 8998
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*")
 STOCK_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "manual", "bucket")
@@ -84,8 +84,8 @@ class RouterConfig:
         for spec in prefill:
             _check_port(spec.bootstrap_port, f"bootstrap port of {spec.url}")
         _check_port(self.port, "--port")
-        if self.mode not in ("dualpath", "baseline"):
-            raise ValueError(f"--dualpath-mode must be dualpath or baseline, got {self.mode!r}")
+        if self.mode not in ("dualpath", "split", "baseline"):
+            raise ValueError(f"--dualpath-mode must be dualpath, split or baseline, got {self.mode!r}")
         if self.store_root is not None:
             object.__setattr__(self, "store_root", Path(self.store_root))
         if self.store_namespace is not None and not _PLAIN_NAME.fullmatch(self.store_namespace):
@@ -107,7 +107,8 @@ class RouterConfig:
 _SCALARS: tuple[tuple[str, str, type, str], ...] = (
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "port to listen on"),
-    ("--dualpath-mode", "mode", str, "dualpath: the scheduler picks the read side; baseline: always the PE side"),
+    ("--dualpath-mode", "mode", str, "dualpath: the scheduler picks the read side; split: it may also split one "
+     "request's reads between both sides, so that both queues drain together; baseline: always the PE side"),
     ("--store-root", "store_root", Path, "shared block store directory (hit estimates, node read queues)"),
     ("--store-namespace", "store_namespace", str, "store namespace of the hit estimates (default: the servers')"),
     ("--store-block-tokens", "store_block_tokens", int, "Full Block tokens (default: the servers' page size)"),

@@ -34,6 +34,7 @@ from dualpath.scheduler import (
 PREFILL_GROUP, DECODE_GROUP = 0, 1
 UNREPORTED_HBM = 1 << 62  # a DE that does not report its KV capacity is never refused for lack of room
 DECISION_LOG = 1024
+SPLIT_BLOCK_TOKENS = 64  # split points fall on whole Full Blocks of this size unless --store-block-tokens says
 
 
 class Placement(NamedTuple):
@@ -79,7 +80,8 @@ class Decider:
                   EngineGroup(DECODE_GROUP, "decode", tuple(e.engine_id for e in registry.decode))]
         read_policy = "pe_only" if config.mode == "baseline" else "queue"
         self.scheduler = GlobalScheduler(groups, SchedulerConfig.profiled(
-            config.read_tokens_per_s, config.gpu_tokens_per_s, read_policy=read_policy))
+            config.read_tokens_per_s, config.gpu_tokens_per_s, read_policy=read_policy,
+            split_reads=config.mode == "split", split_block_tokens=config.store_block_tokens or SPLIT_BLOCK_TOKENS))
         self._beta = self.scheduler.config.beta_tokens
         self._ids = itertools.count()
         self._waiters: dict[int, asyncio.Future[Placement]] = {}
@@ -181,8 +183,10 @@ class Decider:
 
     def _placement(self, assignment: Assignment, engines: dict[int, Engine]) -> Placement:
         pe, de = engines[assignment.pe], engines[assignment.de]
-        de_path = assignment.side is ReadSide.DE and bool(pe.kv_channel) and bool(de.kv_channel)
-        hint = RouteHint(ReadSide.DE, pe.kv_channel, de.kv_channel) if de_path else RouteHint(ReadSide.PE)
+        hint = RouteHint(ReadSide.PE)
+        if assignment.side in (ReadSide.DE, ReadSide.SPLIT) and pe.kv_channel and de.kv_channel:
+            de_tokens = assignment.de_read_tokens if assignment.side is ReadSide.SPLIT else 0
+            hint = RouteHint(assignment.side, pe.kv_channel, de.kv_channel, de_tokens)
         return Placement(assignment.request, pe, de, assignment.side, hint)
 
     def _log(self, placement: Placement) -> None:

@@ -4,8 +4,9 @@ SGLang 0.5.17 carries an opaque ``routing_key`` from the request to the schedule
 ``routing_key`` field of ``/generate``, the ``X-SMG-Routing-Key`` header of the OpenAI routes), and uses
 it for metrics only. DualPath rides on it, e.g.
 ``dualpath/1;side=de;pe=pe-node0@127.0.0.1:31001;de=de-node1@127.0.0.1:31002``: the KV channels (agent
-name and control address) of the chosen PE and DE, so that either side can reach the other. A request
-without a DualPath key takes the PE read path, which is stock SGLang behaviour.
+name and control address) of the chosen PE and DE, so that either side can reach the other. A split read
+(``side=split;...;de_tokens=1024``) has the DE read the leading ``de_tokens`` hit tokens and the PE the
+rest. A request without a DualPath key takes the PE read path, which is stock SGLang behaviour.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ class RouteHint:
     side: ReadSide
     pe_channel: str = ""
     de_channel: str = ""
+    de_tokens: int = 0  # split reads: the leading hit tokens the DE reads
 
     def __post_init__(self) -> None:
-        if self.side not in (ReadSide.PE, ReadSide.DE):
-            raise ValueError(f"a route hint reads on the PE or the DE side, not {self.side}")
-        if self.side is ReadSide.DE and not (self.pe_channel and self.de_channel):
-            raise ValueError("a DE-side route hint needs the KV channels of both the PE and the DE")
+        if self.side not in (ReadSide.PE, ReadSide.DE, ReadSide.SPLIT):
+            raise ValueError(f"a route hint reads on the PE side, the DE side or both, not {self.side}")
+        if self.side is not ReadSide.PE and not (self.pe_channel and self.de_channel):
+            raise ValueError(f"a {self.side.value}-side route hint needs the KV channels of both the PE and the DE")
+        if (self.de_tokens > 0) != (self.side is ReadSide.SPLIT):
+            raise ValueError(f"de_tokens > 0 goes with a split read and only with it; got {self.side.value} "
+                             f"with de_tokens={self.de_tokens}")
         for value in (self.pe_channel, self.de_channel):
             if value and (any(c in value for c in ";=") or value.count("@") != 1):
                 raise ValueError(f"a KV channel is 'agent@host:port' without ';' or '=', got {value!r}")
@@ -56,8 +61,10 @@ class RouteHint:
 
     def encode(self) -> str:
         fields = [PREFIX, f"side={self.side.value}"]
-        if self.side is ReadSide.DE:
+        if self.side is not ReadSide.PE:
             fields += [f"pe={self.pe_channel}", f"de={self.de_channel}"]
+        if self.de_tokens:
+            fields.append(f"de_tokens={self.de_tokens}")
         return ";".join(fields)
 
     @staticmethod
@@ -67,6 +74,7 @@ class RouteHint:
             return None
         try:
             fields = dict(item.split("=", 1) for item in routing_key.split(";")[1:])
-            return RouteHint(ReadSide(fields["side"]), fields.get("pe", ""), fields.get("de", ""))
+            return RouteHint(ReadSide(fields["side"]), fields.get("pe", ""), fields.get("de", ""),
+                             int(fields.get("de_tokens", 0)))
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed DualPath routing key {routing_key!r}: {exc}") from exc

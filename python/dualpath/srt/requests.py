@@ -28,15 +28,19 @@ class Route(NamedTuple):
     rid: str
     room: int | None
     hint: RouteHint | None
-
-    @property
-    def de_side(self) -> bool:
-        return self.hint is not None and self.hint.side is ReadSide.DE
+    de_keys: frozenset[str] = frozenset()  # split reads: the page keys the DE reads (see ``split``)
 
     @property
     def side(self) -> ReadSide:
-        """Where the request's hit pages are read: the DE side only when the router said so."""
-        return ReadSide.DE if self.de_side else ReadSide.PE
+        """Where the request's hit pages are read: PE (stock, also without a hint), DE, or split between them."""
+        return self.hint.side if self.hint is not None else ReadSide.PE
+
+    def reads_on(self, key: str) -> ReadSide:
+        """The side that reads the page ``key`` (PE or DE)."""
+        side = self.side
+        if side is ReadSide.SPLIT:
+            return ReadSide.DE if key in self.de_keys else ReadSide.PE
+        return side
 
 
 _routes: OrderedDict[str, Route] = OrderedDict()
@@ -58,6 +62,15 @@ def record(rid: str, room: int | None, routing_key: str | None) -> Route:
         _routes.move_to_end(rid)
         while len(_routes) > CAPACITY:
             _routes.popitem(last=False)
+    return route
+
+
+def split(route: Route, de_keys: frozenset[str]) -> Route:
+    """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``)."""
+    route = route._replace(de_keys=de_keys)
+    with _lock:
+        if route.rid in _routes:
+            _routes[route.rid] = route
     return route
 
 

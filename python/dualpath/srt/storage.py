@@ -14,6 +14,7 @@ Per request (see ``requests.py``):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -84,8 +85,11 @@ class DualPathStorage(HiCacheStorage):
 
     # -- what SGLang calls ---------------------------------------------------------------------------
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
-        if self.config.role == "decode" and not requests.current().de_side:
-            return 0  # PE-side request: the prefill sends the whole KV, the decode reads nothing
+        if self.config.role == "decode":
+            # The decode reads what its NIC reads for the prefill (all of a DE-side request's hit pages, the
+            # leading ones of a split read); the prefill sends the rest, as in stock PD.
+            route = requests.current()
+            keys = list(itertools.takewhile(lambda key: route.reads_on(key) is ReadSide.DE, keys))
         return self._store().prefix_length(keys)
 
     def exists(self, key: str) -> bool:
@@ -140,40 +144,61 @@ class DualPathStorage(HiCacheStorage):
         cache, where ``batch_get_v1`` finds them (or waits for those still on their way). Requests without
         a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
-        if self.config.role == "prefill" and route.hint is not None and self.link is not None:
-            self._early[route.side].submit(self._fetch_early, route, list(input_ids), time.monotonic())
+        if route.hint is None:
+            return
+        page = self.mem_pool_host.page_size
+        if route.side is ReadSide.SPLIT:
+            de_pages = min(route.hint.de_tokens, len(input_ids)) // page
+            route = requests.split(route, frozenset(block_keys(input_ids[: de_pages * page], page)))
+        if self.config.role == "prefill" and self.link is not None:
+            arrived, ids = time.monotonic(), list(input_ids)
+            for side in (ReadSide.DE, ReadSide.PE) if route.side is ReadSide.SPLIT else (route.side,):
+                self._early[side].submit(self._fetch_early, route, side, ids, arrived)
 
-    def _fetch_early(self, route: requests.Route, input_ids: list[int], arrived: float) -> None:
+    def _fetch_early(self, route: requests.Route, side: ReadSide, input_ids: list[int], arrived: float) -> None:
+        """Read the stored prefix pages of ``route`` that ``side`` reads into the slot cache."""
         try:
             store, page = self._store(), self.mem_pool_host.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
-            keys = keys[: store.prefix_length(keys)]
+            keys = [key for key in keys[: store.prefix_length(keys)] if route.reads_on(key) is side]
             started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
                 self.slots.release(self._pinned(route, keys[start:start + EARLY_BATCH]))
             # Where a request's time goes before its prefill: queued for a reader, then reading.
             log.info("request %s: %d pages read on the %s side in %.1f s, %.1f s after it arrived", route.rid,
-                     len(keys), route.side.name, time.monotonic() - started, time.monotonic() - arrived)
+                     len(keys), side.name, time.monotonic() - started, time.monotonic() - arrived)
         except Exception:  # the prefetch reads the pages itself when they are not here
-            log.exception("request %s: early read on the %s side failed", route.rid, route.side.name)
+            log.exception("request %s: early read on the %s side failed", route.rid, side.name)
 
-    def _from_de(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
-        """A slot source: the request's DE, and this node's own reads where the DE fails."""
+    def _from_both(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
+        """A slot source: the request's DE for the pages it reads, this node's NIC for the rest and for the
+        DE's pages when the DE fails."""
         def source(keys: list[str], slots: list[int]) -> list[bool]:
-            fetched = self.link.fetch(route.hint.de_channel, keys, slots)
-            if fetched.ok:
-                return [True] * len(keys)
-            log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid, fetched.reason)
-            statuses = self._store().read(keys, self.slots.buffer.blocks(slots))
-            return [status is BlockStatus.OK for status in statuses]
+            from_de = [i for i, key in enumerate(keys) if route.reads_on(key) is ReadSide.DE]
+            ok = [False] * len(keys)
+            if from_de:
+                fetched = self.link.fetch(route.hint.de_channel, [keys[i] for i in from_de],
+                                          [slots[i] for i in from_de])
+                if fetched.ok:
+                    for i in from_de:
+                        ok[i] = True
+                else:
+                    log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid,
+                                fetched.reason)
+            rest = [i for i in range(len(keys)) if not ok[i]]
+            if rest:
+                blocks = self.slots.buffer.blocks([slots[i] for i in rest])
+                for i, status in zip(rest, self._store().read([keys[i] for i in rest], blocks), strict=True):
+                    ok[i] = status is BlockStatus.OK
+            return ok
 
         return source
 
     def _pinned(self, route: requests.Route, keys: list[str]) -> list[int]:
-        """Pinned slots holding the leading ``keys``: from the request's DE on a prefill when the request is
-        DE-side, else from this node's store (the slot cache serves either when it has the page)."""
-        if self.config.role == "prefill" and route.de_side and self.link is not None:
-            return self.slots.fill(keys, self._from_de(route))
+        """Pinned slots holding the leading ``keys``: on a prefill, from the request's DE for the pages the DE
+        reads; otherwise from this node's store (the slot cache serves either when it has the page)."""
+        if self.config.role == "prefill" and route.side in (ReadSide.DE, ReadSide.SPLIT) and self.link is not None:
+            return self.slots.fill(keys, self._from_both(route))
         return self.slots.read(self._store(), keys)
 
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
