@@ -10,11 +10,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from dualpath.bench.traces import AgentTrace, Turn
-from dualpath.cluster.ab import MODES, run_ab
+from dualpath.cluster.ab import run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
 from dualpath.router.store_view import StoreView
@@ -30,15 +31,15 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
     try:
         cluster.start()
         leaders = [s.process.pid for s in cluster.servers]
-        baseline, dualpath = run_ab(cluster, AGENTS, max_gen=4)
+        baseline, dualpath = run_ab(cluster, AGENTS, max_gen=4, mode="split")
     finally:
         cluster.stop()
-    assert [s.mode for s in (baseline, dualpath)] == list(MODES)
+    assert [s.mode for s in (baseline, dualpath)] == ["baseline", "split"]
     for run in (baseline, dualpath):
         assert run.failed == 0 and run.requests == 6, run.first_error
         assert sum(run.node_read_bytes.values()) > 0  # every measured turn read its context from the store
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
-    assert dualpath.node_read_bytes["de0"] > 0  # DualPath put some reads on the decode's NIC
+    assert min(dualpath.node_read_bytes.values()) > 0  # split reads: both NICs read
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
     assert all(_port_free(port) for port in _ports(config))
 
@@ -115,3 +116,15 @@ def test_cluster_config_rejects_bad_shapes(tmp_path: Path) -> None:
         ClusterConfig(tmp_path, nic_gbps=0)
     with pytest.raises(ValueError, match="ephemeral port range"):
         ClusterConfig(tmp_path, base_port=_ephemeral_ports()[0] + 200)
+
+
+@pytest.mark.parametrize("cores", [2, 3, 16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 4), (3, 1)])
+def test_prefills_and_decodes_get_disjoint_cores_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         cores: int, shape: tuple[int, int]) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    config = ClusterConfig(tmp_path, *shape)
+    prefill = {c for s in config.specs() if s.role == "prefill" for c in s.cpus}
+    decode = {c for s in config.specs() if s.role == "decode" for c in s.cpus}
+    assert all(s.cpus for s in config.specs()) and not prefill & decode and prefill | decode <= set(range(cores))
+    assert all(not s.cpus for s in replace(config, cpu=False).specs())  # GPUs: the kernel places processes

@@ -7,6 +7,7 @@ The router runs as a subprocess and can be restarted in another mode between run
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -71,11 +72,27 @@ class ClusterConfig:
         return self.base_port + 99
 
     def specs(self) -> list[ServerSpec]:
+        pe_cpus, de_cpus = self.cpu_shares()
         prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
-                              nic_gbps=self.nic_gbps) for i in range(self.prefill)]
-        decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps)
-                  for i in range(self.decode)]
+                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i]) for i in range(self.prefill)]
+        decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps,
+                             cpus=de_cpus[i]) for i in range(self.decode)]
         return prefill + decode
+
+    def cpu_shares(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """On CPU, the cores of each prefill and each decode server: prefills and decodes get disjoint
+        shares (in proportion to their numbers), as they would get GPUs of their own, so that a prefill's
+        compute never slows a decode's steps; servers of one role split their share. Empty on GPUs, or
+        with a single core."""
+        cores = sorted(os.sched_getaffinity(0))
+        if not self.cpu or len(cores) < 2:
+            return [()] * self.prefill, [()] * self.decode
+        cut = min(max(1, len(cores) * self.prefill // (self.prefill + self.decode)), len(cores) - 1)
+
+        def split(share: list[int], servers: int) -> list[tuple[int, ...]]:
+            return [tuple(share[i::servers]) or (share[i % len(share)],) for i in range(servers)]
+
+        return split(cores[:cut], self.prefill), split(cores[cut:], self.decode)
 
 
 def _ephemeral_ports() -> tuple[int, int]:

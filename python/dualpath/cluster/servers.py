@@ -30,7 +30,8 @@ CPU_ENV = {"OMP_NUM_THREADS": "1", "SGLANG_HOST_IP": "127.0.0.1"}
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One SGLang server: its role, HTTP port and, for DualPath, the node whose storage NIC it uses."""
+    """One SGLang server: its role, HTTP port and, for DualPath, the node whose storage NIC it uses;
+    ``cpus`` pins its processes to those cores (empty: wherever the kernel runs them)."""
 
     role: Literal["prefill", "decode", "null"]
     port: int
@@ -39,6 +40,7 @@ class ServerSpec:
     nic_gbps: float | None = None
     dualpath: bool = True
     extra_args: tuple[str, ...] = ()
+    cpus: tuple[int, ...] = ()
 
     @property
     def url(self) -> str:
@@ -103,6 +105,8 @@ class Server:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(server_command(spec, options), stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
+        if spec.cpus:  # before the server starts a thread or a process: they all inherit it
+            os.sched_setaffinity(self.process.pid, spec.cpus)
 
     @property
     def url(self) -> str:
