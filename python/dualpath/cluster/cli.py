@@ -29,9 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
     p.add_argument("--nic-gbps", type=float, default=0.005, help="storage-NIC cap of every node, Gb/s")
-    p.add_argument("--dualpath-mode", choices=("dualpath", "split"), default="dualpath",
-                   help="the router's mode of the B run: dualpath (the paper) or split (also split one request's "
-                   "reads between both sides)")
+    p.add_argument("--dualpath-mode", choices=("dualpath", "split"), default="split",
+                   help="the router's mode of the B run: split (DualPath that may also split one request's reads "
+                   "between both sides; beyond the paper) or dualpath (each request read whole on one side, "
+                   "as in the paper)")
     p.add_argument("--trace", choices=("claude-code", "mooncake"), default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
