@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +65,10 @@ class DualPathStorage(HiCacheStorage):
         self.model_name = storage_config.model_name or "model"
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
-        # One pool per side: a DE-side fetch waits for the DE's NIC, and must not hold up this node's reads.
-        self._early = {side: ThreadPoolExecutor(2, thread_name_prefix=f"dualpath-early-{side.value}")
-                       for side in (ReadSide.PE, ReadSide.DE)}
+        # One pool per NIC that reads for this server (its own, and each DE's): a fetch waits for its NIC, and
+        # must hold up neither this node's reads nor another DE's.
+        self._early: dict[str, ThreadPoolExecutor] = {}
+        self._early_lock = threading.Lock()
         requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -153,7 +155,17 @@ class DualPathStorage(HiCacheStorage):
         if self.config.role == "prefill" and self.link is not None:
             arrived, ids = time.monotonic(), list(input_ids)
             for side in (ReadSide.DE, ReadSide.PE) if route.side is ReadSide.SPLIT else (route.side,):
-                self._early[side].submit(self._fetch_early, route, side, ids, arrived)
+                self._early_pool(route.hint.de_channel if side is ReadSide.DE else "").submit(
+                    self._fetch_early, route, side, ids, arrived)
+
+    def _early_pool(self, reader: str) -> ThreadPoolExecutor:
+        """The early-read threads of one NIC: ``""`` for this node's, a DE's KV channel for that DE's."""
+        with self._early_lock:
+            pool = self._early.get(reader)
+            if pool is None:
+                name = f"dualpath-early-{reader.partition('@')[0] or 'pe'}"
+                pool = self._early[reader] = ThreadPoolExecutor(2, thread_name_prefix=name)
+            return pool
 
     def _fetch_early(self, route: requests.Route, side: ReadSide, input_ids: list[int], arrived: float) -> None:
         """Read the stored prefix pages of ``route`` that ``side`` reads into the slot cache."""
@@ -246,7 +258,9 @@ class DualPathStorage(HiCacheStorage):
         return self.store
 
     def close(self) -> None:
-        for pool in self._early.values():
+        with self._early_lock:
+            pools = list(self._early.values())
+        for pool in pools:
             pool.shutdown(wait=True)
         Path(self.config.announcement).unlink(missing_ok=True)
         if self.link is not None:
