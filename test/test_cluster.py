@@ -116,6 +116,8 @@ def test_cluster_config_rejects_bad_shapes(tmp_path: Path) -> None:
         ClusterConfig(tmp_path, nic_gbps=0)
     with pytest.raises(ValueError, match="ephemeral port range"):
         ClusterConfig(tmp_path, base_port=_ephemeral_ports()[0] + 200)
+    with pytest.raises(ValueError, match="share a port"):
+        ClusterConfig(tmp_path, prefill=6)  # the 6th prefill would listen where the first decode does
 
 
 @pytest.mark.parametrize("cores", [2, 3, 16])

@@ -155,10 +155,13 @@ def run(args: argparse.Namespace) -> int:
                   f"Estimated ~{minutes:.0f} min.")
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
         work = args.work_dir or Path(scratch)
-        config = ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
-                               args.model or TINY_MODEL, device == "CPU",
-                               server_args=tuple(shlex.split(args.server_args)),
-                               bytes_per_token=args.kv_bytes_per_token)
+        try:
+            config = ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
+                                   args.model or TINY_MODEL, device == "CPU",
+                                   server_args=tuple(shlex.split(args.server_args)),
+                                   bytes_per_token=args.kv_bytes_per_token)
+        except ValueError as exc:
+            raise SystemExit(f"dualpath ab: {exc}") from None
         cluster = LocalCluster(config)
         console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
         try:

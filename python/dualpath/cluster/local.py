@@ -50,12 +50,17 @@ class ClusterConfig:
             raise ValueError(f"a cluster needs >= 1 prefill and >= 1 decode server, got {self.prefill}P{self.decode}D")
         if self.nic_gbps <= 0:
             raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
+        ports = _ports(self)
+        if len(set(ports)) != len(ports):  # prefill i listens on base + 10 i, decode i on base + 50 + 10 i
+            raise ValueError(f"{self.prefill}P{self.decode}D: two servers would share a port; at most 5 prefill "
+                             "servers fit the port layout")
         low, high = _ephemeral_ports()
-        if self.base_port + 99 >= low and self.base_port <= high:
+        if any(low <= port <= high for port in ports):
             # An outgoing connection (the router probing its engines, SGLang's own clients) may take any port
             # of that range first, and the server bound there later fails with EADDRINUSE.
-            raise ValueError(f"ports {self.base_port}-{self.base_port + 99} overlap the kernel's ephemeral port "
-                             f"range {low}-{high}; pick a base port below {low - 99} or above {high}")
+            raise ValueError(f"ports {min(ports)}-{max(ports)} overlap the kernel's ephemeral port range "
+                             f"{low}-{high}; pick a base port below {low - (max(ports) - self.base_port)} "
+                             f"or above {high}")
 
     @property
     def timeout_s(self) -> float:
