@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import os
 import threading
@@ -546,3 +547,25 @@ def test_blocks_survive_a_restart(root):
         assert store.read(keys, out.blocks(range(4))) == [OK] * 4
         for got, want in zip(out.blocks(range(4)), blocks, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_bench_store_writes_side_by_side_records_and_removes_its_scratch(root, capsys):
+    from dualpath.cli import main
+
+    scratch, results = root / "scratch", root / "results"
+    common = ["bench-store", "--model", "tiny", "--block-tokens", "16", "--blocks", "8", "--dir", str(scratch),
+              "--results", str(results)]
+    assert main([*common, "--batch-blocks", "0"]) == 2
+    assert "--batch-blocks >= 1" in capsys.readouterr().err
+    assert not results.exists()
+
+    assert main([*common, "--batch-blocks", "3", "--rounds", "2", "--nic-seconds", "2"]) == 0
+    records = json.loads((results / "store_bench.json").read_text())
+    assert [r["metric"] for r in records] == ["store_batched_read_throughput",
+                                              "store_batched_read_throughput_vs_hot_buffer",
+                                              "emulated_nic_worst_1s_window"]
+    for record in records:
+        assert record["value"] > 0 and record["baseline_value"] > 0
+        assert record["ratio"] == pytest.approx(record["value"] / record["baseline_value"])
+        assert record["command"].startswith("dualpath bench-store")
+    assert not scratch.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # Each module defines `register(subparsers)`, which adds its subcommand(s) with `set_defaults(run=...)`.
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "dualpath " + shlex.join(argv)  # what a results record says produced it
     return int(args.run(args) or 0)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -182,7 +181,6 @@ def run(args: argparse.Namespace) -> int:
     bound = 1 + args.decode
     target = {"throughput": f">= {0.9 * bound:.1f}x (bound {bound}x) with the PE storage NIC the bottleneck",
               "tpot_p50": "within 5% of baseline"}
-    command = "dualpath " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, command, target))
+    write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, args.command_line, target))
     console.print(f"plots and records in {args.out}/")
     return 0 if all(s.failed == 0 for s in summaries) else 1

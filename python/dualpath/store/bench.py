@@ -8,6 +8,7 @@ name and measures what they receive together in every whole second.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +25,6 @@ import numpy as np
 from dualpath.kv import BlockBuffer, aligned_empty, block_keys
 from dualpath.kv.layout import round_up
 from dualpath.store.config import StoreConfig
-from dualpath.store.index import Entry
 from dualpath.store.io import supports_direct_io
 from dualpath.store.store import BlockStatus, BlockStore
 
@@ -37,8 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="scratch directory on the file system to measure (removed afterwards)")
     parser.add_argument("--model", default="deepseek-v3")
     parser.add_argument("--block-tokens", type=int, default=64)
-    parser.add_argument("--blocks", type=int, default=192, help="Full Blocks per read round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--blocks", type=int, default=384, help="Full Blocks per read round")
+    parser.add_argument("--batch-blocks", type=int, default=64,
+                        help="Full Blocks per store read call (64 x 64 tokens: one 4,096-token prefix)")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--io-threads", type=int, default=8)
     parser.add_argument("--nic-fraction", type=float, default=0.5,
                         help="emulated NIC rate as a fraction of the measured raw read rate")
@@ -51,27 +53,22 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _raw_read(path: Path, chunk: np.ndarray, total: int, start_offset: int = 0, payload: int | None = None) -> float:
-    """Read ``total`` bytes of ``path`` in ``chunk``-sized O_DIRECT reads; ``payload`` bytes/s (default all)."""
+def _raw_read(path: Path, destinations: list[np.ndarray], total: int) -> float:
+    """Read ``total`` bytes of ``path`` sequentially, one O_DIRECT read per destination buffer in turn."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         start = time.perf_counter()
         offset = 0
-        while offset < total:
-            nread = os.preadv(fd, [chunk[: min(chunk.nbytes, total - offset)]], start_offset + offset)
+        for destination in itertools.cycle(destinations):
+            if offset >= total:
+                break
+            nread = os.preadv(fd, [destination[: min(destination.nbytes, round_up(total - offset))]], offset)
             if nread == 0:
                 raise RuntimeError(f"{path} ended at {offset} of {total} bytes")
             offset += nread
-        return (total if payload is None else payload) / (time.perf_counter() - start)
+        return total / (time.perf_counter() - start)
     finally:
         os.close(fd)
-
-
-def _raw_read_segment(store: BlockStore, keys: list[str], chunk: np.ndarray) -> float:
-    """The same bytes the store reads, without the store: one sequential O_DIRECT read of its segment range."""
-    entry = Entry.decode(store.index.resolve(keys[0]))
-    return _raw_read(store.segments_dir / entry.segment, chunk, len(keys) * store.format.file_bytes,
-                     entry.offset, len(keys) * store.layout.full_block_bytes)
 
 
 def _store_read(store: BlockStore, keys: list[str], buffers: BlockBuffer) -> float:
@@ -139,8 +136,9 @@ def _machine(directory: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nic_seconds < 2 or args.blocks < 2 or args.rounds < 1:
-        print("error: need --nic-seconds >= 2 (whole windows), --blocks >= 2 and --rounds >= 1", file=sys.stderr)
+    if args.nic_seconds < 2 or args.blocks < 2 or args.rounds < 1 or args.batch_blocks < 1:
+        print("error: need --nic-seconds >= 2 (whole windows), --blocks >= 2, --batch-blocks >= 1 and --rounds >= 1",
+              file=sys.stderr)
         return 2
     scratch = args.dir.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
@@ -162,7 +160,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     _say(f"store bench: {args.blocks} x {block_bytes / 1e6:.2f} MB Full Blocks ({args.model}, "
          f"{args.block_tokens} tokens) = {total / GB:.2f} GB per round, {args.rounds} rounds, dir {scratch}")
     keys = block_keys(np.arange(args.blocks * args.block_tokens), args.block_tokens)
-    buffers = BlockBuffer(store.layout, 2 * min(args.blocks, 16))
+    buffers = BlockBuffer(store.layout, 2 * min(args.blocks, args.batch_blocks))
     rng = np.random.default_rng(0)
     for block in buffers.blocks(range(buffers.capacity)):
         block[:] = rng.integers(0, 256, block.shape, dtype=np.uint8)
@@ -178,20 +176,24 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
-    chunk = aligned_empty(round_up(block_bytes))
-    raw, segment, ours = [], [], []
-    measures = [lambda: raw.append(_raw_read(raw_path, chunk, total)),
-                lambda: segment.append(_raw_read_segment(store, keys, chunk)),
+    # The raw read lands in the store's destination buffers: a virtual disk's DMA into hundreds of MB of
+    # memory runs well below its DMA into one hot buffer, and no caller keeps its data in one buffer.
+    stride = buffers.stride
+    destinations = [buffers.region[i * stride : (i + 1) * stride] for i in range(buffers.capacity)]
+    hot = [aligned_empty(stride)]
+    raw, raw_hot, ours = [], [], []
+    measures = [lambda: raw.append(_raw_read(raw_path, destinations, total)),
+                lambda: raw_hot.append(_raw_read(raw_path, hot, total)),
                 lambda: ours.append(_store_read(store, keys, buffers))]
     for round_ in range(args.rounds):
         # Alternate the order (ABC, CBA, ...) so that drift in the disk's state treats every side alike.
         for measure in measures if round_ % 2 == 0 else measures[::-1]:
             measure()
         _say(f"  round {round_ + 1}/{args.rounds}: raw sequential {raw[-1] / GB:.3f} GB/s, "
-             f"raw read of the store's segment {segment[-1] / GB:.3f} GB/s, store {ours[-1] / GB:.3f} GB/s "
+             f"into one hot buffer {raw_hot[-1] / GB:.3f} GB/s, store {ours[-1] / GB:.3f} GB/s "
              f"(ratio {ours[-1] / raw[-1]:.3f})")
     store.close()
-    raw_rate, segment_rate, store_rate = (statistics.median(x) for x in (raw, segment, ours))
+    raw_rate, hot_rate, store_rate = (statistics.median(x) for x in (raw, raw_hot, ours))
 
     nic_rate = args.nic_fraction * raw_rate
     nic_keys = keys[: max(8, args.blocks // 4)]
@@ -205,21 +207,21 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     print(f"{'metric':<36}{'value':>12}{'baseline':>12}{'ratio':>8}  target")
     print(f"{'store batched read (GB/s)':<36}{store_rate / GB:>12.3f}{raw_rate / GB:>12.3f}"
           f"{store_rate / raw_rate:>8.3f}  >= 0.90 of raw O_DIRECT sequential read")
-    print(f"{'  same, vs raw read of its segment':<36}{store_rate / GB:>12.3f}{segment_rate / GB:>12.3f}"
-          f"{store_rate / segment_rate:>8.3f}  (the store's own cost: index, checksums, accounting, threads)")
+    print(f"{'  same, vs raw into one hot buffer':<36}{store_rate / GB:>12.3f}{hot_rate / GB:>12.3f}"
+          f"{store_rate / hot_rate:>8.3f}  (diagnostic: the disk's DMA into one reused buffer)")
     print(f"{'NIC cap, worst 1 s window (GB/s)':<36}{worst / GB:>12.3f}{nic_rate / GB:>12.3f}"
           f"{worst / nic_rate:>8.3f}  within 0.95-1.05 of the cap")
     print("  every window:", ", ".join(f"{w / nic_rate:.3f}" for w in windows))
-    common = {"command": "dualpath bench-store " + " ".join(sys.argv[2:]), "machine": _machine(scratch),
+    common = {"command": args.command_line, "machine": _machine(scratch),
               "date": datetime.now(UTC).date().isoformat()}
     records = [
         {"metric": "store_batched_read_throughput", "value": store_rate / GB, "unit": "GB/s",
-         "baseline": "raw O_DIRECT sequential read, same bytes, same file system", "baseline_value": raw_rate / GB,
+         "baseline": "raw O_DIRECT sequential read, same bytes, same file system, into the same buffers",
+         "baseline_value": raw_rate / GB,
          "ratio": store_rate / raw_rate, "target": ">= 0.90", **common},
-        {"metric": "store_batched_read_throughput_vs_same_segment", "value": store_rate / GB, "unit": "GB/s",
-         "baseline": "raw O_DIRECT sequential read of the same segment range the store reads, no store code",
-         "baseline_value": segment_rate / GB, "ratio": store_rate / segment_rate, "target": "diagnostic",
-         **common},
+        {"metric": "store_batched_read_throughput_vs_hot_buffer", "value": store_rate / GB, "unit": "GB/s",
+         "baseline": "raw O_DIRECT sequential read, same bytes, all into one reused buffer",
+         "baseline_value": hot_rate / GB, "ratio": store_rate / hot_rate, "target": "diagnostic", **common},
         {"metric": "emulated_nic_worst_1s_window", "value": worst / GB, "unit": "GB/s",
          "baseline": "configured NIC cap (2 processes, one node)", "baseline_value": nic_rate / GB,
          "ratio": worst / nic_rate, "target": "0.95 - 1.05", **common},
