@@ -185,6 +185,23 @@ async def test_split_mode_shares_one_request_s_reads_between_idle_nodes_and_spar
         busy.close()
 
 
+@run_async
+async def test_split_mode_has_an_idle_decode_node_help_read_another_de_s_request(tmp_path):
+    ids = store_prompt(tmp_path, blocks=6)
+    prefill, decode = pd_fakes(decode=2)
+    async with cluster(prefill, decode, store_root=tmp_path, mode="split") as (url, client, router):
+        [hint] = await sides(client, url, ids, 1)
+        decision = router.decider.decisions[-1]
+        hit, de = decision["cached_tokens"], decision["decode"]
+        other = next(e for e in router.registry.decode if e.url != de)
+        # Three idle nodes at one rate: the DE, the other DE (for the PE) and the PE each read a third.
+        assert hint.side is ReadSide.SPLIT and hint.helper_channel == other.kv_channel != hint.de_channel
+        assert hint.split(hit) == (hit // 3, hit // 3, hit // 3)
+        # The reads just placed still count as queued (no poll has seen them drain): the next split is even too.
+        [second] = await sides(client, url, ids, 1)
+        assert second.helper_channel not in ("", second.de_channel) and second.split(hit) == hint.split(hit)
+
+
 @pytest.mark.parametrize("mode", ["dualpath", "baseline"])
 @run_async
 async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseline(tmp_path, mode):

@@ -125,17 +125,44 @@ def test_read_side_charges_the_queue_it_picked():
     assert sides == [ReadSide.DE, ReadSide.DE, ReadSide.PE, ReadSide.DE]
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 200_000), st.integers(0, 10**6), st.integers(0, 10**6),
-       st.floats(1e3, 1e7), st.floats(1e3, 1e7))
-def test_split_reads_finish_together(hit, pe_q, de_q, pe_rate, de_rate):
-    x = split_tokens(hit, pe_q, de_q, pe_rate, de_rate, 64)
-    assert 0 <= x <= hit
-    pe_t, de_t = (pe_q + x) / pe_rate, (de_q + hit - x) / de_rate
-    if 0 < x < hit:  # an interior split balances both sides to within one block
-        assert abs(pe_t - de_t) <= 64 / pe_rate + 64 / de_rate + 1e-9
-    elif x == 0:
-        assert pe_q / pe_rate >= (de_q + hit) / de_rate - 64 / pe_rate - 64 / de_rate - 1e-9
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200_000), st.lists(st.tuples(st.integers(0, 10**6), st.floats(1e3, 1e7)), min_size=1, max_size=4))
+def test_split_reads_finish_together(hit, readers):
+    queues, rates = [q for q, _ in readers], [r for _, r in readers]
+    tokens = split_tokens(hit, queues, rates, 64)
+    assert sum(tokens) == hit and min(tokens) >= 0
+    left = hit
+    for x in tokens[1:]:  # whole blocks, or all that is left, in order
+        assert x % 64 == 0 or x == left
+        left -= x
+    # Every reader finishes within one block per reader of the slowest active one, and an idle reader's own
+    # queue lasts at least as long (less the same rounding).
+    slack = sum(64 / r for r in rates) + 1e-9
+    finish = [(q + x) / r for q, x, r in zip(queues, tokens, rates, strict=True)]
+    active = [f for f, x in zip(finish, tokens, strict=True) if x > 0]
+    assert max(active) - min(active) <= slack
+    assert all(f >= max(active) - slack for f, x in zip(finish, tokens, strict=True) if x == 0)
+
+
+def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
+    sched = GlobalScheduler([EngineGroup(0, "prefill", (0,)), EngineGroup(1, "decode", (100, 101, 102))],
+                            SchedulerConfig(split_reads=True))
+    sched.submit(Request(0, 96_000, 100, 10))
+    sched.fetch_prefill(0, [EngineLoad(0, 0, 0, 0)], [NodeLoad(0, 0, 1000.0)])
+    # DE 100 holds the fewest tokens and gets the decode; of the others, node 3 drains before node 2.
+    loads = [EngineLoad(100, 1, 0, 0, 10**6),
+             EngineLoad(101, 2, 5, 50_000, 10**6), EngineLoad(102, 3, 5, 50_000, 10**6)]
+    nodes = [NodeLoad(1, 0, 1000.0), NodeLoad(2, 40_000, 1000.0), NodeLoad(3, 10_000, 1000.0)]
+    [a] = sched.fetch_decode(1, loads, nodes)
+    assert (a.de, a.helper, a.side) == (100, 102, ReadSide.SPLIT)
+    # Three readers at 1000 tokens/s finish together: level (96,000 + 10,000) / 3 s, rounded to blocks.
+    assert abs(a.de_read_tokens - 35_333) <= 32 and abs(a.helper_read_tokens - 25_333) <= 32
+    assert a.pe_read_tokens + a.de_read_tokens + a.helper_read_tokens == 96_000
+
+    sched.submit(Request(1, 1_000, 100, 10))  # a small read, and every other DE's queue outlasts both sides'
+    sched.fetch_prefill(0, [EngineLoad(0, 0, 0, 0)], [])
+    [b] = sched.fetch_decode(1, loads, [NodeLoad(2, 40_000, 1000.0), NodeLoad(3, 90_000, 1000.0)])
+    assert b.helper == -1 and b.helper_read_tokens == 0 and b.pe_read_tokens + b.de_read_tokens == 1_000
 
 
 def test_split_policy_divides_hit_between_sides():

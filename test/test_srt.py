@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
+from dualpath.kv import BlockBuffer, BlockLayout, KVGeometry, block_keys, get_geometry
 from dualpath.router.store_view import StoreView
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import targets
@@ -28,11 +28,15 @@ channel = st.from_regex(r"[a-z][a-z0-9-]{0,12}@127\.0\.0\.1:[1-9][0-9]{1,4}", fu
 
 
 # -- route hints and configuration ---------------------------------------------------------------------------
-@given(channel, channel, st.integers(1, 1 << 30))
-def test_route_hint_round_trips(pe: str, de: str, de_tokens: int) -> None:
-    for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens)):
+@given(channel, channel, channel, st.integers(1, 1 << 30), st.integers(0, 1 << 30))
+def test_route_hint_round_trips(pe: str, de: str, helper: str, de_tokens: int, helper_tokens: int) -> None:
+    for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens),
+                 RouteHint(ReadSide.SPLIT, pe, de, de_tokens - 1, helper, helper_tokens + 1)):
         assert RouteHint.decode(hint.encode()) == hint
+        assert sum(hint.split(de_tokens + helper_tokens)) == de_tokens + helper_tokens
     assert RouteHint(ReadSide.DE, pe, de).de_address == de.partition("@")[2]
+    assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(1000) == (808, 64, 128)
+    assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(100) == (0, 64, 36)
 
 
 def test_route_hint_rejects_bad_input() -> None:
@@ -45,6 +49,12 @@ def test_route_hint_rejects_bad_input() -> None:
         RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2")
     with pytest.raises(ValueError, match="de_tokens"):
         RouteHint(ReadSide.DE, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64)
+    with pytest.raises(ValueError, match="helper needs"):
+        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64, "", 64)
+    with pytest.raises(ValueError, match=">= 0"):
+        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 128, "de1@127.0.0.1:3", -64)
+    with pytest.raises(ValueError, match="KV channel is"):
+        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64, "de1;x", 64)
     with pytest.raises(ValueError, match="PE side, the DE side or both"):
         RouteHint(ReadSide.NONE)
     with pytest.raises(ValueError, match="malformed"):
@@ -303,6 +313,34 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
     assert read == {"pe0": hit - de_tokens, "de0": de_tokens}
+
+
+def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:
+    from dualpath.srt.link import KVLink
+
+    ids = _prompt(7)
+    expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    hit = 64 * len(_stored(servers, ids))
+    _flush(servers)
+    root = servers["store"]
+    # A third node's DE KV channel (the DE side of the plugin without a server): the tiny model's SGLang page.
+    geometry = KVGeometry("sglang-tiny_llama-float32", 4, 2 * 64 * 4, "float32", "mha", 2, 64)
+    store = BlockStore(StoreConfig(root, model=geometry, block_tokens=64, node="de1"))
+    assert (root / store.config.namespace).is_dir()  # the servers' namespace: the same pages
+    helper = KVLink(SrtConfig("decode", "de1", str(root), 31390, timeout_s=3.0),
+                    BlockSlots(store.layout, 16, 3.0), store)
+    try:
+        before = {n: _node_read_tokens(root, n) for n in ("pe0", "de0", "de1")}
+        pe, de = _channels(servers)
+        out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.SPLIT, pe, de, 64,
+                                                                 helper.config.kv_channel, 128))
+        read = {n: _node_read_tokens(root, n) - before[n] for n in ("pe0", "de0", "de1")}
+    finally:
+        helper.close()
+        store.close()
+    assert out == expected
+    assert prefill_meta["cached_tokens_details"]["storage"] == hit
+    assert read == {"pe0": hit - 192, "de0": 64, "de1": 128}
 
 
 def test_the_compute_quota_bounds_every_prefill_batch(servers: dict) -> None:

@@ -45,6 +45,7 @@ class Placement(NamedTuple):
     de: Engine
     planned: ReadSide  # the scheduler's side
     hint: RouteHint  # what is sent: the DE side only where both servers have a DualPath KV channel
+    helper: Engine | None = None  # a split read's helper DE, when it is up and has a KV channel
 
 
 class PlacedReads:
@@ -143,8 +144,11 @@ class Decider:
                 DECODE_GROUP, [self._load(e) for e in self.registry.decode], nodes):
             placement = self._placement(assignment, engines)
             now = time.monotonic()
-            self._placed_reads.add(placement.pe.node_id, assignment.pe_read_tokens, now)
-            self._placed_reads.add(placement.de.node_id, assignment.de_read_tokens, now)
+            pe_tokens, de_tokens, helper_tokens = placement.hint.split(assignment.request.cached_tokens)
+            self._placed_reads.add(placement.pe.node_id, pe_tokens, now)
+            self._placed_reads.add(placement.de.node_id, de_tokens, now)
+            if placement.helper is not None:
+                self._placed_reads.add(placement.helper.node_id, helper_tokens, now)
             placement.de.charge(1, assignment.request.total_tokens, assignment.request.hbm_tokens)
             future = self._waiters.pop(assignment.request.request_id)
             if future.done():  # its client gave up while it waited
@@ -182,12 +186,21 @@ class Decider:
         return load
 
     def _placement(self, assignment: Assignment, engines: dict[int, Engine]) -> Placement:
+        """The hint for ``assignment``; reads meant for a DE that cannot serve them go to the PE instead."""
         pe, de = engines[assignment.pe], engines[assignment.de]
+        helper = engines.get(assignment.helper)
+        if helper is not None and not (helper.up and helper.kv_channel):
+            helper = None
         hint = RouteHint(ReadSide.PE)
         if assignment.side in (ReadSide.DE, ReadSide.SPLIT) and pe.kv_channel and de.kv_channel:
-            de_tokens = assignment.de_read_tokens if assignment.side is ReadSide.SPLIT else 0
-            hint = RouteHint(assignment.side, pe.kv_channel, de.kv_channel, de_tokens)
-        return Placement(assignment.request, pe, de, assignment.side, hint)
+            if assignment.side is ReadSide.DE:
+                hint = RouteHint(ReadSide.DE, pe.kv_channel, de.kv_channel)
+            elif helper is not None:
+                hint = RouteHint(ReadSide.SPLIT, pe.kv_channel, de.kv_channel, assignment.de_read_tokens,
+                                 helper.kv_channel, assignment.helper_read_tokens)
+            elif assignment.de_read_tokens:
+                hint = RouteHint(ReadSide.SPLIT, pe.kv_channel, de.kv_channel, assignment.de_read_tokens)
+        return Placement(assignment.request, pe, de, assignment.side, hint, helper if hint.helper_tokens else None)
 
     def _log(self, placement: Placement) -> None:
         request = placement.request

@@ -131,7 +131,7 @@ class GlobalScheduler:
             private.popleft()
             self._private_tokens[group_id] -= pick.request.total_tokens
             slot.take(pick.request, hbm=True)
-            assignments.append(self._with_read_side(pick, slot))
+            assignments.append(self._with_read_side(pick, slot, group_id))
         return assignments
 
     # -- helpers ----------------------------------------------------------------------------------------
@@ -184,28 +184,51 @@ class GlobalScheduler:
                 return allowed[engine_id]
         return None
 
-    def _with_read_side(self, pick: PrefillPick, de: EngineSlot) -> Assignment:
+    def _with_read_side(self, pick: PrefillPick, de: EngineSlot, group_id: int) -> Assignment:
         """Choose where the hit tokens are read and charge them to that node's queue until its next report."""
         request, cfg = pick.request, self.config
         hit = request.cached_tokens
         if hit == 0:
             return Assignment(request, pick.pe, de.engine_id, ReadSide.NONE, 0, 0)
         pe_node, de_node, read_q = self._engine_node[pick.pe], de.node_id, self._read_q
+        helper, helper_tokens = -1, 0
         if cfg.read_policy == "pe_only":
             pe_tokens = hit
         elif cfg.read_policy == "round_robin":
             self._rr_side ^= 1
             pe_tokens = hit if self._rr_side else 0
         elif cfg.split_reads:
+            helper = self._helper(group_id, (pe_node, de_node))
+            nodes = [pe_node, de_node] + ([self._engine_node[helper]] if helper >= 0 else [])
             unreported = NodeLoad(-1, 0).drain_tokens_per_s
-            pe_tokens = split_tokens(hit, read_q.get(pe_node, 0), read_q.get(de_node, 0),
-                                     self._drain_rate.get(pe_node, unreported),
-                                     self._drain_rate.get(de_node, unreported), cfg.split_block_tokens)
+            split = split_tokens(hit, [read_q.get(n, 0) for n in nodes],
+                                 [self._drain_rate.get(n, unreported) for n in nodes], cfg.split_block_tokens)
+            pe_tokens = split[0]
+            helper_tokens = split[2] if helper >= 0 else 0
+            helper = helper if helper_tokens else -1
         else:
             pe_tokens = hit if read_side(read_q.get(pe_node, 0), read_q.get(de_node, 0)) is ReadSide.PE else 0
-        de_tokens = hit - pe_tokens
-        side = ReadSide.PE if de_tokens == 0 else ReadSide.DE if pe_tokens == 0 else ReadSide.SPLIT
+        de_tokens = hit - pe_tokens - helper_tokens
+        side = (ReadSide.SPLIT if helper >= 0 or (pe_tokens and de_tokens)
+                else ReadSide.PE if de_tokens == 0 else ReadSide.DE)
         # PE and DE may share a node (in tests): charge one side, then read the other's queue afresh.
         read_q[pe_node] = read_q.get(pe_node, 0) + pe_tokens
         read_q[de_node] = read_q.get(de_node, 0) + de_tokens
-        return Assignment(request, pick.pe, de.engine_id, side, pe_tokens, de_tokens)
+        if helper >= 0:
+            helper_node = self._engine_node[helper]
+            read_q[helper_node] = read_q.get(helper_node, 0) + helper_tokens
+        return Assignment(request, pick.pe, de.engine_id, side, pe_tokens, de_tokens, helper, helper_tokens)
+
+    def _helper(self, group_id: int, busy_nodes: tuple[int, int]) -> int:
+        """The group's DE on another node whose read queue drains first (-1 for none): it can read a part of
+        a split request and forward it to the PE, so that a node with no read of its own is not idle."""
+        unreported = NodeLoad(-1, 0).drain_tokens_per_s
+        best, best_time = -1, 0.0
+        for engine in self._groups[group_id].engine_ids:
+            node = self._engine_node.get(engine)
+            if node is None or node in busy_nodes:
+                continue
+            drains_in = self._read_q.get(node, 0) / self._drain_rate.get(node, unreported)
+            if best < 0 or drains_in < best_time:
+                best, best_time = engine, drains_in
+        return best

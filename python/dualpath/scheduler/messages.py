@@ -87,7 +87,12 @@ class PrefillPick:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """The full decision for one request: PE, DE and how its hit tokens are read on each side."""
+    """The full decision for one request: PE, DE and how its hit tokens are read on each side.
+
+    A split read may also have a helper, another DE that reads a middle part of the hit and forwards it to
+    the PE (``-1`` for none): the DE reads the leading ``de_read_tokens``, the helper the next
+    ``helper_read_tokens``, the PE the rest.
+    """
 
     request: Request
     pe: int
@@ -95,3 +100,5 @@ class Assignment:
     side: ReadSide
     pe_read_tokens: int
     de_read_tokens: int
+    helper: int = -1
+    helper_read_tokens: int = 0

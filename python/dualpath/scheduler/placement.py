@@ -88,14 +88,29 @@ def pick_decode(slots: Sequence[EngineSlot], request: Request, z: float) -> Engi
     return normal if normal is not None else high
 
 
-def split_tokens(hit: int, pe_q: int, de_q: int, pe_rate: float, de_rate: float, block: int) -> int:
-    """Hit tokens to read on the PE side so that both queues finish together: (pe_q + x)/pe_rate =
-    (de_q + hit - x)/de_rate, clamped to [0, hit] and rounded to whole blocks."""
-    x = (pe_rate * (de_q + hit) - de_rate * pe_q) / (pe_rate + de_rate)
-    x = min(max(x, 0.0), float(hit))
-    lower = int(x) // block * block
-    upper = min(lower + block, hit)  # the request's last, partial block counts as a block
-    return lower if x - lower <= upper - x else upper
+def split_tokens(hit: int, queues: Sequence[int], rates: Sequence[float], block: int) -> list[int]:
+    """Hit tokens per reader so that all read queues finish together (water-filling: readers whose queue
+    outlasts the others read nothing). The readers after the first read consecutive ranges of the hit, the
+    first reads the rest; the ranges' ends fall on whole blocks or on the end of the hit, whichever is nearer
+    (the request's last, partial block counts as a block).
+    """
+    finish = sorted(range(len(queues)), key=lambda i: queues[i] / rates[i])
+    level, queued, rate = 0.0, 0.0, 0.0
+    for rank, i in enumerate(finish):
+        queued, rate = queued + queues[i], rate + rates[i]
+        level = (hit + queued) / rate
+        if rank + 1 == len(finish) or level <= queues[finish[rank + 1]] / rates[finish[rank + 1]]:
+            break
+    tokens = [0] * len(queues)
+    end, exact_end = 0, 0.0
+    for i in range(1, len(queues)):
+        exact_end = min(exact_end + max(0.0, level * rates[i] - queues[i]), float(hit))
+        lower = int(exact_end) // block * block
+        upper = min(lower + block, hit)
+        tokens[i] = (lower if exact_end - lower <= upper - exact_end else upper) - end
+        end += tokens[i]
+    tokens[0] = hit - end
+    return tokens
 
 
 def read_side(pe_q: int, de_q: int) -> ReadSide:

@@ -6,7 +6,8 @@ it for metrics only. DualPath rides on it, e.g.
 ``dualpath/1;side=de;pe=pe-node0@127.0.0.1:31001;de=de-node1@127.0.0.1:31002``: the KV channels (agent
 name and control address) of the chosen PE and DE, so that either side can reach the other. A split read
 (``side=split;...;de_tokens=1024``) has the DE read the leading ``de_tokens`` hit tokens and the PE the
-rest. A request without a DualPath key takes the PE read path, which is stock SGLang behaviour.
+rest; with ``help=<channel>;help_tokens=512`` another DE reads the next ``help_tokens`` for the PE.
+A request without a DualPath key takes the PE read path, which is stock SGLang behaviour.
 """
 
 from __future__ import annotations
@@ -30,16 +31,24 @@ class RouteHint:
     pe_channel: str = ""
     de_channel: str = ""
     de_tokens: int = 0  # split reads: the leading hit tokens the DE reads
+    helper_channel: str = ""  # split reads: another DE that reads the next ``helper_tokens`` for the PE
+    helper_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.side not in (ReadSide.PE, ReadSide.DE, ReadSide.SPLIT):
             raise ValueError(f"a route hint reads on the PE side, the DE side or both, not {self.side}")
         if self.side is not ReadSide.PE and not (self.pe_channel and self.de_channel):
             raise ValueError(f"a {self.side.value}-side route hint needs the KV channels of both the PE and the DE")
-        if (self.de_tokens > 0) != (self.side is ReadSide.SPLIT):
-            raise ValueError(f"de_tokens > 0 goes with a split read and only with it; got {self.side.value} "
-                             f"with de_tokens={self.de_tokens}")
-        for value in (self.pe_channel, self.de_channel):
+        if self.de_tokens < 0 or self.helper_tokens < 0:
+            raise ValueError(f"token counts must be >= 0, got de_tokens={self.de_tokens}, "
+                             f"help_tokens={self.helper_tokens}")
+        if (self.de_tokens + self.helper_tokens > 0) != (self.side is ReadSide.SPLIT):
+            raise ValueError(f"de_tokens or help_tokens > 0 go with a split read and only with it; got "
+                             f"{self.side.value} with de_tokens={self.de_tokens}, help_tokens={self.helper_tokens}")
+        if bool(self.helper_channel) != (self.helper_tokens > 0):
+            raise ValueError(f"a helper needs both its channel and help_tokens > 0; got {self.helper_channel!r} "
+                             f"with help_tokens={self.helper_tokens}")
+        for value in (self.pe_channel, self.de_channel, self.helper_channel):
             if value and (any(c in value for c in ";=") or value.count("@") != 1):
                 raise ValueError(f"a KV channel is 'agent@host:port' without ';' or '=', got {value!r}")
 
@@ -59,12 +68,24 @@ class RouteHint:
     def de_address(self) -> str:
         return self.de_channel.partition("@")[2]
 
+    def split(self, hit: int) -> tuple[int, int, int]:
+        """Of ``hit`` stored tokens, how many the (PE, DE, helper) read under this hint."""
+        if self.side is ReadSide.PE:
+            return hit, 0, 0
+        if self.side is ReadSide.DE:
+            return 0, hit, 0
+        de = min(self.de_tokens, hit)
+        helper = min(self.helper_tokens, hit - de)
+        return hit - de - helper, de, helper
+
     def encode(self) -> str:
         fields = [PREFIX, f"side={self.side.value}"]
         if self.side is not ReadSide.PE:
             fields += [f"pe={self.pe_channel}", f"de={self.de_channel}"]
         if self.de_tokens:
             fields.append(f"de_tokens={self.de_tokens}")
+        if self.helper_tokens:
+            fields += [f"help={self.helper_channel}", f"help_tokens={self.helper_tokens}"]
         return ";".join(fields)
 
     @staticmethod
@@ -75,6 +96,6 @@ class RouteHint:
         try:
             fields = dict(item.split("=", 1) for item in routing_key.split(";")[1:])
             return RouteHint(ReadSide(fields["side"]), fields.get("pe", ""), fields.get("de", ""),
-                             int(fields.get("de_tokens", 0)))
+                             int(fields.get("de_tokens", 0)), fields.get("help", ""), int(fields.get("help_tokens", 0)))
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed DualPath routing key {routing_key!r}: {exc}") from exc

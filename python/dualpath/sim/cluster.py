@@ -182,16 +182,17 @@ class Cluster:
         de = self._de_by_id[assignment.de]
         de.place(request)
         job.de = assignment.de
-        pe_tokens = assignment.pe_read_tokens
-        job.de_read_tokens = de_tokens = assignment.de_read_tokens
-        job.pending_reads = (pe_tokens > 0) + (de_tokens > 0) if self.spec.mode.io else 0
-        if job.pending_reads == 0:
+        job.de_read_tokens = assignment.de_read_tokens
+        reads = [(self.pes[assignment.pe].node_id, assignment.pe_read_tokens), (de.node_id, assignment.de_read_tokens)]
+        if assignment.helper >= 0:  # its reads reach the PE over RDMA and go on to the DE with the PE's own
+            reads.append((self._de_by_id[assignment.helper].node_id, assignment.helper_read_tokens))
+        reads = [(node, tokens) for node, tokens in reads if tokens > 0] if self.spec.mode.io else []
+        job.pending_reads = len(reads)
+        if not reads:
             self._ready(job)
             return
-        if pe_tokens > 0:
-            self._read(self.pes[assignment.pe].node_id, pe_tokens, job)
-        if de_tokens > 0:
-            self._read(de.node_id, de_tokens, job)
+        for node, tokens in reads:
+            self._read(node, tokens, job)
 
     def _read(self, node_id: int, tokens: int, job: Job) -> None:
         nic, now = self.nics[node_id], self.env.now

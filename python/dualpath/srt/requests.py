@@ -29,6 +29,7 @@ class Route(NamedTuple):
     room: int | None
     hint: RouteHint | None
     de_keys: frozenset[str] = frozenset()  # split reads: the page keys the DE reads (see ``split``)
+    helper_keys: frozenset[str] = frozenset()  # split reads: the page keys the helper DE reads
 
     @property
     def side(self) -> ReadSide:
@@ -36,11 +37,17 @@ class Route(NamedTuple):
         return self.hint.side if self.hint is not None else ReadSide.PE
 
     def reads_on(self, key: str) -> ReadSide:
-        """The side that reads the page ``key`` (PE or DE)."""
+        """The side that reads the page ``key``: DE for the request's DE, PE for the prefill or a helper."""
         side = self.side
         if side is ReadSide.SPLIT:
             return ReadSide.DE if key in self.de_keys else ReadSide.PE
         return side
+
+    def reader(self, key: str) -> str:
+        """The KV channel of the DE that reads the page ``key`` for the prefill; "" for the prefill's own NIC."""
+        if self.side is ReadSide.DE or key in self.de_keys:
+            return self.hint.de_channel
+        return self.hint.helper_channel if key in self.helper_keys else ""
 
 
 _routes: OrderedDict[str, Route] = OrderedDict()
@@ -65,9 +72,10 @@ def record(rid: str, room: int | None, routing_key: str | None) -> Route:
     return route
 
 
-def split(route: Route, de_keys: frozenset[str]) -> Route:
-    """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``)."""
-    route = route._replace(de_keys=de_keys)
+def split(route: Route, de_keys: frozenset[str], helper_keys: frozenset[str] = frozenset()) -> Route:
+    """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``) and
+    which its helper reads (the next ``helper_tokens``)."""
+    route = route._replace(de_keys=de_keys, helper_keys=helper_keys)
     with _lock:
         if route.rid in _routes:
             _routes[route.rid] = route

@@ -7,7 +7,9 @@ Blocks of ``2 x layers`` planes under SGLang's own page keys, so any server find
 Per request (see ``requests.py``):
 - PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
 - DE side: the prefill asks the request's DE for the pages (``link.py``); if that fails it reads them
-  itself, and a page in neither place ends the hit, so the rest is recomputed. The decode reads the
+  itself, and a page in neither place ends the hit, so the rest is recomputed.
+- Split: the DE reads the leading pages, a helper DE (optional) the next ones, the prefill the rest; the
+  prefill fetches the DEs' pages as above. The decode reads the
   prefix for itself only for DE-side requests; for PE-side ones the prefill sends it, as in stock PD.
 - Write-back: the decode writes every full page; the prefill never writes.
 """
@@ -138,7 +140,7 @@ class DualPathStorage(HiCacheStorage):
 
     def _on_arrival(self, route: requests.Route, input_ids: list[int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
-        the background, on the side the router chose (this node's NIC, or the DE's through the KV link).
+        the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link).
 
         HiCache reads pages for one request after another on a single I/O thread. Reading only when it gets
         there would leave one NIC idle while the other reads: a DE-side request at the head of that queue
@@ -148,15 +150,19 @@ class DualPathStorage(HiCacheStorage):
         """
         if route.hint is None:
             return
-        page = self.mem_pool_host.page_size
+        page, hint = self.mem_pool_host.page_size, route.hint
+        readers = [hint.de_channel] if route.side is ReadSide.DE else [""]
         if route.side is ReadSide.SPLIT:
-            de_pages = min(route.hint.de_tokens, len(input_ids)) // page
-            route = requests.split(route, frozenset(block_keys(input_ids[: de_pages * page], page)))
+            de_end = min(hint.de_tokens, len(input_ids)) // page * page
+            helper_end = min(de_end + hint.helper_tokens, len(input_ids)) // page * page
+            keys = block_keys(input_ids[:helper_end], page)
+            route = requests.split(route, frozenset(keys[: de_end // page]), frozenset(keys[de_end // page:]))
+            readers = [r for r, pages in ((hint.de_channel, de_end), (hint.helper_channel, helper_end - de_end))
+                       if pages] + [""]
         if self.config.role == "prefill" and self.link is not None:
             arrived, ids = time.monotonic(), list(input_ids)
-            for side in (ReadSide.DE, ReadSide.PE) if route.side is ReadSide.SPLIT else (route.side,):
-                self._early_pool(route.hint.de_channel if side is ReadSide.DE else "").submit(
-                    self._fetch_early, route, side, ids, arrived)
+            for reader in readers:
+                self._early_pool(reader).submit(self._fetch_early, route, reader, ids, arrived)
 
     def _early_pool(self, reader: str) -> ThreadPoolExecutor:
         """The early-read threads of one NIC: ``""`` for this node's, a DE's KV channel for that DE's."""
@@ -167,36 +173,39 @@ class DualPathStorage(HiCacheStorage):
                 pool = self._early[reader] = ThreadPoolExecutor(2, thread_name_prefix=name)
             return pool
 
-    def _fetch_early(self, route: requests.Route, side: ReadSide, input_ids: list[int], arrived: float) -> None:
-        """Read the stored prefix pages of ``route`` that ``side`` reads into the slot cache."""
+    def _fetch_early(self, route: requests.Route, reader: str, input_ids: list[int], arrived: float) -> None:
+        """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
+        name = reader.partition("@")[0] or "PE"
         try:
             store, page = self._store(), self.mem_pool_host.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
-            keys = [key for key in keys[: store.prefix_length(keys)] if route.reads_on(key) is side]
+            keys = [key for key in keys[: store.prefix_length(keys)] if route.reader(key) == reader]
             started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
                 self.slots.release(self._pinned(route, keys[start:start + EARLY_BATCH]))
             # Where a request's time goes before its prefill: queued for a reader, then reading.
-            log.info("request %s: %d pages read on the %s side in %.1f s, %.1f s after it arrived", route.rid,
-                     len(keys), side.name, time.monotonic() - started, time.monotonic() - arrived)
+            log.info("request %s: %d pages read by %s in %.1f s, %.1f s after it arrived", route.rid,
+                     len(keys), name, time.monotonic() - started, time.monotonic() - arrived)
         except Exception:  # the prefetch reads the pages itself when they are not here
-            log.exception("request %s: early read on the %s side failed", route.rid, side.name)
+            log.exception("request %s: early read by %s failed", route.rid, name)
 
-    def _from_both(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
-        """A slot source: the request's DE for the pages it reads, this node's NIC for the rest and for the
-        DE's pages when the DE fails."""
+    def _from_readers(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
+        """A slot source: the DEs that read pages for this request (its own DE, a helper) for theirs, this
+        node's NIC for the rest and for the pages of a DE that fails."""
         def source(keys: list[str], slots: list[int]) -> list[bool]:
-            from_de = [i for i, key in enumerate(keys) if route.reads_on(key) is ReadSide.DE]
             ok = [False] * len(keys)
-            if from_de:
-                fetched = self.link.fetch(route.hint.de_channel, [keys[i] for i in from_de],
-                                          [slots[i] for i in from_de])
+            remote: dict[str, list[int]] = {}
+            for i, key in enumerate(keys):
+                if reader := route.reader(key):
+                    remote.setdefault(reader, []).append(i)
+            for reader, indices in remote.items():
+                fetched = self.link.fetch(reader, [keys[i] for i in indices], [slots[i] for i in indices])
                 if fetched.ok:
-                    for i in from_de:
+                    for i in indices:
                         ok[i] = True
                 else:
-                    log.warning("request %s: DE read path failed (%s); reading on the PE side", route.rid,
-                                fetched.reason)
+                    log.warning("request %s: read path through %s failed (%s); reading on the PE side", route.rid,
+                                reader.partition("@")[0], fetched.reason)
             rest = [i for i in range(len(keys)) if not ok[i]]
             if rest:
                 blocks = self.slots.buffer.blocks([slots[i] for i in rest])
@@ -210,7 +219,7 @@ class DualPathStorage(HiCacheStorage):
         """Pinned slots holding the leading ``keys``: on a prefill, from the request's DE for the pages the DE
         reads; otherwise from this node's store (the slot cache serves either when it has the page)."""
         if self.config.role == "prefill" and route.side in (ReadSide.DE, ReadSide.SPLIT) and self.link is not None:
-            return self.slots.fill(keys, self._from_both(route))
+            return self.slots.fill(keys, self._from_readers(route))
         return self.slots.read(self._store(), keys)
 
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
