@@ -342,6 +342,15 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     assert read == {"pe0": hit - 192, "de0": 64, "de1": 128}
 
+    # A helper that is gone (its channel closed above): the prefill reads the helper's part itself.
+    _flush(servers)
+    before = {n: _node_read_tokens(root, n) for n in ("pe0", "de0", "de1")}
+    out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.SPLIT, pe, de, 64, helper.config.kv_channel, 128))
+    read = {n: _node_read_tokens(root, n) - before[n] for n in ("pe0", "de0", "de1")}
+    assert out == expected
+    assert prefill_meta["cached_tokens_details"]["storage"] == hit
+    assert read == {"pe0": hit - 64, "de0": 64, "de1": 0}
+
 
 def test_the_compute_quota_bounds_every_prefill_batch(servers: dict) -> None:
     ids = _prompt(5)

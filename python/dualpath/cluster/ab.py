@@ -48,6 +48,7 @@ class RunSummary:
     nic_utilisation: dict[str, float]
     de_read_share: float
     first_error: str
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU time each node's server used during the run
     # Bytes each node had read since the run started, sampled every NicSampler.INTERVAL_S: (seconds, bytes).
     nic_timeline: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per measured request (RequestRecord fields)
@@ -92,7 +93,8 @@ class NicSampler:
 
 
 def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_per_s: float,
-              nic_timeline: dict[str, list[tuple[float, int]]] | None = None) -> RunSummary:
+              nic_timeline: dict[str, list[tuple[float, int]]] | None = None,
+              cpu_s: dict[str, float] | None = None) -> RunSummary:
     ok = [r for r in result.records if r.ok]
     tokens = sum(r.prompt_tokens - r.context_tokens + r.output_tokens for r in ok)
     tpots = [t for r in ok if (t := r.tpot_s) is not None]
@@ -103,7 +105,7 @@ def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_p
         _pct([r.ttft_s for r in ok], 50), _pct([r.ttft_s for r in ok], 99), _pct(tpots, 50), _pct(tpots, 99),
         read, {n: b / (nic_bytes_per_s * result.makespan_s) for n, b in read.items()},
         sum(b for n, b in read.items() if n.startswith("de")) / total_read,
-        next((r.error for r in result.records if not r.ok), ""),
+        next((r.error for r in result.records if not r.ok), ""), cpu_s or {},
         nic_timeline or {}, [asdict(r) for r in result.records],
     )
 
@@ -119,7 +121,7 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
         for seed, run_mode in enumerate(("baseline", mode)):
             cluster.reset()
             cluster.route(run_mode)
-            before = node_read_bytes(view, nodes)
+            before, cpu_before = node_read_bytes(view, nodes), cluster.cpu_seconds()
             task = progress.add_task(f"{run_mode:>8}", total=total) if progress is not None else None
 
             def advance(_record: object, task: object = task) -> None:
@@ -134,10 +136,11 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
             with NicSampler(view, nodes) as sampler:
                 result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
                                             between_rounds=between_rounds, on_record=advance))
-            after = node_read_bytes(view, nodes)
+            after, cpu_after = node_read_bytes(view, nodes), cluster.cpu_seconds()
             read = {n: after[n] - before[n] for n in nodes}
+            cpu = {n: cpu_after[n] - cpu_before[n] for n in cpu_after}
             summaries.append(summarise(run_mode, result, read, cluster.config.nic_gbps * 1e9 / 8,
-                                       sampler.timeline))
+                                       sampler.timeline, cpu))
     finally:
         view.close()
     cluster.stop_router()

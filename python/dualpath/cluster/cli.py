@@ -86,6 +86,8 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
         t.add_row(label, *(fmt.format(v) for v in values), ratio)
     for node in nodes:
         t.add_row(f"storage NIC {node} busy", *(f"{s.nic_utilisation[node]:.0%}" for s in summaries), "")
+    for node in nodes:  # the whole replay, warm-up round included
+        t.add_row(f"CPU s, {node}'s server", *(f"{s.cpu_s.get(node, 0):.0f}" for s in summaries), "")
     return t
 
 

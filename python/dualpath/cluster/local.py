@@ -202,6 +202,10 @@ class LocalCluster:
             time.sleep(0.2)
         return False
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time each node's server has used so far."""
+        return {server.spec.node: server.cpu_seconds() for server in self.servers}
+
     def reset(self) -> None:
         """Empty every cache and the store, so the next run starts cold like the previous one."""
         self.flush()

@@ -81,17 +81,27 @@ def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     return cmd + list(options.extra_args) + list(spec.extra_args)
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Processes of group ``pgid`` that are still running (zombies, which hold nothing, excluded)."""
+def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc stat fields after the command name) of every process in group ``pgid``."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
+        if int(fields[2]) == pgid:
+            members.append((int(stat.parent.name), fields))
     return members
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are still running (zombies, which hold nothing, excluded)."""
+    return [pid for pid, fields in _group_stats(pgid) if fields[0] != "Z"]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of group ``pgid``."""
+    return sum(int(f[11]) + int(f[12]) for _, f in _group_stats(pgid)) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -114,6 +124,10 @@ class Server:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server's processes (scheduler, tokenizer, detokenizer, ...)."""
+        return group_cpu_seconds(self.process.pid)
 
     def healthy(self) -> bool:
         try:
