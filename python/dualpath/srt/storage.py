@@ -7,10 +7,10 @@ Blocks of ``2 x layers`` planes under SGLang's own page keys, so any server find
 Per request (see ``requests.py``):
 - PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
 - DE side: the prefill asks the request's DE for the pages (``link.py``); if that fails it reads them
-  itself, and a page in neither place ends the hit, so the rest is recomputed.
-- Split: the DE reads the leading pages, a helper DE (optional) the next ones, the prefill the rest; the
-  prefill fetches the DEs' pages as above. The decode reads the
+  itself, and a page in neither place ends the hit, so the rest is recomputed. The decode reads the
   prefix for itself only for DE-side requests; for PE-side ones the prefill sends it, as in stock PD.
+- Split: the DE reads the leading pages (for itself and the prefill), a helper DE (optional) the next
+  ones, the prefill the rest; the prefill fetches the DEs' pages as above and sends the DE what follows its own.
 - Write-back: the decode writes every full page; the prefill never writes.
 """
 
