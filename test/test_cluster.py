@@ -38,6 +38,8 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
     for run in (baseline, dualpath):
         assert run.failed == 0 and run.requests == 6, run.first_error
         assert sum(run.node_read_bytes.values()) > 0  # every measured turn read its context from the store
+        assert all(len(r["token_intervals_s"]) == r["output_tokens"] - 1 for r in run.records)
+        assert 0 < run.itl_p50_s <= run.itl_p99_s
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
     assert min(dualpath.node_read_bytes.values()) > 0  # split reads: both NICs read
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind

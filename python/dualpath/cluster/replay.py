@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 
@@ -35,6 +36,7 @@ class RequestRecord:
     e2e_s: float
     ok: bool
     error: str = ""
+    token_intervals_s: tuple[float, ...] = ()  # between the stream's tokens after the first (inter-token latency)
 
     @property
     def tpot_s(self) -> float | None:
@@ -52,14 +54,22 @@ def _fresh(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(*VOCAB) for _ in range(count)]
 
 
+class Streamed(NamedTuple):
+    output_ids: list[int]
+    ttft_s: float
+    token_intervals_s: tuple[float, ...]
+
+
 async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], max_new: int,
-                    timeout_s: float) -> tuple[list[int], float]:
-    """Stream one request; (output ids, seconds to the first chunk)."""
+                    timeout_s: float) -> Streamed:
+    """Stream one request: its output ids, the seconds to the first chunk and between the tokens after it."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
     started = time.perf_counter()
     first: float | None = None
     output: list[int] = []
+    intervals: list[float] = []
+    last = 0.0
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with session.post(f"{url}/generate", json=body, timeout=timeout) as response:
         if response.status != 200:
@@ -71,13 +81,19 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
             chunk = json.loads(line[5:])
             if "error" in chunk:
                 raise RuntimeError(str(chunk["error"])[:300])
+            now = time.perf_counter()
             if first is None:
-                first = time.perf_counter() - started
+                first = now - started
             ids_so_far = chunk.get("output_ids") or []
-            output = ids_so_far if len(ids_so_far) >= len(output) else output + ids_so_far
+            grown = ids_so_far if len(ids_so_far) >= len(output) else output + ids_so_far
+            if output and len(grown) > len(output):  # a chunk of k tokens: k intervals of (its wait) / k
+                intervals += [(now - last) / (len(grown) - len(output))] * (len(grown) - len(output))
+            if len(grown) > len(output):
+                last = now
+            output = grown
     if first is None:
         raise RuntimeError("the stream ended without a token")
-    return output, first
+    return Streamed(output, first, tuple(intervals))
 
 
 class _Agent:
@@ -104,9 +120,9 @@ async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: 
     gen = min(gen, max_gen) if max_gen else gen
     start = time.perf_counter()
     try:
-        output, ttft = await _generate(session, url, prompt, gen, timeout_s)
+        output, ttft, intervals = await _generate(session, url, prompt, gen, timeout_s)
         record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, len(output), start - t0, ttft,
-                               time.perf_counter() - start, True)
+                               time.perf_counter() - start, True, token_intervals_s=intervals)
     except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError) as exc:
         output = _fresh(agent.rng, gen)  # the agent carries on as if it had an answer
         record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, 0, start - t0, 0.0,
