@@ -569,23 +569,3 @@ def test_bench_store_writes_side_by_side_records_and_removes_its_scratch(root, c
         assert record["ratio"] == pytest.approx(record["value"] / record["baseline_value"])
         assert record["command"].startswith("dualpath bench-store")
     assert not scratch.exists()
-
-
-def test_io_threads_run_at_the_configured_nice_and_the_caller_keeps_its_own(root, monkeypatch):
-    with pytest.raises(ValueError, match="io_nice"):
-        StoreConfig(root=root, io_nice=20)
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    seen: list[int] = []
-    readv = PosixIO.readv
-
-    def noting_nice(self, fd, buffers, offset):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return readv(self, fd, buffers, offset)
-
-    monkeypatch.setattr(PosixIO, "readv", noting_nice)
-    with open_store(root, io_nice=5) as store:
-        keys = keys_for(2)
-        assert store.write(keys, fill(BlockBuffer(store.layout, 2), 2, seed=21)) == [OK] * 2
-        assert store.read(keys, poisoned(store, 2).blocks(range(2))) == [OK] * 2
-    assert seen and set(seen) == {min(19, caller + 5)}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller

@@ -11,9 +11,6 @@ import msgspec
 ENV = "DUALPATH_SRT_CONFIG"
 CPU_ENV = "DUALPATH_CPU_SUPPORT"
 Role = Literal["prefill", "decode", "null"]
-# Nice increment of a server's storage and KV-forwarding threads: DualPath's KV traffic runs at low
-# priority, on the CPU as on the network, so that it never delays the scheduler's own thread.
-IO_NICE = 10
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ from typing import NamedTuple
 
 import msgspec
 from dualpath.srt.blocks import BlockSlots
-from dualpath.srt.config import IO_NICE, SrtConfig
+from dualpath.srt.config import SrtConfig
 from dualpath.store import BlockStore
-from dualpath.store.io import lower_thread_priority
 from dualpath.transfer import KVChannel, TransferConfig, TransferFailed, grid_for_buffer
 from dualpath.transfer.messages import Expect
 
@@ -42,8 +41,7 @@ class KVLink:
         self._slots = slots
         self._store = store
         self._planes = slots.buffer.layout.geometry.layers
-        self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve",
-                                           initializer=lower_thread_priority, initargs=(IO_NICE,))
+        self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve")
         self._connect_lock = threading.Lock()
         self._ids = itertools.count()
         self.channel = KVChannel(

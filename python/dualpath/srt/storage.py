@@ -32,10 +32,9 @@ from dualpath.kv import KVGeometry, block_keys
 from dualpath.scheduler import ReadSide
 from dualpath.srt import requests
 from dualpath.srt.blocks import BlockSlots
-from dualpath.srt.config import IO_NICE, SrtConfig
+from dualpath.srt.config import SrtConfig
 from dualpath.srt.link import KVLink
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
-from dualpath.store.io import lower_thread_priority
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class DualPathStorage(HiCacheStorage):
         geometry = page_geometry(mem_pool_host, self.model_name)
         self.store = BlockStore(StoreConfig(self.config.store_root, model=geometry,
                                             block_tokens=mem_pool_host.page_size, node=self.config.node,
-                                            nic_gbps=self.config.nic_gbps, io_nice=IO_NICE))
+                                            nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store)
         announcement = Path(self.config.announcement)
@@ -171,8 +170,7 @@ class DualPathStorage(HiCacheStorage):
             pool = self._early.get(reader)
             if pool is None:
                 name = f"dualpath-early-{reader.partition('@')[0] or 'pe'}"
-                pool = self._early[reader] = ThreadPoolExecutor(2, thread_name_prefix=name,
-                                                                initializer=lower_thread_priority, initargs=(IO_NICE,))
+                pool = self._early[reader] = ThreadPoolExecutor(2, thread_name_prefix=name)
             return pool
 
     def _fetch_early(self, route: requests.Route, reader: str, input_ids: list[int], arrived: float) -> None:

@@ -29,8 +29,6 @@ class StoreConfig:
     # Eviction frees down to this fraction of capacity so that one scan serves many writes.
     evict_to_fraction: float = 0.9
     io_threads: int = 8
-    # Nice increment of the I/O threads: on a server, reads and writes yield the CPU to its compute threads.
-    io_nice: int = 0
     # A writer starts a new segment file once its current one holds this many bytes.
     segment_bytes: int = 1 << 30
     # None probes the file system once: O_DIRECT where it is supported (not on tmpfs), buffered elsewhere.
@@ -52,8 +50,6 @@ class StoreConfig:
             raise ValueError(f"evict_to_fraction must be in (0, 1], got {self.evict_to_fraction}")
         if self.io_threads <= 0:
             raise ValueError(f"io_threads must be positive, got {self.io_threads}")
-        if not 0 <= self.io_nice <= 19:
-            raise ValueError(f"io_nice must be within 0-19, got {self.io_nice}")
         if self.segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, got {self.segment_bytes}")
         if not self.node or "/" in self.node or self.node.startswith("."):

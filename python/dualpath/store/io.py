@@ -34,13 +34,6 @@ class BlockIO(Protocol):
     def shutdown(self) -> None: ...
 
 
-def lower_thread_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (Linux nice is per thread), up to 19."""
-    if increment:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-
-
 def supports_direct_io(directory: Path) -> bool:
     """Whether files in ``directory`` accept O_DIRECT (tmpfs and some FUSE mounts refuse it)."""
     probe = directory / f".direct-probe-{os.getpid()}-{threading.get_ident()}"

@@ -31,7 +31,7 @@ from dualpath.store.blockfile import BlockFile, CorruptBlock, check_key, scratch
 from dualpath.store.capacity import Capacity, Evicted, NoSpace
 from dualpath.store.config import StoreConfig
 from dualpath.store.index import Entry, Index
-from dualpath.store.io import BlockIO, PosixIO, UsrbioIO, lower_thread_priority, supports_direct_io
+from dualpath.store.io import BlockIO, PosixIO, UsrbioIO, supports_direct_io
 from dualpath.store.node import NodeState, ReadQueue, sleep_until
 from dualpath.store.segments import Appender, OpenSegments, Segment, collect_orphans, free_range, punch_hole
 
@@ -107,8 +107,7 @@ class BlockStore:
         except BaseException:
             self.capacity.close()
             raise
-        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix=f"store-{config.node}",
-                                        initializer=lower_thread_priority, initargs=(config.io_nice,))
+        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix=f"store-{config.node}")
 
     def _make_io(self, config: StoreConfig) -> BlockIO:
         if config.hf3fs_mount is not None:
