@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dualpath.kv import BlockBuffer, BlockLayout, KVGeometry, block_keys, get_geometry
+from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
 from dualpath.router.store_view import StoreView
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import targets
@@ -316,7 +316,11 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:
+    import types
+
+    import torch
     from dualpath.srt.link import KVLink
+    from dualpath.srt.storage import page_geometry
 
     ids = _prompt(7)
     expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
@@ -324,7 +328,8 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     _flush(servers)
     root = servers["store"]
     # A third node's DE KV channel (the DE side of the plugin without a server): the tiny model's SGLang page.
-    geometry = KVGeometry("sglang-tiny_llama-float32", 4, 2 * 64 * 4, "float32", "mha", 2, 64)
+    pool = types.SimpleNamespace(layout="layer_first", dtype=torch.float32, layer_num=2, head_num=2, head_dim=64)
+    geometry = page_geometry(pool, "tiny_llama")
     store = BlockStore(StoreConfig(root, model=geometry, block_tokens=64, node="de1"))
     assert (root / store.config.namespace).is_dir()  # the servers' namespace: the same pages
     helper = KVLink(SrtConfig("decode", "de1", str(root), 31390, timeout_s=3.0),

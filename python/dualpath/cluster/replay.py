@@ -86,11 +86,10 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
                 first = now - started
             ids_so_far = chunk.get("output_ids") or []
             grown = ids_so_far if len(ids_so_far) >= len(output) else output + ids_so_far
-            if output and len(grown) > len(output):  # a chunk of k tokens: k intervals of (its wait) / k
-                intervals += [(now - last) / (len(grown) - len(output))] * (len(grown) - len(output))
-            if len(grown) > len(output):
-                last = now
-            output = grown
+            if (new := len(grown) - len(output)) > 0:
+                if output:  # a chunk of k tokens after the first: k intervals of (its wait) / k
+                    intervals += [(now - last) / new] * new
+                last, output = now, grown
     if first is None:
         raise RuntimeError("the stream ended without a token")
     return Streamed(output, first, tuple(intervals))

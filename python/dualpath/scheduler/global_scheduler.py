@@ -24,6 +24,8 @@ from dualpath.scheduler.placement import (
     tiebreak,
 )
 
+UNREPORTED_RATE = NodeLoad(-1, 0).drain_tokens_per_s
+
 
 class GlobalScheduler:
     """Inter-engine scheduling state. Not thread-safe: the caller serialises `submit` and fetches."""
@@ -200,9 +202,8 @@ class GlobalScheduler:
         elif cfg.split_reads:
             helper = self._helper(group_id, (pe_node, de_node))
             nodes = [pe_node, de_node] + ([self._engine_node[helper]] if helper >= 0 else [])
-            unreported = NodeLoad(-1, 0).drain_tokens_per_s
-            split = split_tokens(hit, [read_q.get(n, 0) for n in nodes],
-                                 [self._drain_rate.get(n, unreported) for n in nodes], cfg.split_block_tokens)
+            split = split_tokens(hit, [read_q.get(n, 0) for n in nodes], [self._rate(n) for n in nodes],
+                                 cfg.split_block_tokens)
             pe_tokens = split[0]
             helper_tokens = split[2] if helper >= 0 else 0
             helper = helper if helper_tokens else -1
@@ -219,16 +220,19 @@ class GlobalScheduler:
             read_q[helper_node] = read_q.get(helper_node, 0) + helper_tokens
         return Assignment(request, pick.pe, de.engine_id, side, pe_tokens, de_tokens, helper, helper_tokens)
 
+    def _rate(self, node: int) -> float:
+        """A node's last reported drain rate; a node that has not reported counts as ``NodeLoad(node, 0)``."""
+        return self._drain_rate.get(node, UNREPORTED_RATE)
+
     def _helper(self, group_id: int, busy_nodes: tuple[int, int]) -> int:
         """The group's DE on another node whose read queue drains first (-1 for none): it can read a part of
         a split request and forward it to the PE, so that a node with no read of its own is not idle."""
-        unreported = NodeLoad(-1, 0).drain_tokens_per_s
         best, best_time = -1, 0.0
         for engine in self._groups[group_id].engine_ids:
             node = self._engine_node.get(engine)
             if node is None or node in busy_nodes:
                 continue
-            drains_in = self._read_q.get(node, 0) / self._drain_rate.get(node, unreported)
+            drains_in = self._read_q.get(node, 0) / self._rate(node)
             if best < 0 or drains_in < best_time:
                 best, best_time = engine, drains_in
         return best

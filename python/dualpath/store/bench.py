@@ -58,10 +58,9 @@ def _raw_read(path: Path, destinations: list[np.ndarray], total: int) -> float:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         start = time.perf_counter()
-        offset = 0
-        for destination in itertools.cycle(destinations):
-            if offset >= total:
-                break
+        offset, turns = 0, itertools.cycle(destinations)
+        while offset < total:
+            destination = next(turns)
             nread = os.preadv(fd, [destination[: min(destination.nbytes, round_up(total - offset))]], offset)
             if nread == 0:
                 raise RuntimeError(f"{path} ended at {offset} of {total} bytes")
