@@ -75,34 +75,34 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
     try:
         cluster.start()
         leaders = [s.process.pid for s in cluster.servers]
-        cluster.route("dualpath")
+        url = cluster.route("dualpath")
         with ThreadPoolExecutor(len(prompts)) as pool:
-            outputs = list(pool.map(lambda ids: _generate(cluster.url, ids, 4), prompts))
+            outputs = list(pool.map(lambda ids: _generate(url, ids, 4), prompts))
             assert cluster.wait_stored(prompts, timeout_s=180), "the decodes did not write turn 1 back"
             cluster.flush()
-            seen = len(_get(f"{cluster.url}/dualpath/decisions")["decisions"])
+            seen = len(_get(f"{url}/dualpath/decisions")["decisions"])
             turn2 = [ids + out + [rng.randrange(3, 32000) for _ in range(64)]
                      for ids, out in zip(prompts, outputs, strict=True)]
-            pending = [pool.submit(_generate, cluster.url, ids, 8) for ids in turn2]
+            pending = [pool.submit(_generate, url, ids, 8) for ids in turn2]
             victim = None
             deadline = time.monotonic() + 120
             while victim is None and time.monotonic() < deadline and not all(f.done() for f in pending):
-                for d in _get(f"{cluster.url}/dualpath/decisions")["decisions"][seen:]:
+                for d in _get(f"{url}/dualpath/decisions")["decisions"][seen:]:
                     server = next(s for s in cluster.servers if s.url == d["decode"])
                     if d["side"] == "de" and view.read_queue(server.spec.node).pending_bytes > 0:
                         victim = server
                         break
                 time.sleep(0.05)
-            decisions = _get(f"{cluster.url}/dualpath/decisions")["decisions"][seen:]
+            decisions = _get(f"{url}/dualpath/decisions")["decisions"][seen:]
             assert victim is not None, f"no decode read a DE-side request's pages; decisions: {decisions}"
             os.killpg(victim.process.pid, signal.SIGKILL)
             answers = [f.result() for f in pending]
         assert [len(a) for a in answers] == [8] * len(turn2)
-        metrics = urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10).read().decode()
+        metrics = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
         retries = next(float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("dualpath_router_retries_total"))
         assert retries >= 1
-        after = _get(f"{cluster.url}/dualpath/decisions")["decisions"]
+        after = _get(f"{url}/dualpath/decisions")["decisions"]
         assert any(d["decode"] != victim.url for d in after[seen + len(turn2):])  # the retry went to the other pair
     finally:
         view.close()

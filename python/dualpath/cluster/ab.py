@@ -1,11 +1,15 @@
 """A/B of one trace on one local cluster: the stock read path (baseline) against DualPath.
 
-Both runs replay the same trace shapes on the same servers, each starting cold (caches flushed, store
-emptied), each with its own token ids so that neither finds the other's KV anywhere. Agents advance in
-rounds with the servers' caches flushed in between, so every turn's context comes from the store — the
-regime of agents that outnumber the GPUs' memory, where the storage NICs decide throughput. Only the router's
-mode differs: ``baseline`` reads every hit on the prefill side, as the stock router does; ``dualpath``
-lets the global scheduler pick the side per request (``split``: and split one request's reads between them).
+Both replays run the same trace shapes on the same servers, each with its own token ids so that neither
+finds the other's KV anywhere. Agents advance in rounds with the servers' caches flushed in between, so
+every turn's context comes from the store — the regime of agents that outnumber the GPUs' memory, where
+the storage NICs decide throughput. Only the router differs: ``baseline`` reads every hit on the prefill
+side, as the stock router does; ``dualpath`` lets the global scheduler pick the side per request
+(``split``: and split one request's reads between them).
+
+The two replays take turns, round by round, through two routers side by side, and which one goes first
+alternates. A shared 2-core machine drifts by +-20% in decode speed over minutes; run one replay after the
+other and that drift lands on one side of the ratio. Taking turns gives both the same machine.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 from dualpath.bench.traces import AgentTrace
 from dualpath.cluster.local import LocalCluster
-from dualpath.cluster.replay import ReplayResult, replay
+from dualpath.cluster.replay import Replay, ReplayResult
 from dualpath.router.store_view import StoreView
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ def node_read_bytes(view: StoreView, nodes: Sequence[str]) -> dict[str, int]:
 
 
 class NicSampler:
-    """Samples every node's read bytes in a thread while a run replays (the timeline of the A/B plot)."""
+    """Samples every node's read bytes in a thread while a round replays (the timeline of the A/B plot)."""
 
     INTERVAL_S = 0.5
 
@@ -115,41 +121,73 @@ def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_p
     )
 
 
+class ModeMeter:
+    """What one mode's measured rounds used: read bytes per node, CPU seconds per node's server, and the NIC
+    timeline on the mode's own clock (its measured rounds back to back)."""
+
+    def __init__(self, cluster: LocalCluster, view: StoreView) -> None:
+        self.cluster, self.view = cluster, view
+        self.nodes = [s.node for s in cluster.config.specs()]
+        self.read = dict.fromkeys(self.nodes, 0)
+        self.cpu_s = dict.fromkeys(self.nodes, 0.0)
+        self.timeline: dict[str, list[tuple[float, int]]] = {n: [] for n in self.nodes}
+        self._elapsed = 0.0
+
+    @contextmanager
+    def round(self) -> Iterator[None]:
+        read, cpu, started = node_read_bytes(self.view, self.nodes), self.cluster.cpu_seconds(), time.monotonic()
+        with NicSampler(self.view, self.nodes) as sampler:
+            yield
+        after, cpu_after = node_read_bytes(self.view, self.nodes), self.cluster.cpu_seconds()
+        for node in self.nodes:
+            self.timeline[node] += [(round(self._elapsed + t, 3), self.read[node] + b)
+                                    for t, b in sampler.timeline[node]]
+            self.read[node] += after[node] - read[node]
+            self.cpu_s[node] += cpu_after[node] - cpu[node]
+        self._elapsed += time.monotonic() - started
+
+
 def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | None, scale: float = 1.0,
            progress: object | None = None, mode: str = "dualpath") -> list[RunSummary]:
-    """Replay ``agents`` on ``cluster`` (already started) in baseline mode, then in ``mode``; one summary each."""
-    nodes = [s.node for s in cluster.config.specs()]
-    total = sum(len(a.turns) - 1 for a in agents)  # the first round warms up
-    summaries = []
-    view = StoreView(cluster.config.store_root)  # read-only: the nodes' state files, mapped once for both runs
+    """Replay ``agents`` on ``cluster`` (already started) through a baseline router and a ``mode`` router, taking
+    turns round by round; one summary each, baseline first."""
+    modes = ("baseline", mode)
+    cluster.reset()
+    view = StoreView(cluster.config.store_root)  # read-only: the nodes' state files, mapped once for both modes
     try:
-        for seed, run_mode in enumerate(("baseline", mode)):
-            cluster.reset()
-            cluster.route(run_mode)
-            before, cpu_before = node_read_bytes(view, nodes), cluster.cpu_seconds()
-            task = progress.add_task(f"{run_mode:>8}", total=total) if progress is not None else None
-
-            def advance(_record: object, task: object = task) -> None:
-                if progress is not None:
-                    progress.advance(task)
-
-            def between_rounds(prompts: list[list[int]]) -> None:
-                if not cluster.wait_stored(prompts):
-                    log.warning("the decode did not write a round's prompts back within the timeout")
-                cluster.flush()
-
-            with NicSampler(view, nodes) as sampler:
-                result = asyncio.run(replay(cluster.url, agents, seed=seed + 1, max_gen=max_gen, scale=scale,
-                                            between_rounds=between_rounds, on_record=advance))
-            after, cpu_after = node_read_bytes(view, nodes), cluster.cpu_seconds()
-            read = {n: after[n] - before[n] for n in nodes}
-            cpu = {n: cpu_after[n] - cpu_before[n] for n in cpu_after}
-            summaries.append(summarise(run_mode, result, read, cluster.config.nic_gbps * 1e9 / 8,
-                                       sampler.timeline, cpu))
+        replays = {m: Replay(cluster.route(m), agents, seed=i + 1, max_gen=max_gen, scale=scale)
+                   for i, m in enumerate(modes)}
+        meters = {m: ModeMeter(cluster, view) for m in modes}
+        asyncio.run(_take_turns(cluster, replays, meters, progress))
     finally:
         view.close()
-    cluster.stop_router()
-    return summaries
+        cluster.stop_router()
+    rate = cluster.config.nic_gbps * 1e9 / 8
+    return [summarise(m, replays[m].result(), meters[m].read, rate, meters[m].timeline, meters[m].cpu_s)
+            for m in modes]
+
+
+async def _take_turns(cluster: LocalCluster, replays: dict[str, Replay], meters: dict[str, ModeMeter],
+                      progress: object | None) -> None:
+    modes = list(replays)
+    tasks = {m: progress.add_task(f"{m:>8}", total=replays[m].measured_requests) for m in modes} if progress else {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for index in range(max(r.rounds for r in replays.values())):
+            for m in modes if index % 2 == 0 else modes[::-1]:
+                measured = replays[m].measured(index)
+                with meters[m].round() if measured else nullcontext():
+                    records, prompts = await replays[m].round(session, index)
+                if measured and progress is not None:
+                    progress.advance(tasks[m], len(records))
+                await asyncio.to_thread(_settle, cluster, prompts)
+
+
+def _settle(cluster: LocalCluster, prompts: list[list[int]]) -> None:
+    """Between rounds: wait until the decodes wrote the round's prompts back, then flush every cache, so the
+    next round finds its contexts in the store only."""
+    if not cluster.wait_stored(prompts):
+        log.warning("the decode did not write a round's prompts back within the timeout")
+    cluster.flush()
 
 
 def result_records(summaries: Sequence[RunSummary], command: str, target: dict[str, str]) -> list[dict]:

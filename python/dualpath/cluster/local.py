@@ -2,7 +2,8 @@
 
 Each server is its own "node" with its own emulated storage-NIC cap over one shared store directory,
 which is what makes the prefill-side read bottleneck (and DualPath's relief of it) visible on one host.
-The router runs as a subprocess and can be restarted in another mode between runs; servers stay up.
+Routers run as subprocesses, up to two side by side (one per mode, for an A/B that takes turns); servers
+stay up while routers come and go.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from dualpath.cluster.servers import TINY_MODEL, Server, ServerOptions, ServerSpec, start_servers, stop_servers
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
+
+ROUTERS = 2  # an A/B runs its two modes' routers side by side
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -73,8 +76,8 @@ class ClusterConfig:
         return self.work_dir / "store"
 
     @property
-    def router_port(self) -> int:
-        return self.base_port + 99
+    def router_ports(self) -> tuple[int, ...]:
+        return tuple(self.base_port + 99 - i for i in range(ROUTERS))
 
     def specs(self) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
@@ -119,7 +122,7 @@ def _port_free(port: int) -> bool:
 
 
 def _ports(config: ClusterConfig) -> list[int]:
-    return [p for s in config.specs() for p in (s.port, s.bootstrap_port) if p is not None] + [config.router_port]
+    return [p for s in config.specs() for p in (s.port, s.bootstrap_port) if p is not None] + list(config.router_ports)
 
 
 class LocalCluster:
@@ -128,11 +131,7 @@ class LocalCluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.servers: list[Server] = []
-        self.router: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.config.router_port}"
+        self.routers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # mode -> (process, port)
 
     def start(self, timeout_s: float = 600.0) -> None:
         busy = [p for p in _ports(self.config) if not _port_free(p)]
@@ -144,31 +143,39 @@ class LocalCluster:
                                 c.timeout_s, extra, dict(c.env))
         self.servers = start_servers(c.specs(), options, timeout_s)
 
-    def route(self, mode: str, timeout_s: float = 60.0) -> None:
-        """(Re)start the router in ``mode`` (``dualpath`` or ``baseline``) and wait until it serves."""
-        self.stop_router()
+    def route(self, mode: str, timeout_s: float = 60.0) -> str:
+        """(Re)start the router of ``mode`` (``baseline``, ``dualpath`` or ``split``) next to the other mode's,
+        wait until it serves, and return its URL."""
+        self.stop_router(mode)
+        free = [p for p in self.config.router_ports if p not in {port for _, port in self.routers.values()}]
+        if not free:
+            raise RuntimeError(f"at most {ROUTERS} routers run side by side; running: {sorted(self.routers)}")
         specs = self.config.specs()
         config = RouterConfig(tuple(PrefillSpec(s.url, s.bootstrap_port) for s in specs if s.role == "prefill"),
-                              tuple(s.url for s in specs if s.role == "decode"), port=self.config.router_port,
+                              tuple(s.url for s in specs if s.role == "decode"), port=free[0],
                               mode=mode, store_root=self.config.store_root,  # type: ignore[arg-type]
                               read_tokens_per_s=self.config.nic_gbps * 1e9 / 8 / self.config.bytes_per_token,
                               gpu_tokens_per_s=self.config.prefill_tokens_per_s)
         log = open(self.config.work_dir / "logs" / f"router-{mode}.log", "wb")  # noqa: SIM115 - lives with the process
-        self.router = subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *to_argv(config)],
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        router = subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *to_argv(config)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        url = f"http://127.0.0.1:{config.port}"
+        self.routers[mode] = (router, config.port)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.router.poll() is not None:
+            if router.poll() is not None:
                 tail = (self.config.work_dir / "logs" / f"router-{mode}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"router exited with {self.router.returncode}:\n{tail}")
+                self.stop_router(mode)
+                raise RuntimeError(f"router exited with {router.returncode}:\n{tail}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return url
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
+        self.stop_router(mode)
         raise RuntimeError(f"router not ready after {timeout_s} s")
 
     def flush(self, timeout_s: float = 120.0) -> None:
@@ -213,15 +220,18 @@ class LocalCluster:
             for sub in blocks.iterdir():
                 shutil.rmtree(sub, ignore_errors=True)
 
-    def stop_router(self) -> None:
-        if self.router is not None and self.router.poll() is None:
-            self.router.terminate()
+    def stop_router(self, mode: str | None = None) -> None:
+        """Stop the router of ``mode`` (None: every router)."""
+        for name in [mode] if mode is not None else list(self.routers):
+            router, _ = self.routers.pop(name, (None, 0))
+            if router is None or router.poll() is not None:
+                continue
+            router.terminate()
             try:
-                self.router.wait(30)
+                router.wait(30)
             except subprocess.TimeoutExpired:
-                self.router.kill()
-                self.router.wait(10)
-        self.router = None
+                router.kill()
+                router.wait(10)
 
     def stop(self) -> None:
         self.stop_router()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -132,38 +132,44 @@ async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: 
     return record
 
 
-async def replay(url: str, agents: Sequence[AgentTrace], seed: int = 0, max_gen: int | None = None,
-                 timeout_s: float = 600.0, scale: float = 1.0, warmup_rounds: int = 1,
-                 between_rounds: Callable[[list[list[int]]], None] | None = None,
-                 on_record: Callable[[RequestRecord], None] | None = None) -> ReplayResult:
-    """Replay ``agents`` in rounds (turn i of every agent at once, as agents working side by side).
+class Replay:
+    """One replay of ``agents`` against one front door, advanced a round at a time (turn i of every agent at
+    once, as agents working side by side), so that two replays can take turns on one cluster.
 
-    ``between_rounds`` runs after every round with the round's prompts, outside the measured time:
-    ``dualpath ab`` waits there until the decode wrote them back and flushes the servers' caches, so each
-    turn finds its context in the store, as agents that outnumber the GPUs' memory do. The first
-    ``warmup_rounds`` rounds (computing the first contexts) are not measured.
-    ``scale`` shrinks every turn's token counts (hit ratios stay), ``on_record`` sees each measured request.
+    Each replay has its own token ids (``seed``): neither finds the other's KV anywhere. The first
+    ``warmup_rounds`` rounds (computing the first contexts) are not measured. ``scale`` shrinks every turn's
+    token counts (hit ratios stay).
     """
-    state = [_Agent(a, seed, scale) for a in agents]
-    records: list[RequestRecord] = []
-    measured = 0.0
-    rounds = max((len(a.turns) for a in agents), default=0)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for index in range(rounds):
-            t0 = time.perf_counter()
-            done = await asyncio.gather(*(_turn(session, url, a, index, max_gen, timeout_s, t0)
-                                          for a in state if index < len(a.trace.turns)))
-            if index >= warmup_rounds:
-                measured += time.perf_counter() - t0
-                for record in done:
-                    records.append(record)
-                    if on_record is not None:
-                        on_record(record)
-            else:
-                for agent in state:
-                    agent.busy_s = 0.0
-            if between_rounds is not None:
-                prompts = [a.last_prompt for a in state if index < len(a.trace.turns)]
-                await asyncio.to_thread(between_rounds, prompts)
-    return ReplayResult(tuple(records), {a.trace.agent_id: a.busy_s for a in state}, measured)
+
+    def __init__(self, url: str, agents: Sequence[AgentTrace], seed: int = 0, max_gen: int | None = None,
+                 timeout_s: float = 600.0, scale: float = 1.0, warmup_rounds: int = 1) -> None:
+        self.url, self.max_gen, self.timeout_s, self.warmup_rounds = url, max_gen, timeout_s, warmup_rounds
+        self._agents = [_Agent(a, seed, scale) for a in agents]
+        self.rounds = max((len(a.turns) for a in agents), default=0)
+        self._records: list[RequestRecord] = []
+        self._measured_s = 0.0
+
+    @property
+    def measured_requests(self) -> int:
+        return sum(max(0, len(a.trace.turns) - self.warmup_rounds) for a in self._agents)
+
+    def measured(self, index: int) -> bool:
+        return index >= self.warmup_rounds
+
+    async def round(self, session: aiohttp.ClientSession, index: int) -> tuple[list[RequestRecord], list[list[int]]]:
+        """Run round ``index``: its records (kept for :meth:`result` when the round is measured) and prompts."""
+        active = [a for a in self._agents if index < len(a.trace.turns)]
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0)
+                                      for a in active))
+        if self.measured(index):
+            self._measured_s += time.perf_counter() - t0
+            self._records += done
+        else:
+            for agent in self._agents:
+                agent.busy_s = 0.0
+        return list(done), [a.last_prompt for a in active]
+
+    def result(self) -> ReplayResult:
+        return ReplayResult(tuple(self._records), {a.trace.agent_id: a.busy_s for a in self._agents},
+                            self._measured_s)
