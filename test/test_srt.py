@@ -20,6 +20,7 @@ from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import targets
 from dualpath.srt.blocks import BlockSlots, SlotsExhausted
 from dualpath.srt.config import ENV, SrtConfig
+from dualpath.srt.early import EarlyReads
 from dualpath.store import BlockStore, StoreConfig
 from hypothesis import given
 from hypothesis import strategies as st
@@ -196,6 +197,53 @@ def test_block_slots_report_exhaustion_and_keep_state(store: BlockStore) -> None
         slots.take(3)
     slots.release(held)
     assert sorted(slots.take(2)) == sorted(held)
+
+
+def test_early_reads_wait_for_every_reader_and_one_stalled_nic_holds_back_no_other() -> None:
+    early = EarlyReads(capacity=8, threads_per_reader=1)
+    release_de, de_started = threading.Event(), threading.Event()
+    done: list[tuple[str, str]] = []
+    gave_up: list[str] = []
+
+    def read(reader: str, rid: str) -> None:
+        if reader == "de0@x":
+            de_started.set()
+            if not release_de.wait(10):
+                gave_up.append(rid)
+        done.append((rid, reader))
+
+    try:
+        early.start("r1", ["de0@x", ""], lambda reader: read(reader, "r1"))
+        early.start("r2", [""], lambda reader: read(reader, "r2"))
+        early.wait("r2")  # the DE's NIC is stalled on r1; r2 reads on this node's own threads meanwhile
+        assert de_started.is_set() and not gave_up and set(done) == {("r1", ""), ("r2", "")}
+        waiter = threading.Thread(target=early.wait, args=("r1",))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # HiCache's thread waits for the DE's part of r1 ...
+        release_de.set()
+        waiter.join(10)
+        assert not waiter.is_alive() and ("r1", "de0@x") in done  # ... and goes on once it landed
+        early.wait("unknown")  # a request without early reads: at once
+    finally:
+        release_de.set()
+        early.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        early.start("r3", [""], lambda reader: None)
+
+
+def test_early_reads_forget_the_oldest_requests_beyond_capacity() -> None:
+    early = EarlyReads(capacity=2, threads_per_reader=1)
+    gate = threading.Event()
+    try:
+        early.start("old", [""], lambda reader: gate.wait(10))
+        early.start("mid", [""], lambda reader: None)
+        early.start("new", [""], lambda reader: None)
+        early.wait("old")  # forgotten: nothing to wait for, though its read still runs
+        assert not gate.is_set()
+    finally:
+        gate.set()
+        early.close()
 
 
 # -- a real SGLang prefill/decode pair with the plugin, and stock SGLang ------------------------------------------

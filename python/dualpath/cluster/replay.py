@@ -136,7 +136,7 @@ class Replay:
     """One replay of ``agents`` against one front door, advanced a round at a time (turn i of every agent at
     once, as agents working side by side), so that two replays can take turns on one cluster.
 
-    Each replay has its own token ids (``seed``): neither finds the other's KV anywhere. The first
+    Replays with different ``seed``s use different token ids: neither finds the other's KV anywhere. The first
     ``warmup_rounds`` rounds (computing the first contexts) are not measured. ``scale`` shrinks every turn's
     token counts (hit ratios stay).
     """

@@ -20,10 +20,8 @@ import itertools
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from dualpath.scheduler import ReadSide
 from dualpath.srt import requests
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
+from dualpath.srt.early import EarlyReads
 from dualpath.srt.link import KVLink
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
@@ -67,10 +66,7 @@ class DualPathStorage(HiCacheStorage):
         self.model_name = storage_config.model_name or "model"
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
-        # One pool per NIC that reads for this server (its own, and each DE's): a fetch waits for its NIC, and
-        # must hold up neither this node's reads nor another DE's.
-        self._early: dict[str, ThreadPoolExecutor] = {}
-        self._early_lock = threading.Lock()
+        self._early = EarlyReads(requests.CAPACITY)
         requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -140,13 +136,9 @@ class DualPathStorage(HiCacheStorage):
 
     def _on_arrival(self, route: requests.Route, input_ids: list[int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
-        the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link).
-
-        HiCache reads pages for one request after another on a single I/O thread. Reading only when it gets
-        there would leave one NIC idle while the other reads: a DE-side request at the head of that queue
-        would hold back the PE-side ones behind it, and the other way round. The pages land in the slot
-        cache, where ``batch_get_v1`` finds them (or waits for those still on their way). Requests without
-        a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
+        the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
+        see ``early.py``). The pages land in the slot cache, where ``batch_get_v1`` finds them once the reads
+        are done. Requests without a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
         if route.hint is None:
             return
@@ -161,17 +153,7 @@ class DualPathStorage(HiCacheStorage):
                        if pages] + [""]
         if self.config.role == "prefill" and self.link is not None:
             arrived, ids = time.monotonic(), list(input_ids)
-            for reader in readers:
-                self._early_pool(reader).submit(self._fetch_early, route, reader, ids, arrived)
-
-    def _early_pool(self, reader: str) -> ThreadPoolExecutor:
-        """The early-read threads of one NIC: ``""`` for this node's, a DE's KV channel for that DE's."""
-        with self._early_lock:
-            pool = self._early.get(reader)
-            if pool is None:
-                name = f"dualpath-early-{reader.partition('@')[0] or 'pe'}"
-                pool = self._early[reader] = ThreadPoolExecutor(2, thread_name_prefix=name)
-            return pool
+            self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
 
     def _fetch_early(self, route: requests.Route, reader: str, input_ids: list[int], arrived: float) -> None:
         """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
@@ -224,6 +206,7 @@ class DualPathStorage(HiCacheStorage):
 
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
         route, started = requests.current(), time.monotonic()
+        self._early.wait(route.rid)
         slots = self._pinned(route, keys)
         if time.monotonic() - started > 1.0:  # HiCache's one I/O thread waited: every request behind it did too
             log.info("request %s: HiCache's I/O thread waited %.1f s for %d pages (%s side)", route.rid,
@@ -267,10 +250,7 @@ class DualPathStorage(HiCacheStorage):
         return self.store
 
     def close(self) -> None:
-        with self._early_lock:
-            pools = list(self._early.values())
-        for pool in pools:
-            pool.shutdown(wait=True)
+        self._early.close()
         Path(self.config.announcement).unlink(missing_ok=True)
         if self.link is not None:
             self.link.close()
