@@ -8,7 +8,8 @@ Loaders are independent of the simulator so that the replay client can reuse the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ class Turn:
     append_tokens: int
     gen_tokens: int
     think_s: float = 0.0
+    blocks: tuple[int, ...] = ()  # the prompt's content, one id per `AgentTrace.block_tokens` (equal ids, equal tokens)
 
     @property
     def prompt_tokens(self) -> int:
@@ -38,6 +40,7 @@ class AgentTrace:
     agent_id: str
     turns: tuple[Turn, ...]
     arrival_s: float = 0.0
+    block_tokens: int = 0  # tokens per id of `Turn.blocks` (0: the trace gives no content ids)
 
 
 def _prefix_hits(hash_ids: list[int], seen: set[tuple[int, int]]) -> int:
@@ -88,9 +91,50 @@ def load_mooncake(path: Path = MOONCAKE_FILE, limit: int | None = None, block_to
             record = json.loads(line)
             prompt = int(record["input_length"])
             cached = min(_prefix_hits(record["hash_ids"], seen) * block_tokens, prompt - 1)
-            turn = Turn(cached, prompt - cached, max(int(record["output_length"]), 1))
-            agents.append(AgentTrace(f"mooncake-{index}", (turn,), float(record["timestamp"]) / 1000.0))
+            turn = Turn(cached, prompt - cached, max(int(record["output_length"]), 1),
+                        blocks=tuple(int(h) for h in record["hash_ids"]))
+            agents.append(AgentTrace(f"mooncake-{index}", (turn,), float(record["timestamp"]) / 1000.0,
+                                     block_tokens))
     return agents
+
+
+def mooncake_sessions(requests: Sequence[AgentTrace]) -> list[AgentTrace]:
+    """The conversations of a trace without session ids (Mooncake's one-turn agents, in arrival order): a
+    request that shares at least two leading blocks with an earlier one continues that request's session
+    (every conversation shares the first, its system prompt). Turns keep their blocks; a turn's context is
+    what its own session sent before, as for Claude Code sessions. Sessions come in order of their first
+    request."""
+    owner: dict[int, int] = {}  # chained prefix key -> the latest request that sent that prefix
+    session_of: list[int] = []
+    members: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        if len(request.turns) != 1 or not request.turns[0].blocks:
+            raise ValueError(f"{request.agent_id}: sessions are built from one-turn requests with blocks")
+        key, session = 0, index
+        for depth, block in enumerate(request.turns[0].blocks, 1):
+            key = hash((key, block))
+            if key not in owner:
+                break
+            if depth >= 2:
+                session = session_of[owner[key]]
+        session_of.append(session)
+        members.setdefault(session_of[index], []).append(index)
+        key = 0
+        for block in request.turns[0].blocks:
+            key = hash((key, block))
+            owner[key] = index
+    sessions = []
+    for first, indices in members.items():
+        block_tokens = requests[first].block_tokens
+        seen: set[tuple[int, int]] = set()
+        turns = []
+        for turn in (requests[i].turns[0] for i in indices):
+            prompt = turn.prompt_tokens
+            cached = min(_prefix_hits(list(turn.blocks), seen) * block_tokens, prompt - 1)
+            turns.append(replace(turn, context_tokens=cached, append_tokens=prompt - cached))
+        sessions.append(AgentTrace(f"{requests[first].agent_id}-session", tuple(turns),
+                                   requests[first].arrival_s, block_tokens))
+    return sessions
 
 
 @dataclass(frozen=True)

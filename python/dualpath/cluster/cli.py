@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualpath.bench.traces import AgentTrace, load_claude_code, load_mooncake
+from dualpath.bench.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
 from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
 from dualpath.cluster.local import ClusterConfig, LocalCluster
 from dualpath.cluster.servers import TINY_MODEL
@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def select_agents(args: argparse.Namespace) -> list[AgentTrace]:
+    """The ``--agents`` sessions with the most turns (Mooncake's: its requests grouped by shared prefixes)."""
     if args.trace == "mooncake":
-        agents = load_mooncake(args.trace_path) if args.trace_path else load_mooncake()
+        agents = mooncake_sessions(load_mooncake(args.trace_path) if args.trace_path else load_mooncake())
     else:
         agents = load_claude_code(args.trace_path) if args.trace_path else load_claude_code()
     fitting = [replace(a, turns=a.turns[: args.turns]) for a in agents

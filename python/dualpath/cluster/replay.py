@@ -3,7 +3,9 @@
 Agents run side by side, each turn after its previous one. A turn's prompt is the first
 ``context_tokens`` of the agent's history (its previous prompts and the ids the server generated) plus
 ``append_tokens`` fresh ids, so the KV of the context really exists when the turn arrives, as in the
-agent session the trace recorded. Requests stream (``/generate``) so that time to
+agent session the trace recorded. A trace with content ids (Mooncake's ``hash_ids``) builds each prompt
+from its blocks instead, one fixed run of ids per content id, so requests share exactly the prefixes the
+trace says they share, across agents too. Requests stream (``/generate``) so that time to
 first token and time per output token are measured at the client.
 """
 
@@ -19,7 +21,7 @@ from typing import NamedTuple
 
 import aiohttp
 
-from dualpath.bench.traces import AgentTrace
+from dualpath.bench.traces import AgentTrace, Turn
 
 VOCAB = (3, 32000)  # ids 0..2 are pad/bos/eos of the tiny model
 
@@ -98,18 +100,34 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
 class _Agent:
     """One agent's history: its previous prompts and the ids the server generated for them."""
 
-    def __init__(self, trace: AgentTrace, seed: int, scale: float) -> None:
+    def __init__(self, trace: AgentTrace, seed: int, scale: float, blocks: dict[int, list[int]]) -> None:
         self.trace = trace
+        self.seed = seed
         self.rng = random.Random(f"{seed}:{trace.agent_id}")
         self.scale = scale
+        self.blocks = blocks  # content id -> its ids, shared by the agents of one replay
         self.history: list[int] = [1]
         self.last_prompt: list[int] = []
         self.busy_s = 0.0
 
     def prompt(self, turn: int) -> tuple[list[int], int]:
         t = self.trace.turns[turn]
+        if t.blocks:
+            return self._from_blocks(t)
         context = min(int(t.context_tokens * self.scale), len(self.history))
         return self.history[:context] + _fresh(self.rng, max(1, int(t.append_tokens * self.scale))), context
+
+    def _from_blocks(self, t: Turn) -> tuple[list[int], int]:
+        block_tokens = max(1, int(self.trace.block_tokens * self.scale))
+        length = max(1, int(t.prompt_tokens * self.scale))
+        prompt: list[int] = []
+        for block in t.blocks[:-(-length // block_tokens)]:
+            ids = self.blocks.get(block)
+            if ids is None:
+                ids = self.blocks[block] = _fresh(random.Random(f"{self.seed}:block:{block}"), block_tokens)
+            prompt += ids
+        prompt += _fresh(self.rng, length - len(prompt))  # a trace whose ids cover less than its prompt
+        return prompt[:length], min(int(t.context_tokens * self.scale), length - 1)
 
 
 async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: int, max_gen: int | None,
@@ -144,7 +162,8 @@ class Replay:
     def __init__(self, url: str, agents: Sequence[AgentTrace], seed: int = 0, max_gen: int | None = None,
                  timeout_s: float = 600.0, scale: float = 1.0, warmup_rounds: int = 1) -> None:
         self.url, self.max_gen, self.timeout_s, self.warmup_rounds = url, max_gen, timeout_s, warmup_rounds
-        self._agents = [_Agent(a, seed, scale) for a in agents]
+        blocks: dict[int, list[int]] = {}
+        self._agents = [_Agent(a, seed, scale, blocks) for a in agents]
         self.rounds = max((len(a.turns) for a in agents), default=0)
         self._records: list[RequestRecord] = []
         self._measured_s = 0.0
