@@ -118,7 +118,7 @@ def mooncake_sessions(requests: Sequence[AgentTrace]) -> list[AgentTrace]:
             if depth >= 2:
                 session = session_of[owner[key]]
         session_of.append(session)
-        members.setdefault(session_of[index], []).append(index)
+        members.setdefault(session, []).append(index)
         key = 0
         for block in request.turns[0].blocks:
             key = hash((key, block))
