@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ class AgentTrace:
     block_tokens: int = 0  # tokens per id of `Turn.blocks` (0: the trace gives no content ids)
 
 
-def _prefix_hits(hash_ids: list[int], seen: set[tuple[int, int]]) -> int:
+def _prefix_hits(hash_ids: Sequence[int], seen: set[tuple[int, int]]) -> int:
     """Blocks of `hash_ids` whose whole prefix was seen before; records this request's prefix chain."""
     parent, hits, matching = 0, 0, True
     for block in hash_ids:
@@ -110,19 +111,16 @@ def mooncake_sessions(requests: Sequence[AgentTrace]) -> list[AgentTrace]:
     for index, request in enumerate(requests):
         if len(request.turns) != 1 or not request.turns[0].blocks:
             raise ValueError(f"{request.agent_id}: sessions are built from one-turn requests with blocks")
-        key, session = 0, index
-        for depth, block in enumerate(request.turns[0].blocks, 1):
-            key = hash((key, block))
+        keys = list(accumulate(request.turns[0].blocks, lambda key, block: hash((key, block)), initial=0))[1:]
+        session = index
+        for depth, key in enumerate(keys, 1):
             if key not in owner:
                 break
             if depth >= 2:
                 session = session_of[owner[key]]
         session_of.append(session)
         members.setdefault(session, []).append(index)
-        key = 0
-        for block in request.turns[0].blocks:
-            key = hash((key, block))
-            owner[key] = index
+        owner.update(dict.fromkeys(keys, index))
     sessions = []
     for first, indices in members.items():
         block_tokens = requests[first].block_tokens
@@ -130,7 +128,7 @@ def mooncake_sessions(requests: Sequence[AgentTrace]) -> list[AgentTrace]:
         turns = []
         for turn in (requests[i].turns[0] for i in indices):
             prompt = turn.prompt_tokens
-            cached = min(_prefix_hits(list(turn.blocks), seen) * block_tokens, prompt - 1)
+            cached = min(_prefix_hits(turn.blocks, seen) * block_tokens, prompt - 1)
             turns.append(replace(turn, context_tokens=cached, append_tokens=prompt - cached))
         sessions.append(AgentTrace(f"{requests[first].agent_id}-session", tuple(turns),
                                    requests[first].arrival_s, block_tokens))
