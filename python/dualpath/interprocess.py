@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import socket
 import threading
+
+# This host in the names of files that several hosts may see (a shared store mount): a process can only
+# tell whether a writer is alive when the writer ran on its own host.
+HOST = re.sub(r"[^0-9A-Za-z_]", "_", socket.gethostname()) or "host"
 
 
 class FileLock:
@@ -40,3 +46,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def writer_tag() -> str:
+    """``<host>-<pid>``: names a file's writing process, across the hosts of a shared mount."""
+    return f"{HOST}-{os.getpid()}"
+
+
+def dead_local_writer(tag: str) -> bool:
+    """Whether the writer named by ``tag`` ran on this host and is gone (never true for other hosts' writers)."""
+    host, _, pid = tag.rpartition("-")
+    return host == HOST and pid.isdigit() and not pid_alive(int(pid))

@@ -32,7 +32,6 @@ import numpy as np
 from dualpath.bench.traces import AgentTrace
 from dualpath.cluster.local import LocalCluster
 from dualpath.cluster.replay import Replay, ReplayResult
-from dualpath.router.store_view import StoreView
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +67,22 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def node_read_bytes(view: StoreView, nodes: Sequence[str]) -> dict[str, int]:
-    return {node: view.read_queue(node).read_bytes for node in nodes}
-
-
 class NicSampler:
     """Samples every node's read bytes in a thread while a round replays (the timeline of the A/B plot)."""
 
     INTERVAL_S = 0.5
 
-    def __init__(self, view: StoreView, nodes: Sequence[str]) -> None:
-        self.view, self.nodes = view, list(nodes)
+    def __init__(self, cluster: LocalCluster, nodes: Sequence[str]) -> None:
+        self.cluster, self.nodes = cluster, list(nodes)
         self.timeline: dict[str, list[tuple[float, int]]] = {n: [] for n in self.nodes}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nic-sampler", daemon=True)
 
     def _run(self) -> None:
         start = time.monotonic()
-        first = node_read_bytes(self.view, self.nodes)
+        first = self.cluster.node_read_bytes()
         while True:
-            now = node_read_bytes(self.view, self.nodes)
+            now = self.cluster.node_read_bytes()
             for node in self.nodes:
                 self.timeline[node].append((round(time.monotonic() - start, 3), now[node] - first[node]))
             if self._stop.wait(self.INTERVAL_S):
@@ -125,8 +120,8 @@ class ModeMeter:
     """What one mode's measured rounds used: read bytes per node, CPU seconds per node's server, and the NIC
     timeline on the mode's own clock (its measured rounds back to back)."""
 
-    def __init__(self, cluster: LocalCluster, view: StoreView) -> None:
-        self.cluster, self.view = cluster, view
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
         self.nodes = [s.node for s in cluster.config.specs()]
         self.read = dict.fromkeys(self.nodes, 0)
         self.cpu_s = dict.fromkeys(self.nodes, 0.0)
@@ -135,10 +130,10 @@ class ModeMeter:
 
     @contextmanager
     def round(self) -> Iterator[None]:
-        read, cpu, started = node_read_bytes(self.view, self.nodes), self.cluster.cpu_seconds(), time.monotonic()
-        with NicSampler(self.view, self.nodes) as sampler:
+        read, cpu, started = self.cluster.node_read_bytes(), self.cluster.cpu_seconds(), time.monotonic()
+        with NicSampler(self.cluster, self.nodes) as sampler:
             yield
-        after, cpu_after = node_read_bytes(self.view, self.nodes), self.cluster.cpu_seconds()
+        after, cpu_after = self.cluster.node_read_bytes(), self.cluster.cpu_seconds()
         for node in self.nodes:
             self.timeline[node] += [(round(self._elapsed + t, 3), self.read[node] + b)
                                     for t, b in sampler.timeline[node]]
@@ -153,14 +148,12 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
     turns round by round; one summary each, baseline first."""
     modes = ("baseline", mode)
     cluster.reset()
-    view = StoreView(cluster.config.store_root)  # read-only: the nodes' state files, mapped once for both modes
     try:
         replays = {m: Replay(cluster.route(m), agents, seed=i + 1, max_gen=max_gen, scale=scale)
                    for i, m in enumerate(modes)}
-        meters = {m: ModeMeter(cluster, view) for m in modes}
+        meters = {m: ModeMeter(cluster) for m in modes}
         asyncio.run(_take_turns(cluster, replays, meters, progress))
     finally:
-        view.close()
         cluster.stop_router()
     rate = cluster.config.nic_gbps * 1e9 / 8
     return [summarise(m, replays[m].result(), meters[m].read, rate, meters[m].timeline, meters[m].cpu_s)

@@ -9,7 +9,6 @@ stay up while routers come and go.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from dualpath.cluster.servers import TINY_MODEL, Server, ServerOptions, ServerSpec, start_servers, stop_servers
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
+from dualpath.store import StoreIndex, drop_all_blocks
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
 
@@ -201,13 +201,18 @@ class LocalCluster:
     def wait_stored(self, prompts: list[list[int]], timeout_s: float = 60.0) -> bool:
         """Wait until the store holds every full page of ``prompts`` (decodes write back asynchronously)."""
         keys = [k for ids in prompts for k in block_keys(ids, PAGE_TOKENS)[: len(ids) // PAGE_TOKENS]]
+        index = StoreIndex(self.config.store_root)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            namespaces = list(self.config.store_root.glob("*/blocks"))
-            if all(any((b / k[:2] / f"{k}.kv").exists() for b in namespaces) for k in keys):
+            namespaces = index.namespaces()
+            if all(any(index.holds(k, n) for n in namespaces) for k in keys):
                 return True
             time.sleep(0.2)
         return False
+
+    def node_read_bytes(self) -> dict[str, int]:
+        """Bytes each node's storage NIC has read, from its server's report (over HTTP, as the router sees it)."""
+        return {server.spec.node: server.report().read_bytes for server in self.servers}
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time each node's server has used so far."""
@@ -216,9 +221,7 @@ class LocalCluster:
     def reset(self) -> None:
         """Empty every cache and the store, so the next run starts cold like the previous one."""
         self.flush()
-        for blocks in self.config.store_root.glob("*/blocks"):
-            for sub in blocks.iterdir():
-                shutil.rmtree(sub, ignore_errors=True)
+        drop_all_blocks(self.config.store_root)
 
     def stop_router(self, mode: str | None = None) -> None:
         """Stop the router of ``mode`` (None: every router)."""

@@ -8,7 +8,6 @@ tiny dummy-weight Llama shipped with the package on SGLang's torch-native CPU pa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from dualpath.scheduler.report import REPORT_ROUTE, NodeReport
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "srt" / "tiny_llama"
 # What SGLang needs to serve the tiny model on CPU (reference: docs/srt.md).
@@ -136,9 +137,10 @@ class Server:
         except (urllib.error.URLError, OSError):
             return False
 
-    def info(self) -> dict[str, object]:
-        with urllib.request.urlopen(f"{self.url}/dualpath/info", timeout=5) as response:
-            return json.load(response)
+    def report(self) -> NodeReport:
+        """The server's DualPath node report, over HTTP as the router gets it."""
+        with urllib.request.urlopen(f"{self.url}{REPORT_ROUTE}", timeout=5) as response:
+            return NodeReport.decode(response.read())
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()

@@ -40,7 +40,7 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.store = StoreView(config.store_root) if config.store_root else None
-        self.registry = EngineRegistry(config, self.store, on_change=self._loads_changed)
+        self.registry = EngineRegistry(config, on_change=self._loads_changed)
         self.decider = Decider(config, self.registry, self.store)
         self.metrics = RouterMetrics(self.registry, self.decider)
         self.forwarder = Forwarder(config, self.registry, self.decider, self.metrics)
@@ -62,8 +62,6 @@ class Router:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
-                if self.store is not None:
-                    self.store.close()
 
     def generation_route(self, route: Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:

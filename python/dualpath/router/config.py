@@ -46,7 +46,9 @@ def _check_port(port: int, what: str) -> None:
 class RouterConfig:
     """Everything the router needs; ``build_app(config)`` serves it, ``to_argv(config)`` is its command line.
 
-    store_root: the shared block store directory; without it hit estimates and node read queues are 0.
+    store_root: the shared block store's mount on the router's host (read through ``dualpath.store.StoreIndex``
+        only); without it hit estimates are 0. Node read queues come from the servers' reports.
+    report_timeout_s: an engine whose polls have failed this long is down.
     store_namespace / store_block_tokens: where in the store and in which block size hit estimates look;
         None takes what the DualPath servers report in /dualpath/info (store_namespace, page_size).
     read_tokens_per_s / gpu_tokens_per_s: profiled rates that set the scheduler's alpha (3 s of one node's
@@ -62,6 +64,7 @@ class RouterConfig:
     store_namespace: str | None = None
     store_block_tokens: int | None = None
     load_poll_interval_s: float = 0.2
+    report_timeout_s: float = 2.0
     read_tokens_per_s: float = 1_250_000.0
     gpu_tokens_per_s: float = 40_000.0
     request_timeout_s: float = 1800.0
@@ -92,7 +95,8 @@ class RouterConfig:
             raise ValueError(f"--store-namespace must be a plain directory name, got {self.store_namespace!r}")
         if self.store_block_tokens is not None and self.store_block_tokens <= 0:
             raise ValueError(f"--store-block-tokens must be positive, got {self.store_block_tokens}")
-        positive = {"load_poll_interval_s": self.load_poll_interval_s, "read_tokens_per_s": self.read_tokens_per_s,
+        positive = {"load_poll_interval_s": self.load_poll_interval_s, "report_timeout_s": self.report_timeout_s,
+                    "read_tokens_per_s": self.read_tokens_per_s,
                     "gpu_tokens_per_s": self.gpu_tokens_per_s, "request_timeout_s": self.request_timeout_s,
                     "queue_timeout_s": self.queue_timeout_s, "max_body_bytes": self.max_body_bytes,
                     "shutdown_drain_s": self.shutdown_drain_s}
@@ -109,10 +113,11 @@ _SCALARS: tuple[tuple[str, str, type, str], ...] = (
     ("--port", "port", int, "port to listen on"),
     ("--dualpath-mode", "mode", str, "dualpath: the scheduler picks the read side; split: it may also split one "
      "request's reads between both sides, so that both queues drain together; baseline: always the PE side"),
-    ("--store-root", "store_root", Path, "shared block store directory (hit estimates, node read queues)"),
+    ("--store-root", "store_root", Path, "the shared block store's mount on this host (hit estimates)"),
     ("--store-namespace", "store_namespace", str, "store namespace of the hit estimates (default: the servers')"),
     ("--store-block-tokens", "store_block_tokens", int, "Full Block tokens (default: the servers' page size)"),
-    ("--load-poll-interval", "load_poll_interval_s", float, "seconds between /v1/loads polls"),
+    ("--load-poll-interval", "load_poll_interval_s", float, "seconds between polls of /dualpath/info and /v1/loads"),
+    ("--node-report-timeout-secs", "report_timeout_s", float, "an engine whose polls fail this long is down"),
     ("--read-tokens-per-s", "read_tokens_per_s", float, "profiled storage read rate of one node (alpha = 3 s)"),
     ("--gpu-tokens-per-s", "gpu_tokens_per_s", float, "profiled prefill rate of one GPU (beta = 5 s)"),
     ("--request-timeout-secs", "request_timeout_s", float, "bound on one engine call, streaming included"),

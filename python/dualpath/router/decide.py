@@ -166,7 +166,8 @@ class Decider:
             return []
         self._node_reports_seen = self.registry.polls
         rate, now = self.config.read_tokens_per_s, time.monotonic()
-        return [NodeLoad(node_id, max(self.registry.read_queue(node).pending_tokens,
+        reports = {node: self.registry.node_report(node) for node in self.registry.node_ids}
+        return [NodeLoad(node_id, max(reports[node].pending_tokens if reports[node] else 0,
                                       self._placed_reads.pending(node_id, now)), rate)
                 for node, node_id in self.registry.node_ids.items()]
 

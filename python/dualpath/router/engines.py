@@ -1,4 +1,9 @@
-"""The engines behind the router: who they are (``/dualpath/info``), what they serve, and how loaded they are.
+"""The engines behind the router: who they are, what they serve, and how loaded they are.
+
+Everything comes over the network: each poll asks a DualPath server for its :class:`NodeReport`
+(``/dualpath/info``: role, node, KV channel, store namespace, its node's storage-NIC read queue) and every
+server for ``/v1/loads``. A server without ``/dualpath/info`` (stock SGLang) is its own node and never
+reads on the DE side. An engine whose polls have failed for ``report_timeout_s`` is down.
 
 Loads come from two sources. Every poll (``/v1/loads?include=core``) says what an engine holds; between
 polls the router's own in-flight counts, changed at dispatch and completion, make decisions react at once.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,20 +24,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from dualpath.router.config import RouterConfig
-from dualpath.router.store_view import StoreView, empty_queue
-from dualpath.scheduler.messages import ReadSide, Role
-from dualpath.scheduler.route_hint import RouteHint
-from dualpath.store.node import ReadQueue
+from dualpath.scheduler.messages import Role
+from dualpath.scheduler.report import REPORT_ROUTE, KVChannelAddress, NodeReport
 
 log = logging.getLogger(__name__)
-
-
-def kv_channel(info: dict[str, Any]) -> str:
-    """An engine's KV channel from ``/dualpath/info``: ``kv_channel``, or ``kv_agent`` at ``kv_endpoint``."""
-    if info.get("kv_channel"):
-        return str(info["kv_channel"])
-    agent, endpoint = info.get("kv_agent"), info.get("kv_endpoint")
-    return f"{agent}@{endpoint}" if agent and endpoint else ""
 
 
 def _count(rank: dict[str, Any], key: str) -> int:
@@ -47,14 +43,13 @@ class Engine:
     role: Role
     url: str
     bootstrap_port: int = 0
-    # From /dualpath/info; a server without it (stock SGLang) is its own node and never reads on the DE side.
+    # From its reports; a server without them (stock SGLang) is its own node and never reads on the DE side.
     discovered: bool = False
     dualpath: bool = False
     node: str = ""
     node_id: int = -1
-    kv_channel: str = ""  # "agent@host:port" of its KV channel; DE-side reads need it on both engines
-    page_size: int = 0
-    store_namespace: str = ""  # published once SGLang built its host pool; asked again until then
+    report: NodeReport | None = None  # the last one
+    reported_at: float = 0.0  # monotonic time of the last successful poll
     models: tuple[str, ...] = ()
     up: bool = False
     # The router's own unfinished work on this engine.
@@ -74,6 +69,19 @@ class Engine:
     def host(self) -> str:
         """The prefill's host as decode servers reach its bootstrap server."""
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def kv_channel(self) -> KVChannelAddress | None:
+        """Its KV channel; DE-side reads need it on both engines."""
+        return self.report.kv_channel if self.report is not None and self.report.ready else None
+
+    @property
+    def page_size(self) -> int:
+        return self.report.page_size if self.report is not None else 0
+
+    @property
+    def store_namespace(self) -> str:
+        return self.report.store_namespace if self.report is not None else ""
 
     @property
     def seq(self) -> int:
@@ -120,15 +128,13 @@ class Engine:
 class EngineRegistry:
     """All engines, their nodes and the nodes' store read queues, refreshed by ``poll_forever``."""
 
-    def __init__(self, config: RouterConfig, store: StoreView | None, on_change: Callable[[], None]) -> None:
+    def __init__(self, config: RouterConfig, on_change: Callable[[], None]) -> None:
         self.config = config
-        self.store = store
         self.on_change = on_change
         self.prefill = [Engine(i, "prefill", spec.url, spec.bootstrap_port) for i, spec in enumerate(config.prefill)]
         self.decode = [Engine(len(self.prefill) + i, "decode", url) for i, url in enumerate(config.decode)]
         self.engines = self.prefill + self.decode
         self.node_ids: dict[str, int] = {}
-        self.read_queues: dict[str, ReadQueue] = {}
         self.polls = 0
 
     @property
@@ -164,21 +170,23 @@ class EngineRegistry:
             await asyncio.sleep(self.config.load_poll_interval_s)
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(1.0, 5 * self.config.load_poll_interval_s))
+        timeout = aiohttp.ClientTimeout(total=max(1.0, min(5 * self.config.load_poll_interval_s,
+                                                           self.config.report_timeout_s)))
         await asyncio.gather(*(self._poll_engine(session, engine, timeout) for engine in self.engines))
-        if self.store is not None:
-            self.read_queues = {node: self.store.read_queue(node) for node in self.dualpath_nodes()}
         self.polls += 1
         self.on_change()
 
-    def read_queue(self, node: str) -> ReadQueue:
-        return self.read_queues.get(node) or empty_queue(node)
+    def node_report(self, node: str) -> NodeReport | None:
+        """The freshest report on ``node``'s storage NIC from an engine that is up (every server of a node
+        reports the same node-wide queue)."""
+        engines = [e for e in self.engines if e.node == node and e.up and e.report is not None]
+        return max(engines, key=lambda e: e.reported_at).report if engines else None
 
     async def _poll_engine(self, session: aiohttp.ClientSession, engine: Engine,
                            timeout: aiohttp.ClientTimeout) -> None:
         try:
-            if not engine.discovered or (engine.dualpath and not engine.store_namespace):
-                await self._discover(session, engine, timeout)
+            if not engine.discovered or engine.dualpath:
+                await self._report(session, engine, timeout)
             async with session.get(f"{engine.url}/v1/loads", params={"include": "core"}, timeout=timeout) as resp:
                 resp.raise_for_status()
                 engine.apply_loads(await resp.json(content_type=None))
@@ -187,37 +195,36 @@ class EngineRegistry:
             if reason != engine.last_error:
                 log.warning("engine %s: %s", engine.url, reason)
             engine.last_error = reason
-            engine.set_up(False)
+            if time.monotonic() - engine.reported_at >= self.config.report_timeout_s:
+                engine.set_up(False)
             return
+        engine.reported_at = time.monotonic()
         if not engine.up:
             log.info("engine %s (%s, node %s) is up", engine.url, engine.role, engine.node)
         engine.set_up(True)
         engine.last_error = ""
 
-    async def _discover(self, session: aiohttp.ClientSession, engine: Engine, timeout: aiohttp.ClientTimeout) -> None:
-        async with session.get(f"{engine.url}/dualpath/info", timeout=timeout) as resp:
-            if resp.status == 404:
-                info: dict[str, Any] = {}
+    async def _report(self, session: aiohttp.ClientSession, engine: Engine, timeout: aiohttp.ClientTimeout) -> None:
+        """Take the engine's node report (the first one also names its node and models)."""
+        async with session.get(f"{engine.url}{REPORT_ROUTE}", timeout=timeout) as resp:
+            if resp.status == 404 and not engine.discovered:
+                report = None
             else:
                 resp.raise_for_status()
-                info = await resp.json(content_type=None)
-                if not isinstance(info, dict):
-                    raise ValueError(f"/dualpath/info answered {info!r}, not an object")
-        if info and info.get("role") != engine.role:
-            raise ValueError(f"/dualpath/info says role {info.get('role')!r} but it is listed as {engine.role}")
-        engine.models = await self._served_models(session, engine, timeout)
-        engine.dualpath = bool(info)
-        engine.node = str(info.get("node") or "") if info else f"stock-{engine.engine_id}"
-        if not engine.node:
-            raise ValueError("/dualpath/info has no node name")
-        engine.kv_channel = kv_channel(info)
-        if engine.kv_channel:
-            RouteHint(ReadSide.DE, engine.kv_channel, engine.kv_channel)  # fails now on names a hint cannot carry
-        engine.page_size = int(info.get("page_size") or 0)
-        engine.store_namespace = str(info.get("store_namespace") or "")
-        engine.node_id = self.node_ids.setdefault(engine.node, len(self.node_ids))
-        engine.discovered = True
-        engine.version += 1
+                report = NodeReport.decode(await resp.read())
+        if report is not None and report.role != engine.role:
+            raise ValueError(f"{REPORT_ROUTE} says role {report.role!r} but it is listed as {engine.role}")
+        if not engine.discovered:
+            engine.models = await self._served_models(session, engine, timeout)
+            engine.dualpath = report is not None
+            engine.node = report.node if report is not None else f"stock-{engine.engine_id}"
+            engine.node_id = self.node_ids.setdefault(engine.node, len(self.node_ids))
+            engine.discovered = True
+        elif report.node != engine.node:
+            raise ValueError(f"{REPORT_ROUTE} now names node {report.node!r}, was {engine.node!r}")
+        if report != engine.report:
+            engine.report = report
+            engine.version += 1
 
     @staticmethod
     async def _served_models(session: aiohttp.ClientSession, engine: Engine,

@@ -29,9 +29,10 @@ class _StateCollector(Collector):
         queue_tokens = GaugeMetricFamily("dualpath_storage_read_queue_tokens",
                                          "Tokens queued or in flight on each node's storage NIC", labels=["node"])
         for node in self.registry.dualpath_nodes():
-            snapshot = self.registry.read_queue(node)
-            read_bytes.add_metric([node], snapshot.read_bytes)
-            queue_tokens.add_metric([node], snapshot.pending_tokens)
+            report = self.registry.node_report(node)
+            if report is not None:
+                read_bytes.add_metric([node], report.read_bytes)
+                queue_tokens.add_metric([node], report.pending_tokens)
         yield read_bytes
         yield queue_tokens
         yield GaugeMetricFamily("dualpath_router_queue_length",

@@ -1,9 +1,8 @@
-"""A read-only view of the shared block store: how much of a prompt is stored, and each node's read queue.
+"""The router's hit estimates: how much of a prompt the shared block store holds.
 
-The router must not take part in the store: a ``BlockStore`` handle claims a slot in its node's state
-file, starts I/O threads and creates directories, and a ``NodeState`` creates the node's file. This view
-only looks: block files are checked by path (the store's layout, ``<root>/<namespace>/blocks/<k[:2]>/<k>.kv``)
-and node state files are mapped read-only and summed the way ``NodeState.snapshot`` sums them.
+The router must not take part in the store (a ``BlockStore`` handle claims a slot of its node's NIC, starts
+I/O threads and creates directories): it looks through the store's published read-only interface,
+:class:`dualpath.store.StoreIndex`, on its own host's mount of the store.
 
 Block keys are chained SHA-256 (``dualpath.kv.block_keys``, SGLang's page keys). An agent resends its
 whole conversation every turn, so all but the last few blocks of a prompt were keyed on an earlier turn:
@@ -15,18 +14,14 @@ span costs one fast hash and a dict lookup; only the blocks from the first unkno
 
 from __future__ import annotations
 
-import mmap
-import os
 from array import array
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from dualpath.interprocess import pid_alive
 from dualpath.kv import block_keys
-from dualpath.store.node import _FILE_BYTES, _HEADER, _MAGIC, _SLOT, SLOTS, ReadQueue
+from dualpath.store import StoreIndex
 
 SPAN = 8  # blocks per memo entry: few Python steps per prompt, at most SPAN - 1 blocks re-keyed per turn
 DEFAULT_CAPACITY = 1 << 14  # spans: 131K blocks, the prefixes of a few hundred 32K-token sessions (~16 MB)
@@ -73,71 +68,12 @@ class KeyMemo:
         return keys + fresh
 
 
-class _NodeFile:
-    """One node's state file, mapped read-only."""
-
-    def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size < _FILE_BYTES:
-                raise FileNotFoundError(f"{path} is not initialised yet")
-            self._map = mmap.mmap(fd, _FILE_BYTES, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)  # the mapping keeps the file
-        self._header = np.frombuffer(self._map, _HEADER, count=1)
-        self._slots = np.frombuffer(self._map, _SLOT, count=SLOTS, offset=_HEADER.itemsize)
-
-    def snapshot(self, node: str) -> ReadQueue:
-        header, slots = self._header[0].copy(), self._slots.copy()
-        if header["magic"] != _MAGIC:
-            return empty_queue(node)
-        live = np.array([pid != 0 and pid_alive(int(pid)) for pid in slots["pid"]], dtype=bool)
-        rate = float(header["rate"])
-        return ReadQueue(
-            node=node,
-            queued_tokens=int(slots["queued_tokens"][live].sum()),
-            queued_bytes=int(slots["queued_bytes"][live].sum()),
-            inflight_tokens=int(slots["inflight_tokens"][live].sum()),
-            inflight_bytes=int(slots["inflight_bytes"][live].sum()),
-            read_tokens=int(slots["read_tokens"].sum() + header["retired_tokens"]),
-            read_bytes=int(slots["read_bytes"].sum() + header["retired_bytes"]),
-            rate_bytes_per_s=rate or None,
-        )
-
-    def close(self) -> None:
-        del self._header, self._slots
-        self._map.close()
-
-
-def empty_queue(node: str) -> ReadQueue:
-    return ReadQueue(node, 0, 0, 0, 0, 0, 0, None)
-
-
 class StoreView:
     """What the router reads from the store at ``root``; every method is safe on a store that does not exist."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.index = StoreIndex(root)
         self._memos: dict[int, KeyMemo] = {}
-        self._nodes: dict[str, _NodeFile] = {}
-
-    def stored_blocks(self, keys: Sequence[str], namespace: str) -> int:
-        """How many leading ``keys`` are stored.
-
-        A binary search over file existence: a chain's blocks are written in order and every hit refreshes
-        all its leading blocks for LRU eviction, so the stored blocks of a chain form a prefix and this
-        equals ``BlockStore.prefix_length`` with log2(n) lookups instead of n.
-        """
-        directory = f"{self.root}/{namespace}/blocks"
-        low, high = 0, len(keys)  # keys[:low] are stored; keys[high:] are not
-        while low < high:
-            mid = (low + high) // 2
-            key = keys[mid]
-            if os.path.exists(f"{directory}/{key[:2]}/{key}.kv"):  # strings: pathlib costs more than the stat
-                low = mid + 1
-            else:
-                high = mid
-        return low
 
     def hit_tokens(self, token_ids: array, namespace: str, block_tokens: int) -> int:
         """Tokens of the uint32 ``token_ids`` whose Full Blocks are stored in ``namespace`` (whole blocks from
@@ -145,19 +81,4 @@ class StoreView:
         memo = self._memos.get(block_tokens)
         if memo is None:
             memo = self._memos[block_tokens] = KeyMemo(block_tokens)
-        return self.stored_blocks(memo.keys(token_ids), namespace) * block_tokens
-
-    def read_queue(self, node: str) -> ReadQueue:
-        """The node's storage-read queue and lifetime read totals; all zero while the node has no state file."""
-        state = self._nodes.get(node)
-        if state is None:
-            try:
-                state = self._nodes[node] = _NodeFile(self.root / "nodes" / f"{node}.state")
-            except FileNotFoundError:
-                return empty_queue(node)
-        return state.snapshot(node)
-
-    def close(self) -> None:
-        for state in self._nodes.values():
-            state.close()
-        self._nodes.clear()
+        return self.index.stored_prefix(memo.keys(token_ids), namespace) * block_tokens

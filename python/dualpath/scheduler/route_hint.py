@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dualpath.scheduler.messages import ReadSide
+from dualpath.scheduler.report import KVChannelAddress
 
 PREFIX = "dualpath/1"
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
@@ -24,14 +25,14 @@ ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
 class RouteHint:
     """Where the hit KV of one request is read; for the DE side, the KV channels of both engines.
 
-    A channel is ``agent@host:port`` (``KVChannel`` name and control address, from ``/dualpath/info``).
+    Channels come from the servers' ``/dualpath/info`` reports.
     """
 
     side: ReadSide
-    pe_channel: str = ""
-    de_channel: str = ""
+    pe_channel: KVChannelAddress | None = None
+    de_channel: KVChannelAddress | None = None
     de_tokens: int = 0  # split reads: the leading hit tokens the DE reads
-    helper_channel: str = ""  # split reads: another DE that reads the next ``helper_tokens`` for the PE
+    helper_channel: KVChannelAddress | None = None  # split reads: another DE that reads the next ``helper_tokens``
     helper_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -45,28 +46,9 @@ class RouteHint:
         if (self.de_tokens + self.helper_tokens > 0) != (self.side is ReadSide.SPLIT):
             raise ValueError(f"de_tokens or help_tokens > 0 go with a split read and only with it; got "
                              f"{self.side.value} with de_tokens={self.de_tokens}, help_tokens={self.helper_tokens}")
-        if bool(self.helper_channel) != (self.helper_tokens > 0):
-            raise ValueError(f"a helper needs both its channel and help_tokens > 0; got {self.helper_channel!r} "
+        if (self.helper_channel is not None) != (self.helper_tokens > 0):
+            raise ValueError(f"a helper needs both its channel and help_tokens > 0; got {self.helper_channel} "
                              f"with help_tokens={self.helper_tokens}")
-        for value in (self.pe_channel, self.de_channel, self.helper_channel):
-            if value and (any(c in value for c in ";=") or value.count("@") != 1):
-                raise ValueError(f"a KV channel is 'agent@host:port' without ';' or '=', got {value!r}")
-
-    @property
-    def pe_agent(self) -> str:
-        return self.pe_channel.partition("@")[0]
-
-    @property
-    def pe_address(self) -> str:
-        return self.pe_channel.partition("@")[2]
-
-    @property
-    def de_agent(self) -> str:
-        return self.de_channel.partition("@")[0]
-
-    @property
-    def de_address(self) -> str:
-        return self.de_channel.partition("@")[2]
 
     def split(self, hit: int) -> tuple[int, int, int]:
         """Of ``hit`` stored tokens, how many the (PE, DE, helper) read under this hint."""
@@ -95,7 +77,8 @@ class RouteHint:
             return None
         try:
             fields = dict(item.split("=", 1) for item in routing_key.split(";")[1:])
-            return RouteHint(ReadSide(fields["side"]), fields.get("pe", ""), fields.get("de", ""),
-                             int(fields.get("de_tokens", 0)), fields.get("help", ""), int(fields.get("help_tokens", 0)))
+            pe, de, helper = (KVChannelAddress.parse(fields[k]) if k in fields else None for k in ("pe", "de", "help"))
+            return RouteHint(ReadSide(fields["side"]), pe, de, int(fields.get("de_tokens", 0)), helper,
+                             int(fields.get("help_tokens", 0)))
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed DualPath routing key {routing_key!r}: {exc}") from exc

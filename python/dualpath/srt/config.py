@@ -1,31 +1,58 @@
-"""DualPath settings of one SGLang server, passed to every process it spawns through the environment."""
+"""DualPath settings of one SGLang server: read from its HiCache storage backend's extra-config.
+
+A server runs DualPath when it is started with ``--hicache-storage-backend dynamic`` and an extra-config whose
+``backend_name`` is ``dualpath`` (:data:`BACKEND`, plus the settings of :class:`SrtConfig`, beside SGLang's own
+keys such as ``prefetch_threshold``). The server's main process reads and checks them once
+(:meth:`SrtConfig.from_server_args`), resolves the KV channel's address and port, and hands the result to
+every process it spawns through the environment (:data:`ENV`), an internal detail no user sets.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass
-from typing import Literal
+import socket
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
 
 import msgspec
+from dualpath.interprocess import HOST
+from dualpath.scheduler.report import KVChannelAddress
 
 ENV = "DUALPATH_SRT_CONFIG"
 CPU_ENV = "DUALPATH_CPU_SUPPORT"
 Role = Literal["prefill", "decode", "null"]
+# The keys SGLang's `dynamic` loader needs to load the DualPath backend.
+BACKEND = {"backend_name": "dualpath", "module_path": "dualpath.srt.storage", "class_name": "DualPathStorage",
+           "interface_v1": 1}
+# Extra-config keys that belong to SGLang (its parser pops the prefetch ones before the backend sees them).
+SGLANG_KEYS = frozenset({"prefetch_threshold", "prefetch_timeout_base", "prefetch_timeout_per_ki_token",
+                         "prefetch_timeout_max", "hicache_storage_pass_prefix_keys", "tp_lcm_size"})
+DEFAULT_STORE = Path.home() / ".cache" / "dualpath" / "store"
+
+
+def runtime_dir() -> Path:
+    """Host-local state of this host's DualPath servers (never on the store mount, never read by the router)."""
+    return Path(tempfile.gettempdir()) / f"dualpath-{os.getuid()}" / "servers"
 
 
 @dataclass(frozen=True)
 class SrtConfig:
-    """What the plugin needs in the scheduler processes; set by ``python -m dualpath.launch_server``.
+    """One server's DualPath settings. Extra-config keys are the field names below but ``role``, ``model`` and
+    ``page_size`` (taken from SGLang's own arguments).
 
-    ``node`` names the storage NIC this server reads through (servers that give the same node share
-    its cap and read queue); ``kv_port`` is where its KV channel listens for peers.
+    ``node`` names the storage NIC this server reads through (servers that give the same node share its cap
+    and read queue; default: the host). ``kv_host`` is the routable address peers reach its KV channel at
+    (default: ``$SGLANG_HOST_IP``, else SGLang's local-IP detection), ``kv_port`` its port (0: a free one).
     """
 
     role: Role
-    node: str
-    store_root: str
-    kv_port: int
-    kv_host: str = "127.0.0.1"
+    node: str = HOST
+    store_root: str = str(DEFAULT_STORE)
+    kv_host: str = ""
+    kv_port: int = 0
     nic_gbps: float | None = None
     staging_blocks: int = 512
     timeout_s: float = 10.0
@@ -33,16 +60,20 @@ class SrtConfig:
     # (base_s, per_token_s, per_pair_s) it predicts with; empty: AttentionCostModel's defaults.
     prefill_quota_ms: float = 0.0
     cost_model: tuple[float, ...] = ()
+    model: str = "model"
+    page_size: int = 64
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "null"):
             raise ValueError(f"role must be prefill, decode or null, got {self.role!r}")
-        if not self.node or "/" in self.node:
+        if not self.node or "/" in self.node or self.node.startswith("."):
             raise ValueError(f"node must be a plain name, got {self.node!r}")
-        if not 0 < self.kv_port < 65536:
-            raise ValueError(f"kv_port must be a TCP port, got {self.kv_port}")
+        if not 0 <= self.kv_port < 65536:
+            raise ValueError(f"kv_port must be a TCP port (0: a free one), got {self.kv_port}")
         if self.staging_blocks <= 0 or self.timeout_s <= 0:
             raise ValueError("staging_blocks and timeout_s must be positive")
+        if self.nic_gbps is not None and self.nic_gbps < 0:
+            raise ValueError(f"nic_gbps must be >= 0, got {self.nic_gbps}")
         if self.prefill_quota_ms < 0 or len(self.cost_model) not in (0, 3) or any(c < 0 for c in self.cost_model):
             raise ValueError(f"prefill_quota_ms must be >= 0 and cost_model 3 non-negative numbers, got "
                              f"{self.prefill_quota_ms}, {self.cost_model}")
@@ -52,21 +83,20 @@ class SrtConfig:
         return f"{self.role}-{self.node}-{self.kv_port}"
 
     @property
-    def kv_channel(self) -> str:
-        """``agent@host:port``, as a RouteHint names it."""
-        return f"{self.kv_agent}@{self.kv_host}:{self.kv_port}"
+    def kv_channel(self) -> KVChannelAddress:
+        return KVChannelAddress(self.kv_agent, self.kv_host, self.kv_port)
 
     @property
-    def announcement(self) -> str:
-        """Where the scheduler process publishes what only it knows (the store namespace of its pages)."""
-        return f"{self.store_root}/servers/{self.kv_agent}.json"
+    def state_path(self) -> Path:
+        """Where the scheduler process publishes what only it knows, for the server's HTTP process."""
+        return runtime_dir() / f"{self.kv_host}-{self.kv_port}.json"
 
     def to_env(self) -> str:
         return msgspec.json.encode(self).decode()
 
     @staticmethod
     def from_env(environ: dict[str, str] | None = None) -> SrtConfig | None:
-        """The configuration in ``$DUALPATH_SRT_CONFIG``, or None when DualPath is off."""
+        """The configuration the main process handed down, or None when DualPath is off."""
         raw = (os.environ if environ is None else environ).get(ENV)
         if not raw:
             return None
@@ -74,3 +104,56 @@ class SrtConfig:
             return msgspec.json.decode(raw, type=SrtConfig)
         except msgspec.ValidationError as exc:
             raise ValueError(f"${ENV} is not a valid DualPath configuration: {exc}") from exc
+
+    @staticmethod
+    def from_extra_config(extra: dict[str, Any], role: str, model: str, page_size: int,
+                          bind_host: str) -> SrtConfig | None:
+        """The settings in a parsed extra-config (None when it does not name the DualPath backend), with the
+        KV channel's host and port resolved; ``ValueError`` naming what is wrong otherwise."""
+        if extra.get("backend_name") != BACKEND["backend_name"]:
+            return None
+        for key, needed in BACKEND.items():
+            if extra.get(key) != needed and not (key == "interface_v1" and extra.get(key)):
+                raise ValueError(f"the DualPath backend needs extra-config {key}={needed!r}, got {extra.get(key)!r}")
+        settings = {f.name for f in fields(SrtConfig)} - {"role", "model", "page_size"}
+        unknown = sorted(set(extra) - settings - set(BACKEND) - SGLANG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown DualPath extra-config keys {unknown}; known: {sorted(settings)}")
+        given = {key: value for key, value in extra.items() if key in settings}
+        try:
+            config = msgspec.convert({**given, "role": role, "model": model, "page_size": page_size}, SrtConfig)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"DualPath extra-config: {exc}") from exc
+        host = config.kv_host or kv_host_for(bind_host)
+        KVChannelAddress("check", host, 1)  # a routable host, or a clear error now
+        return replace(config, kv_host=host, kv_port=config.kv_port or free_port(host))
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def kv_host_for(bind_host: str) -> str:
+    """The KV channel's host when none is given: ``$SGLANG_HOST_IP``, else SGLang's own local-IP detection.
+
+    A detected loopback address is refused unless the server itself listens on loopback (then every peer is
+    local): peers on other hosts could not reach it.
+    """
+    from dualpath.srt import targets
+
+    if os.environ.get("SGLANG_HOST_IP"):
+        return os.environ["SGLANG_HOST_IP"]
+    host = targets.resolve("local_ip")()
+    if _loopback(host) and not _loopback(bind_host):
+        raise ValueError(f"the KV channel would advertise {host}, which other hosts cannot reach; give the "
+                         "DualPath extra-config key kv_host (or $SGLANG_HOST_IP) a routable address")
+    return host
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from dualpath.scheduler.report import KVChannelAddress
+
 THREADS_PER_READER = 2
 
 
@@ -27,13 +29,14 @@ class EarlyReads:
 
     def __init__(self, capacity: int, threads_per_reader: int = THREADS_PER_READER) -> None:
         self._capacity, self._threads = capacity, threads_per_reader
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[KVChannelAddress | None, ThreadPoolExecutor] = {}
         self._requests: OrderedDict[str, list[Future[None]]] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
-    def start(self, rid: str, readers: Sequence[str], read: Callable[[str], None]) -> None:
-        """Run ``read(reader)`` for each of ``readers`` (``""``: this node's NIC, else a DE's KV channel) on
+    def start(self, rid: str, readers: Sequence[KVChannelAddress | None],
+              read: Callable[[KVChannelAddress | None], None]) -> None:
+        """Run ``read(reader)`` for each of ``readers`` (None: this node's NIC, else a DE's KV channel) on
         that reader's threads, after the reads queued there before."""
         with self._lock:
             if self._closed:
@@ -51,10 +54,10 @@ class EarlyReads:
             futures = self._requests.pop(rid, [])
         wait(futures)
 
-    def _pool(self, reader: str) -> ThreadPoolExecutor:
+    def _pool(self, reader: KVChannelAddress | None) -> ThreadPoolExecutor:
         pool = self._pools.get(reader)
         if pool is None:
-            name = f"dualpath-early-{reader.partition('@')[0] or 'pe'}"
+            name = f"dualpath-early-{reader.agent if reader is not None else 'pe'}"
             pool = self._pools[reader] = ThreadPoolExecutor(self._threads, thread_name_prefix=name)
         return pool
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import msgspec
+from dualpath.scheduler.report import KVChannelAddress
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.store import BlockStore
@@ -36,8 +38,11 @@ class Fetched(NamedTuple):
 class KVLink:
     """One server's KV channel over its block slots: fetch from a DE (PE side), serve a PE (DE side)."""
 
-    def __init__(self, config: SrtConfig, slots: BlockSlots, store: BlockStore) -> None:
+    def __init__(self, config: SrtConfig, slots: BlockSlots, store: BlockStore,
+                 count: Callable[..., None] = lambda **_: None) -> None:
+        """``count(**deltas)`` tallies the server's transfer counters (``StatePublisher.count``)."""
         self.config = config
+        self._count = count
         self._slots = slots
         self._store = store
         self._planes = slots.buffer.layout.geometry.layers
@@ -50,22 +55,24 @@ class KVLink:
         )
         self.channel.register(grid_for_buffer(GRID, slots.buffer))
 
-    def _connected(self, agent: str, address: str) -> None:
+    def _connected(self, peer: KVChannelAddress) -> None:
         with self._connect_lock:
-            if agent not in self.channel.peers():
-                self.channel.connect(agent, f"tcp://{address}")
+            if peer.agent not in self.channel.peers():
+                self.channel.connect(peer.agent, peer.endpoint)
 
     # -- PE side ------------------------------------------------------------------------------------------
-    def fetch(self, de_channel: str, keys: list[str], slots: list[int]) -> Fetched:
+    def fetch(self, de_channel: KVChannelAddress, keys: list[str], slots: list[int]) -> Fetched:
         """Blocks ``keys`` from the DE at ``de_channel``, written into ``slots``."""
-        agent, _, address = de_channel.partition("@")
         try:
-            self._connected(agent, address)
-            inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", agent, GRID, slots,
+            self._connected(de_channel)
+            inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", de_channel.agent, GRID, slots,
                                           meta=msgspec.msgpack.encode(keys))
             inbound.wait_all()
             return Fetched(True, "")
-        except (TransferFailed, TimeoutError, OSError) as exc:
+        except TimeoutError as exc:
+            self._count(transfer_timeouts=1)
+            return Fetched(False, f"timed out: {exc}")
+        except (TransferFailed, OSError) as exc:
             return Fetched(False, str(exc))
 
     # -- DE side ------------------------------------------------------------------------------------------
@@ -86,6 +93,8 @@ class KVLink:
                 outbound.send_layer(layer)
                 outbound.send_layer(layers + layer)
             outbound.wait()
+            block_bytes = self._slots.buffer.layout.full_block_bytes
+            self._count(pages_forwarded=len(slots), bytes_forwarded=len(slots) * block_bytes)
         except Exception as exc:
             log.warning("forwarding %s to %s failed: %s", expect.request_id, peer, exc)
             self.channel.abort(expect.request_id, peer, f"DE could not forward: {exc}")

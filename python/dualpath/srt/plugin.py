@@ -1,15 +1,19 @@
 """The ``sglang.srt.plugins`` entry point: DualPath's hooks, in every SGLang process.
 
-SGLang spawns its scheduler processes and calls ``load_plugins()`` in each, so hooks registered here
-apply where the scheduler runs. Both parts are switched on by ``python -m dualpath.launch_server``
-through the environment, so a plain ``python -m sglang.launch_server`` stays stock:
+In a server's main process the plugin hooks SGLang's launch (``server.on_launch``), which decides from the
+parsed arguments whether the server runs DualPath (its storage backend's extra-config names it) and, if so,
+hands the configuration to the processes SGLang spawns. SGLang calls ``load_plugins()`` in each of them, so
+the hooks registered here apply where the scheduler runs:
 - ``$DUALPATH_SRT_CONFIG``: DualPath itself;
-- ``$DUALPATH_CPU_SUPPORT=1``: the CPU stand-ins (also with ``--dualpath-off``; never with CUDA).
+- ``$DUALPATH_CPU_SUPPORT=1``: the CPU stand-ins (also set by ``dualpath.launch_server --dualpath-off``;
+  never with CUDA).
+A server whose storage backend is not DualPath stays stock.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 
 from dualpath.scheduler.batcher import AttentionCostModel
@@ -32,12 +36,17 @@ CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()})
 
 
 def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if multiprocessing.parent_process() is None:  # a server's main process
+        from dualpath.srt import server
+
+        HookRegistry.register(targets.TARGETS["http_launch"], server.on_launch, HookType.AROUND)
+        return
     config = SrtConfig.from_env()
     on_cpu = os.environ.get(CPU_ENV) == "1" and cpu.needed()
     if config is None and not on_cpu:
         return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     try:
         targets.self_check((SCHEDULER_TARGETS if config else []) + (CPU_TARGETS if on_cpu else []))
     except targets.HookTargetError as exc:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from dualpath.scheduler.messages import ReadSide
+from dualpath.scheduler.report import KVChannelAddress
 from dualpath.scheduler.route_hint import RouteHint
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ class Route(NamedTuple):
             return ReadSide.DE if key in self.de_keys else ReadSide.PE
         return side
 
-    def reader(self, key: str) -> str:
-        """The KV channel of the DE that reads the page ``key`` for the prefill; "" for the prefill's own NIC."""
+    def reader(self, key: str) -> KVChannelAddress | None:
+        """The KV channel of the DE that reads the page ``key`` for the prefill; None for the prefill's own NIC."""
         if self.side is ReadSide.DE or key in self.de_keys:
             return self.hint.de_channel
-        return self.hint.helper_channel if key in self.helper_keys else ""
+        return self.hint.helper_channel if key in self.helper_keys else None
 
 
 _routes: OrderedDict[str, Route] = OrderedDict()

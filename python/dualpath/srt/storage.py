@@ -17,7 +17,6 @@ Per request (see ``requests.py``):
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import time
@@ -28,11 +27,13 @@ from typing import Any
 import torch
 from dualpath.kv import KVGeometry, block_keys
 from dualpath.scheduler import ReadSide
-from dualpath.srt import requests
+from dualpath.scheduler.report import KVChannelAddress
+from dualpath.srt import requests, targets
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
 from dualpath.srt.link import KVLink
+from dualpath.srt.state import StatePublisher
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
@@ -55,8 +56,8 @@ class DualPathStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
         config = SrtConfig.from_env()
         if config is None:
-            raise ValueError("the DualPath storage backend needs $DUALPATH_SRT_CONFIG: start the server with "
-                             "python -m dualpath.launch_server")
+            raise ValueError("the DualPath storage backend was loaded without its configuration: the plugin "
+                             "(entry point sglang.srt.plugins: dualpath) did not run in the server's main process")
         if storage_config.tp_size * storage_config.pp_size != 1:
             raise ValueError("DualPath serves one TP/PP rank per server in this version; got "
                              f"tp={storage_config.tp_size}, pp={storage_config.pp_size}")
@@ -67,6 +68,8 @@ class DualPathStorage(HiCacheStorage):
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
         self._early = EarlyReads(requests.CAPACITY)
+        self._pages_moved: dict[str, list[int]] = {"prefetch": [], "backup": []}  # since get_stats() was last called
+        self.state = StatePublisher(config, lambda: self.store.stats().hits if self.store is not None else 0)
         requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -76,10 +79,8 @@ class DualPathStorage(HiCacheStorage):
                                             block_tokens=mem_pool_host.page_size, node=self.config.node,
                                             nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
-        self.link = KVLink(self.config, self.slots, self.store)
-        announcement = Path(self.config.announcement)
-        announcement.parent.mkdir(parents=True, exist_ok=True)
-        announcement.write_text(json.dumps({"store_namespace": self.store.config.namespace}))
+        self.link = KVLink(self.config, self.slots, self.store, self.state.count)
+        self.state.set_namespace(self.store.config.namespace)
         log.info("DualPath storage: %s node %s, store %s, KV channel %s", self.config.role, self.config.node,
                  self.store.directory, self.config.kv_channel)
 
@@ -122,7 +123,10 @@ class DualPathStorage(HiCacheStorage):
         return self.batch_set([key], [value])
 
     def get_stats(self) -> Any:
-        return self._store().stats()
+        """Pages per batch read and written since the last call, as SGLang's storage-metrics collector takes them
+        (``--enable-metrics``); DualPath's own counters are the ``dualpath_*`` metrics (``state.py``)."""
+        moved, self._pages_moved = self._pages_moved, {"prefetch": [], "backup": []}
+        return targets.resolve("storage_metrics")(prefetch_pgs=moved["prefetch"], backup_pgs=moved["backup"])
 
     # -- reading and writing pages -------------------------------------------------------------------------
     @staticmethod
@@ -143,21 +147,22 @@ class DualPathStorage(HiCacheStorage):
         if route.hint is None:
             return
         page, hint = self.mem_pool_host.page_size, route.hint
-        readers = [hint.de_channel] if route.side is ReadSide.DE else [""]
+        readers: list[KVChannelAddress | None] = [hint.de_channel] if route.side is ReadSide.DE else [None]
         if route.side is ReadSide.SPLIT:
             de_end = min(hint.de_tokens, len(input_ids)) // page * page
             helper_end = min(de_end + hint.helper_tokens, len(input_ids)) // page * page
             keys = block_keys(input_ids[:helper_end], page)
             route = requests.split(route, frozenset(keys[: de_end // page]), frozenset(keys[de_end // page:]))
             readers = [r for r, pages in ((hint.de_channel, de_end), (hint.helper_channel, helper_end - de_end))
-                       if pages] + [""]
+                       if pages] + [None]
         if self.config.role == "prefill" and self.link is not None:
             arrived, ids = time.monotonic(), list(input_ids)
             self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
 
-    def _fetch_early(self, route: requests.Route, reader: str, input_ids: list[int], arrived: float) -> None:
+    def _fetch_early(self, route: requests.Route, reader: KVChannelAddress | None, input_ids: list[int],
+                     arrived: float) -> None:
         """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
-        name = reader.partition("@")[0] or "PE"
+        name = reader.agent if reader is not None else "PE"
         try:
             store, page = self._store(), self.mem_pool_host.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
@@ -176,18 +181,20 @@ class DualPathStorage(HiCacheStorage):
         node's NIC for the rest and for the pages of a DE that fails."""
         def source(keys: list[str], slots: list[int]) -> list[bool]:
             ok = [False] * len(keys)
-            remote: dict[str, list[int]] = {}
+            remote: dict[KVChannelAddress, list[int]] = {}
             for i, key in enumerate(keys):
                 if reader := route.reader(key):
                     remote.setdefault(reader, []).append(i)
             for reader, indices in remote.items():
                 fetched = self.link.fetch(reader, [keys[i] for i in indices], [slots[i] for i in indices])
                 if fetched.ok:
+                    self.state.count(pages_from_peers=len(indices))
                     for i in indices:
                         ok[i] = True
                 else:
+                    self.state.count(fallbacks=len(indices))
                     log.warning("request %s: read path through %s failed (%s); reading on the PE side", route.rid,
-                                reader.partition("@")[0], fetched.reason)
+                                reader.agent, fetched.reason)
             rest = [i for i in range(len(keys)) if not ok[i]]
             if rest:
                 blocks = self.slots.buffer.blocks([slots[i] for i in rest])
@@ -216,6 +223,7 @@ class DualPathStorage(HiCacheStorage):
                 place(i, self._flat(slot))
         finally:
             self.slots.release(slots)
+        self._pages_moved["prefetch"].append(len(slots))
         return [i < len(slots) for i in range(len(keys))]
 
     def _write(self, keys: list[str], page: Callable[[int], torch.Tensor]) -> list[bool]:
@@ -229,6 +237,7 @@ class DualPathStorage(HiCacheStorage):
             statuses = self._store().write(keys, self.slots.buffer.blocks(slots))
         finally:
             self.slots.release(slots)
+        self._pages_moved["backup"].append(len(keys))
         return [status in (BlockStatus.OK, BlockStatus.EXISTS) for status in statuses]
 
     def _flat(self, slot: int) -> torch.Tensor:
@@ -251,7 +260,7 @@ class DualPathStorage(HiCacheStorage):
 
     def close(self) -> None:
         self._early.close()
-        Path(self.config.announcement).unlink(missing_ok=True)
+        self.state.close()
         if self.link is not None:
             self.link.close()
         if self.store is not None:

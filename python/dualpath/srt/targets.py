@@ -31,12 +31,21 @@ TARGETS: dict[str, str] = {
     ),
     # The base class the `dynamic` backend loader requires.
     "storage_base": "sglang.srt.mem_cache.hicache_storage.HiCacheStorage",
-    # The HTTP app of the server process (for GET /dualpath/info).
+    # The server's main process: its HTTP app (GET /dualpath/info) and launch (DualPath decided from server_args).
     "http_app": "sglang.srt.entrypoints.http_server.app",
+    "http_launch": "sglang.srt.entrypoints.http_server.launch_server",
+    "parse_extra_config": "sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller.HybridCacheController"
+                          ".parse_storage_backend_extra_config",
+    "local_ip": "sglang.srt.utils.network.get_local_ip_auto",
+    # What SGLang's storage-metrics collector takes from get_stats() (with --enable-metrics).
+    "storage_metrics": "sglang.srt.observability.metrics_collector.StorageMetrics",
+    # python -m dualpath.launch_server.
     "launch_main": "sglang.launch_server.run_server",
     "load_plugins": "sglang.srt.plugins.load_plugins",
     "kill_process_tree": "sglang.srt.utils.kill_process_tree",
     "prepare_server_args": "sglang.srt.server_args.prepare_server_args",
+    "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "config_merger": "sglang.srt.server_args_config_parser.ConfigArgumentMerger",
     # CPU support (hooked only without CUDA).
     "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
     "host_backup_all": f"{HOST_POOL}.backup_from_device_all_layer",

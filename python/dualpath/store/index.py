@@ -1,7 +1,8 @@
 """The per-key index of the block store: one small entry file per block, naming where its data lies.
 
-``<namespace>/blocks/<k[:2]>/<key>.kv`` exists iff the block is stored and readable, so the existence
-test that other packages use (``os.path.exists``) stays one ``stat``. The entry holds the segment file
+``<namespace>/blocks/<k[:2]>/<key>.kv`` (:func:`entry_path`, the only place that spells it) exists iff the
+block is stored and readable, so an existence test stays one ``stat``; :class:`StoreIndex` is that test
+for other packages (the router's hit estimates), read-only. The entry holds the segment file
 and offset of the block's data as text. It is written to a private temporary file, made durable, then
 published with ``link()``, which fails if the key exists: the first writer wins, across processes and
 hosts, and nobody ever sees a half-written entry. Segment names are never reused and offsets within a
@@ -11,12 +12,20 @@ segment never rewritten, so an entry's content identifies one block for all time
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from dualpath.interprocess import pid_alive
+from dualpath.interprocess import dead_local_writer, writer_tag
 from dualpath.store.blockfile import CorruptBlock
+
+BLOCKS = "blocks"  # <root>/<namespace>/blocks holds a namespace's index
+
+
+def entry_path(blocks_dir: str | Path, key: str) -> str:
+    """The index entry of ``key`` under ``blocks_dir``: it exists iff the block is stored."""
+    return f"{blocks_dir}/{key[:2]}/{key}.kv"
 
 
 class Entry(NamedTuple):
@@ -39,7 +48,7 @@ class Entry(NamedTuple):
 
 
 def _nonce() -> str:
-    return f"{os.getpid()}.{os.urandom(6).hex()}"
+    return f"{writer_tag()}.{os.urandom(6).hex()}"
 
 
 class Index:
@@ -51,15 +60,15 @@ class Index:
         self.durable = durable
 
     def path(self, key: str) -> Path:
-        return self.blocks_dir / key[:2] / f"{key}.kv"
+        return Path(entry_path(self.blocks_dir, key))
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(f"{self.blocks_dir}/{key[:2]}/{key}.kv")
+        return os.path.exists(entry_path(self.blocks_dir, key))
 
     def resolve(self, key: str) -> bytes | None:
         """The raw entry of ``key``, or None if it is not stored."""
         try:
-            fd = os.open(f"{self.blocks_dir}/{key[:2]}/{key}.kv", os.O_RDONLY)
+            fd = os.open(entry_path(self.blocks_dir, key), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -128,11 +137,55 @@ class Index:
                         yield from (e for e in files if e.name.endswith(".kv"))
 
     def dead_tmp_files(self) -> Iterator[Path]:
-        """Temporary files of writers and removers whose process has died: ``<key>.<pid>.<nonce>.<kind>``."""
+        """Temporary files of this host's writers and removers whose process has died:
+        ``<key>.<host>-<pid>.<nonce>.<kind>`` (another host's are left to that host)."""
         for entry in os.scandir(self.tmp_dir):
             parts = entry.name.split(".")
-            if len(parts) >= 4 and parts[-3].isdigit() and not pid_alive(int(parts[-3])):
+            if len(parts) >= 4 and dead_local_writer(parts[-3]):
                 yield Path(entry.path)
+
+
+class StoreIndex:
+    """The store's published read-only view, for processes that do not take part in it (a router on any host
+    that mounts the store): which blocks are stored. It opens nothing for writing and creates nothing, so it
+    is safe on a store that does not exist yet."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def namespaces(self) -> list[str]:
+        """The namespaces (one model and block size each, ``StoreConfig.namespace``) that hold an index."""
+        try:
+            return sorted(p.name for p in self.root.iterdir() if (p / BLOCKS).is_dir())
+        except FileNotFoundError:
+            return []
+
+    def holds(self, key: str, namespace: str) -> bool:
+        return os.path.exists(entry_path(f"{self.root}/{namespace}/{BLOCKS}", key))
+
+    def stored_prefix(self, keys: Sequence[str], namespace: str) -> int:
+        """How many leading ``keys`` are stored: ``BlockStore.prefix_length`` in log2(n) lookups.
+
+        A binary search: a chain's blocks are written in order and every hit refreshes all its leading
+        blocks for LRU eviction, so the stored blocks of a chain form a prefix.
+        """
+        blocks_dir = f"{self.root}/{namespace}/{BLOCKS}"
+        low, high = 0, len(keys)  # keys[:low] are stored; keys[high:] are not
+        while low < high:
+            mid = (low + high) // 2
+            if os.path.exists(entry_path(blocks_dir, keys[mid])):
+                low = mid + 1
+            else:
+                high = mid
+        return low
+
+
+def drop_all_blocks(root: str | Path) -> None:
+    """Unpublish every block of every namespace under ``root`` (a test harness resetting its own store to
+    cold; segment data is left for the store's orphan collection)."""
+    for namespace in StoreIndex(root).namespaces():
+        for fanout in (Path(root) / namespace / BLOCKS).iterdir():
+            shutil.rmtree(fanout, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

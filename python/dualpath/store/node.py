@@ -1,8 +1,10 @@
 """Per-node storage-NIC state shared by every process that claims the node: bandwidth cap and read queue.
 
-One small memory-mapped file per node. The header holds the NIC rate and the time at which the emulated
-NIC is next free; reservations advance that time under an exclusive lock (GCRA: a strict rate with no
-banked burst, so any one-second window carries at most the configured bytes). Each process instance owns
+One small memory-mapped file per node, on the host (:func:`node_dir`), never on the shared store mount: a
+node is one host's storage NIC, and two hosts that mount the same store emulate their own. The header holds
+the NIC rate and the time at which the emulated NIC is next free; reservations advance that time under an
+exclusive lock (GCRA: a strict rate with no banked burst, so any one-second window carries at most the
+configured bytes). Each process instance owns
 one slot of counters and is its only writer; readers sum the slots of live processes, so a process that
 dies with reads queued leaves no phantom load behind.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,6 +58,30 @@ class ReadQueue(NamedTuple):
     @property
     def pending_bytes(self) -> int:
         return self.queued_bytes + self.inflight_bytes
+
+
+def node_dir(root: Path) -> Path:
+    """Where this host keeps the node state files of the store at ``root``: host-local, one directory per
+    store (named by device and inode, so every path to the store, a symlink or a bind mount, finds it)."""
+    st = os.stat(root)
+    return Path(tempfile.gettempdir()) / f"dualpath-{os.getuid()}" / "nodes" / f"{st.st_dev:x}-{st.st_ino:x}"
+
+
+def _sum(node: str, header: np.ndarray, slots: np.ndarray) -> ReadQueue:
+    """A node's queue: the counters of its live processes' slots, the read totals of all (dead ones retired)."""
+    if header["magic"] != _MAGIC:  # a file being initialised
+        return ReadQueue(node, 0, 0, 0, 0, 0, 0, None)
+    live = np.array([pid != 0 and pid_alive(int(pid)) for pid in slots["pid"]], dtype=bool)
+    return ReadQueue(
+        node=node,
+        queued_tokens=int(slots["queued_tokens"][live].sum()),
+        queued_bytes=int(slots["queued_bytes"][live].sum()),
+        inflight_tokens=int(slots["inflight_tokens"][live].sum()),
+        inflight_bytes=int(slots["inflight_bytes"][live].sum()),
+        read_tokens=int(slots["read_tokens"].sum() + header["retired_tokens"]),
+        read_bytes=int(slots["read_bytes"].sum() + header["retired_bytes"]),
+        rate_bytes_per_s=float(header["rate"]) or None,
+    )
 
 
 class Reservation(NamedTuple):
@@ -160,19 +187,7 @@ class NodeState:
         self._add(inflight_tokens=-tokens, inflight_bytes=-nbytes, **done)
 
     def snapshot(self) -> ReadQueue:
-        slots = self._slots.copy()
-        live = np.array([pid != 0 and pid_alive(int(pid)) for pid in slots["pid"]], dtype=bool)
-        header = self._header[0]
-        return ReadQueue(
-            node=self.node,
-            queued_tokens=int(slots["queued_tokens"][live].sum()),
-            queued_bytes=int(slots["queued_bytes"][live].sum()),
-            inflight_tokens=int(slots["inflight_tokens"][live].sum()),
-            inflight_bytes=int(slots["inflight_bytes"][live].sum()),
-            read_tokens=int(slots["read_tokens"].sum() + header["retired_tokens"]),
-            read_bytes=int(slots["read_bytes"].sum() + header["retired_bytes"]),
-            rate_bytes_per_s=self.rate_bytes_per_s,
-        )
+        return _sum(self.node, self._header[0].copy(), self._slots.copy())
 
     def close(self) -> None:
         if self._fd < 0:
@@ -184,3 +199,38 @@ class NodeState:
         self._map.close()
         os.close(self._fd)
         self._fd = -1
+
+
+class NodeReader:
+    """A read-only look at one node's state on this host (a server reporting its node's queue); all zero
+    until a store handle of the node created the file."""
+
+    def __init__(self, directory: Path, node: str) -> None:
+        self.path = directory / f"{node}.state"
+        self.node = node
+        self._map: mmap.mmap | None = None
+
+    def snapshot(self) -> ReadQueue:
+        if self._map is None and not self._open():
+            return ReadQueue(self.node, 0, 0, 0, 0, 0, 0, None)
+        header = np.frombuffer(self._map, _HEADER, count=1)[0].copy()
+        slots = np.frombuffer(self._map, _SLOT, count=SLOTS, offset=_HEADER.itemsize).copy()
+        return _sum(self.node, header, slots)
+
+    def _open(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size < _FILE_BYTES:
+                return False
+            self._map = mmap.mmap(fd, _FILE_BYTES, prot=mmap.PROT_READ)
+            return True
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None

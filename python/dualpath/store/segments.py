@@ -13,8 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
-import socket
 import stat
 import threading
 from collections import OrderedDict
@@ -22,12 +20,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualpath.interprocess import pid_alive
+from dualpath.interprocess import dead_local_writer, writer_tag
 from dualpath.store.blockfile import CorruptBlock
 from dualpath.store.index import Entry, Index
 from dualpath.store.io import BlockIO
 
-HOST = re.sub(r"[^0-9A-Za-z_.]", "_", socket.gethostname()) or "host"
 SEALED = stat.S_ISVTX
 _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,8 +49,7 @@ def has_data(fd: int) -> bool:
 
 def dead_writer(name: str) -> bool:
     """Whether ``name`` is a segment of a writer on this host that no longer runs (never for other hosts)."""
-    parts = name.removesuffix(".seg").rsplit("-", 2)
-    return len(parts) == 3 and parts[0] == HOST and parts[1].isdigit() and not pid_alive(int(parts[1]))
+    return dead_local_writer(name.removesuffix(".seg").rpartition("-")[0])
 
 
 def seal_if_empty(path: Path, fd: int) -> None:
@@ -105,7 +101,7 @@ class Appender:
             if segment is None or segment.end >= self.segment_bytes:
                 if segment is not None:
                     self._retire(segment)
-                name = f"{HOST}-{os.getpid()}-{os.urandom(6).hex()}.seg"
+                name = f"{writer_tag()}-{os.urandom(6).hex()}.seg"
                 path = self.directory / name
                 segment = Segment(name, path, self.io.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL))
                 self._current = segment

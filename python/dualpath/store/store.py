@@ -30,9 +30,9 @@ from dualpath.kv.layout import address
 from dualpath.store.blockfile import BlockFile, CorruptBlock, check_key, scratch
 from dualpath.store.capacity import Capacity, Evicted, NoSpace
 from dualpath.store.config import StoreConfig
-from dualpath.store.index import Entry, Index
+from dualpath.store.index import BLOCKS, Entry, Index
 from dualpath.store.io import BlockIO, PosixIO, UsrbioIO, supports_direct_io
-from dualpath.store.node import NodeState, ReadQueue, sleep_until
+from dualpath.store.node import NodeState, ReadQueue, node_dir, sleep_until
 from dualpath.store.segments import Appender, OpenSegments, Segment, collect_orphans, free_range, punch_hole
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class BlockStore:
         self.layout = config.layout
         self.format = BlockFile(self.layout)
         self.directory = config.root / config.namespace
-        self.blocks_dir = self.directory / "blocks"
+        self.blocks_dir = self.directory / BLOCKS
         self.tmp_dir = self.directory / "tmp"
         self.segments_dir = self.directory / "segments"
         for directory in (self.blocks_dir, self.tmp_dir, self.segments_dir):
@@ -103,7 +103,7 @@ class BlockStore:
         evict_to = None if limit is None else int(limit * config.evict_to_fraction)
         self.capacity = Capacity(self.directory, self.index, self.format.file_bytes, self._free, limit, evict_to)
         try:
-            self.node = NodeState(config.root / "nodes", config.node, config.nic_bytes_per_s)
+            self.node = NodeState(node_dir(config.root), config.node, config.nic_bytes_per_s)
         except BaseException:
             self.capacity.close()
             raise

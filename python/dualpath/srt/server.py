@@ -1,0 +1,84 @@
+"""DualPath in a server's main process: decided from SGLang's own parsed arguments when the server launches.
+
+The plugin hooks SGLang's HTTP ``launch_server(server_args)`` (:func:`on_launch`). When the HiCache storage
+backend's extra-config names DualPath, the hook checks the SGLang settings DualPath relies on, resolves the
+DualPath configuration (:meth:`SrtConfig.from_extra_config`), hands it to every process SGLang spawns, and
+adds ``GET /dualpath/info`` (the server's :class:`NodeReport`) to SGLang's HTTP app. Otherwise the server is
+stock SGLang.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from dualpath.scheduler.report import REPORT_ROUTE
+from dualpath.srt import cpu, targets
+from dualpath.srt.config import CPU_ENV, ENV, SrtConfig
+from dualpath.srt.state import ServerReporter
+
+# server_args field -> (its flag, the value DualPath needs; True: the switch on).
+REQUIRED: dict[str, tuple[str, object]] = {
+    "enable_hierarchical_cache": ("--enable-hierarchical-cache", True),
+    "hicache_mem_layout": ("--hicache-mem-layout", "layer_first"),
+    "hicache_storage_prefetch_policy": ("--hicache-storage-prefetch-policy", "wait_complete"),
+}
+DECODE_REQUIRED = {"disaggregation_decode_enable_radix_cache": ("--disaggregation-decode-enable-radix-cache", True)}
+# What SGLang needs on a machine without CUDA: its overlap scheduler records CUDA events, and sgl_kernel's
+# host copies need CUDA.
+CPU_REQUIRED = {"disable_overlap_schedule": ("--disable-overlap-schedule", True),
+                "hicache_io_backend": ("--hicache-io-backend", "direct")}
+
+
+def required(server_args: Any) -> dict[str, tuple[str, object]]:
+    """The SGLang settings DualPath needs on this server."""
+    needs = dict(REQUIRED)
+    if server_args.disaggregation_mode == "decode":
+        needs |= DECODE_REQUIRED
+    if cpu.needed():
+        needs |= CPU_REQUIRED
+    return needs
+
+
+def config_of(server_args: Any) -> SrtConfig | None:
+    """The server's DualPath configuration, None when its storage backend is not DualPath; ``ValueError``
+    naming the setting when the server cannot run DualPath as configured."""
+    if server_args.hicache_storage_backend != "dynamic" or not server_args.hicache_storage_backend_extra_config:
+        return None
+    extra = targets.resolve("parse_extra_config")(server_args.hicache_storage_backend_extra_config)[0]
+    config = SrtConfig.from_extra_config(extra, server_args.disaggregation_mode, server_args.served_model_name,
+                                         server_args.page_size or 1, server_args.host)
+    if config is None:
+        return None
+    wrong = [flag if needed is True else f"{flag} {needed}"
+             for field, (flag, needed) in required(server_args).items() if getattr(server_args, field) != needed]
+    if wrong:
+        raise ValueError(f"the DualPath storage backend needs {' '.join(wrong)}")
+    return config
+
+
+def on_launch(original: Callable[..., Any], server_args: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook of SGLang's HTTP ``launch_server``."""
+    try:
+        config = config_of(server_args)
+    except ValueError as exc:
+        raise SystemExit(f"DualPath cannot start: {exc}") from exc
+    if config is not None:
+        os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
+        if cpu.needed():
+            os.environ.update(cpu.environment())
+            os.environ[CPU_ENV] = "1"
+        add_report_route(config)
+    return original(server_args, *args, **kwargs)
+
+
+def add_report_route(config: SrtConfig) -> None:
+    from fastapi.responses import Response
+
+    reporter = ServerReporter(config)
+
+    async def dualpath_info() -> Response:
+        return Response(reporter.report().encode(), media_type="application/json")
+
+    targets.resolve("http_app").add_api_route(REPORT_ROUTE, dualpath_info, methods=["GET"])
