@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig
@@ -33,8 +34,8 @@ from dualpath.router.decide import Decider
 from dualpath.router.engines import EngineRegistry
 from dualpath.router.protocol import ParsedRequest
 from dualpath.router.store_view import StoreView
+from dualpath.scheduler.report import KVChannelAddress, NodeReport
 from dualpath.store import BlockStore, StoreConfig
-from dualpath.store.node import NodeState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 64
@@ -59,16 +60,17 @@ def sessions(count: int, turns: int, seed: int) -> tuple[list[Turn], list[list[s
     return order, [block_keys(final, BLOCK) for final in finals]
 
 
-def ready_registry(config: RouterConfig, store: StoreView) -> EngineRegistry:
+def ready_registry(config: RouterConfig, namespace: str) -> EngineRegistry:
     """Engines as a poll would have left them: up, on their own nodes, with KV channels."""
-    registry = EngineRegistry(config, store, on_change=lambda: None)
+    registry = EngineRegistry(config, on_change=lambda: None)
     for engine in registry.engines:
         engine.discovered = engine.dualpath = True
         engine.set_up(True)
         engine.node = f"node-{engine.role[0]}{engine.engine_id}"
         engine.node_id = registry.node_ids.setdefault(engine.node, len(registry.node_ids))
-        engine.kv_channel = f"agent-{engine.engine_id}@127.0.0.1:{31000 + engine.engine_id}"
-        engine.page_size = BLOCK
+        channel = KVChannelAddress(f"agent-{engine.engine_id}", "127.0.0.1", 31000 + engine.engine_id)
+        engine.report = NodeReport(role=engine.role, node=engine.node, model="m", page_size=BLOCK, kv_channel=channel,
+                                   store_namespace=namespace)
         engine.capacity_tokens = 2_000_000
     return registry
 
@@ -91,21 +93,18 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
                           mode=mode, store_root=root, store_namespace=writer.config.namespace,  # type: ignore[arg-type]
                           store_block_tokens=BLOCK, read_tokens_per_s=2e6, gpu_tokens_per_s=1e5)
     store = StoreView(root)
-    registry = ready_registry(config, store)
+    registry = ready_registry(config, writer.config.namespace)
     decider = Decider(config, registry, store)
     rng = np.random.default_rng(7)
-    states = [NodeState(root / "nodes", node, None) for node in registry.dualpath_nodes()]
-    queued = [0] * len(states)
     in_flight: deque = deque()
     timings = Timings([], [], [])
     written = [0] * len(keys)
     for index, (session, prompt) in enumerate(turns):
-        if index % POLL_EVERY == 0:  # a poll: new read queues (the charges of placed reads are forgotten)
-            for i, state in enumerate(states):
-                state.dequeued(queued[i], 0)
-                queued[i] = int(rng.integers(0, 8_000_000))
-                state.queued(queued[i], 0)
-            registry.read_queues = {node: store.read_queue(node) for node in registry.dualpath_nodes()}
+        if index % POLL_EVERY == 0:  # a poll: new node reports (the charges of placed reads are forgotten)
+            for engine in registry.engines:
+                engine.report = msgspec.structs.replace(engine.report, queued_tokens=int(rng.integers(0, 8_000_000)))
+                engine.reported_at = time.monotonic()
+                engine.version += 1
             registry.polls += 1
         ids = array("I", prompt)
         parsed = ParsedRequest("generate", {}, False, None, (ids,), 0, 176, None)
@@ -128,9 +127,6 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
             path.parent.mkdir(exist_ok=True)
             path.touch()
         written[session] = full
-    for state in states:
-        state.close()
-    store.close()
     return timings
 
 

@@ -1,7 +1,8 @@
 """Fake SGLang servers for the router tests: the HTTP surface the router uses, recording what they get.
 
 A fake answers ``/generate``, ``/v1/completions`` and ``/v1/chat/completions`` (streaming too),
-``/v1/loads``, ``/v1/models`` and (when DualPath-enabled) ``/dualpath/info``. Requests can be held on a
+``/v1/loads``, ``/v1/models`` and (when DualPath-enabled) ``/dualpath/info``, whose node read queue is
+``queued_tokens``. Requests can be held on a
 gate to build up load. ``python router_fakes.py --role decode --name d0 --port N`` runs one as a process.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from dualpath.scheduler.report import KVChannelAddress, NodeReport
 
 
 @dataclass
@@ -43,6 +45,7 @@ class FakeEngine:
     # Load reported beyond the requests it holds (another router's work).
     extra_reqs: int = 0
     extra_tokens: int = 0
+    queued_tokens: int = 0  # its node's storage read queue, as it reports it
     received: list[Received] = field(default_factory=list)
     held_reqs: int = 0
     held_tokens: int = 0
@@ -80,11 +83,12 @@ class FakeEngine:
             await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.received) >= count), timeout)
 
     async def _info(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "role": self.role, "node": self.node or self.name, "kv_endpoint": "127.0.0.1:7000",
-            "kv_agent": f"agent-{self.name}", "page_size": self.page_size,
-            "store_root": "/unused", "store_namespace": self.store_namespace,
-        })
+        channel = KVChannelAddress(f"agent-{self.name}", "127.0.0.1", 7000)
+        report = NodeReport(role=self.role, node=self.node or self.name, model=self.models[0],
+                            page_size=self.page_size, kv_channel=channel,
+                            store_namespace=self.store_namespace, queued_tokens=self.queued_tokens,
+                            queued_bytes=100 * self.queued_tokens, read_bytes=1000)
+        return web.Response(body=report.encode(), content_type="application/json")
 
     async def _loads(self, request: web.Request) -> web.Response:
         return web.json_response({"loads": [{

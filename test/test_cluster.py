@@ -18,7 +18,6 @@ from dualpath.bench.traces import AgentTrace, Turn
 from dualpath.cluster.ab import run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
-from dualpath.router.store_view import StoreView
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
 
@@ -71,7 +70,6 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 32000) for _ in range(1536)] for _ in range(4)]
     cluster = LocalCluster(config)
-    view = StoreView(config.store_root)
     try:
         cluster.start()
         leaders = [s.process.pid for s in cluster.servers]
@@ -89,7 +87,7 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
             while victim is None and time.monotonic() < deadline and not all(f.done() for f in pending):
                 for d in _get(f"{url}/dualpath/decisions")["decisions"][seen:]:
                     server = next(s for s in cluster.servers if s.url == d["decode"])
-                    if d["side"] == "de" and view.read_queue(server.spec.node).pending_bytes > 0:
+                    if d["side"] == "de" and server.report().pending_tokens > 0:
                         victim = server
                         break
                 time.sleep(0.05)
@@ -105,7 +103,6 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
         after = _get(f"{url}/dualpath/decisions")["decisions"]
         assert any(d["decode"] != victim.url for d in after[seen + len(turn2):])  # the retry went to the other pair
     finally:
-        view.close()
         cluster.stop()
     assert not any(live_group_members(pid) for pid in leaders)
     assert all(_port_free(port) for port in _ports(config))

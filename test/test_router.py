@@ -24,9 +24,9 @@ from dualpath.router import PrefillSpec, RouterConfig, build_app, parse_args, to
 from dualpath.router.app import ROUTER, Router
 from dualpath.router.store_view import KeyMemo, StoreView
 from dualpath.scheduler import ReadSide, RouteHint
+from dualpath.scheduler.report import KVChannelAddress
 from dualpath.scheduler.route_hint import ROUTING_KEY_HEADER
-from dualpath.store import BlockStore, StoreConfig
-from dualpath.store.node import NodeState
+from dualpath.store import BlockStore, StoreConfig, StoreIndex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from router_fakes import FakeEngine, serving
@@ -150,12 +150,6 @@ def store_prompt(root: Path, blocks: int) -> list[int]:
     return ids
 
 
-def queue_on(root: Path, node: str, tokens: int) -> NodeState:
-    state = NodeState(root / "nodes", node, None)
-    state.queued(tokens, tokens * 100)
-    return state
-
-
 async def sides(client: aiohttp.ClientSession, url: str, ids: list[int], count: int) -> list[RouteHint]:
     hints = []
     for _ in range(count):
@@ -171,18 +165,17 @@ async def sides(client: aiohttp.ClientSession, url: str, ids: list[int], count: 
 async def test_split_mode_shares_one_request_s_reads_between_idle_nodes_and_spares_a_busy_one(tmp_path):
     ids = store_prompt(tmp_path, blocks=4)
     prefill, decode = pd_fakes()
-    channels = ("agent-p0@127.0.0.1:7000", "agent-d0@127.0.0.1:7000")
+    channels = (KVChannelAddress.parse("agent-p0@127.0.0.1:7000"), KVChannelAddress.parse("agent-d0@127.0.0.1:7000"))
     async with cluster(prefill, decode, store_root=tmp_path, mode="split") as (url, client, router):
         [hint] = await sides(client, url, ids, 1)
         hit = router.decider.decisions[-1]["cached_tokens"]
         # Both nodes idle, read at the same rate: each side reads about half, the PE's part in whole blocks.
         assert (hint.side, hint.pe_channel, hint.de_channel) == (ReadSide.SPLIT, *channels)
         assert abs(2 * hint.de_tokens - hit) <= 64 and (hit - hint.de_tokens) % 64 == 0
-        busy = queue_on(tmp_path, "node-p0", 50_000_000)
+        prefill[0].queued_tokens = 50_000_000
         polls = router.registry.polls
         await until(lambda: router.registry.polls >= polls + 2, "two polls saw the busy PE node")
         assert await sides(client, url, ids, 2) == [RouteHint(ReadSide.DE, *channels)] * 2
-        busy.close()
 
 
 @run_async
@@ -199,7 +192,7 @@ async def test_split_mode_has_an_idle_decode_node_help_read_another_de_s_request
         assert hint.split(hit) == (hit // 3, hit // 3, hit // 3)
         # The reads just placed still count as queued (no poll has seen them drain): the next split is even too.
         [second] = await sides(client, url, ids, 1)
-        assert second.helper_channel not in ("", second.de_channel) and second.split(hit) == hint.split(hit)
+        assert second.helper_channel not in (None, second.de_channel) and second.split(hit) == hint.split(hit)
 
 
 @pytest.mark.parametrize("mode", ["dualpath", "baseline"])
@@ -207,19 +200,19 @@ async def test_split_mode_has_an_idle_decode_node_help_read_another_de_s_request
 async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseline(tmp_path, mode):
     ids = store_prompt(tmp_path, blocks=4)
     prefill, decode = pd_fakes()
-    busy = queue_on(tmp_path, "node-p0", 50_000_000)  # far above the decode node's queue (and alpha)
+    prefill[0].queued_tokens = 50_000_000  # far above the decode node's queue (and alpha)
     async with cluster(prefill, decode, store_root=tmp_path, mode=mode) as (
             url, client, router):
         hints = await sides(client, url, ids, 3)
         if mode == "baseline":
             assert [h.side for h in hints] == [ReadSide.PE] * 3
         else:
-            assert hints == [RouteHint(ReadSide.DE, "agent-p0@127.0.0.1:7000", "agent-d0@127.0.0.1:7000")] * 3
+            assert hints == [RouteHint(ReadSide.DE, KVChannelAddress.parse("agent-p0@127.0.0.1:7000"),
+                                       KVChannelAddress.parse("agent-d0@127.0.0.1:7000"))] * 3
         decisions = list(router.decider.decisions)
         assert [d["cached_tokens"] for d in decisions] == [4 * 64] * 3 and decisions[0]["new_tokens"] == 1
         # Now the decode node is the busy one: reads move back to the PE side once a poll has seen it.
-        busy.close()
-        other = queue_on(tmp_path, "node-d0", 50_000_000)
+        prefill[0].queued_tokens, decode[0].queued_tokens = 0, 50_000_000
         polls = router.registry.polls
         await until(lambda: router.registry.polls >= polls + 2, "two polls saw the new queues")
         assert [h.side for h in await sides(client, url, ids, 2)] == [ReadSide.PE] * 2
@@ -227,7 +220,6 @@ async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseli
         assert status == 200 and router.decider.decisions[-1]["planned_side"] == "none"
         async with client.get(f"{url}/metrics") as resp:
             page = await resp.text()
-        other.close()
     assert 'dualpath_storage_read_queue_tokens{node="node-d0"} 5e+07' in page
     assert 'dualpath_storage_read_bytes_total{node="node-p0"}' in page
     expected = {"pe": 6} if mode == "baseline" else {"pe": 3, "de": 3}
@@ -259,13 +251,12 @@ async def test_a_stock_server_never_gets_the_decode_side_and_the_namespace_comes
     # The prefill publishes its store namespace only once SGLang has built its host pool.
     prefill = [FakeEngine("prefill", "p0", node="node-p0", store_namespace="")]
     decode = [FakeEngine("decode", "d0", dualpath=False)]  # stock SGLang: no /dualpath/info
-    busy = queue_on(tmp_path, "node-p0", 50_000_000)  # the scheduler will want the decode's side
+    prefill[0].queued_tokens = 50_000_000  # the scheduler will want the decode's side
     async with cluster(prefill, decode, store_root=tmp_path) as (url, client, router):
         hints = await sides(client, url, ids, 1)
         prefill[0].store_namespace = "tiny-64t"
         await until(lambda: router.registry.store_namespace == "tiny-64t", "the router learnt the namespace")
         hints += await sides(client, url, ids, 2)
-    busy.close()
     assert [h.side for h in hints] == [ReadSide.PE] * 3
     decisions = list(router.decider.decisions)
     assert [d["cached_tokens"] for d in decisions] == [0, 128, 128]
@@ -532,16 +523,11 @@ def test_the_stored_prefix_matches_the_block_store(tmp_path, total, stored):
     with BlockStore(StoreConfig(root, "tiny", 16, node="n", io_threads=1)) as store:
         if stored:
             store.write(keys[:stored], BlockBuffer(store.layout, stored).blocks(range(stored)))
-        state = NodeState(root / "nodes", "n2", 1e9)
-        state.queued(48, 4800)
         view = StoreView(root)
         namespace = store.config.namespace
-        assert view.stored_blocks(keys, namespace) == store.prefix_length(keys) == stored
+        assert view.index.stored_prefix(keys, namespace) == store.prefix_length(keys) == stored
         assert view.hit_tokens(array("I", ids), namespace, 16) == stored * 16
-        assert view.read_queue("n2") == state.snapshot()
-        assert view.read_queue("absent").pending_tokens == 0
-        view.close()
-        state.close()
+        assert StoreIndex(root).namespaces() == [namespace]
 
 
 @settings(max_examples=60, deadline=None)

@@ -15,47 +15,58 @@ from pathlib import Path
 
 import pytest
 from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
-from dualpath.router.store_view import StoreView
 from dualpath.scheduler import ReadSide, RouteHint
+from dualpath.scheduler.report import KVChannelAddress
 from dualpath.srt import targets
 from dualpath.srt.blocks import BlockSlots, SlotsExhausted
 from dualpath.srt.config import ENV, SrtConfig
 from dualpath.srt.early import EarlyReads
-from dualpath.store import BlockStore, StoreConfig
+from dualpath.store import BlockStore, NodeReader, StoreConfig, StoreIndex, node_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
-channel = st.from_regex(r"[a-z][a-z0-9-]{0,12}@127\.0\.0\.1:[1-9][0-9]{1,4}", fullmatch=True)
+channel = st.builds(KVChannelAddress, st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True),
+                    st.sampled_from(["127.0.0.1", "10.1.2.3", "fe80::1", "pe-3.cluster.local"]), st.integers(1, 65535))
+PE, DE, DE1 = (KVChannelAddress.parse(f"{name}@127.0.0.1:{port}") for name, port in (("pe", 1), ("de", 2), ("de1", 3)))
 
 
 # -- route hints and configuration ---------------------------------------------------------------------------
 @given(channel, channel, channel, st.integers(1, 1 << 30), st.integers(0, 1 << 30))
-def test_route_hint_round_trips(pe: str, de: str, helper: str, de_tokens: int, helper_tokens: int) -> None:
+def test_route_hint_round_trips(pe: KVChannelAddress, de: KVChannelAddress, helper: KVChannelAddress, de_tokens: int,
+                                helper_tokens: int) -> None:
     for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens),
                  RouteHint(ReadSide.SPLIT, pe, de, de_tokens - 1, helper, helper_tokens + 1)):
         assert RouteHint.decode(hint.encode()) == hint
         assert sum(hint.split(de_tokens + helper_tokens)) == de_tokens + helper_tokens
-    assert RouteHint(ReadSide.DE, pe, de).de_address == de.partition("@")[2]
+    assert KVChannelAddress.parse(str(de)) == de
     assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(1000) == (808, 64, 128)
     assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(100) == (0, 64, 36)
+
+
+def test_kv_channel_addresses_are_routable_and_parsed_in_one_place() -> None:
+    assert KVChannelAddress.parse("de-1@[fe80::1]:7000") == KVChannelAddress("de-1", "fe80::1", 7000)
+    assert KVChannelAddress("de-1", "fe80::1", 7000).endpoint == "tcp://[fe80::1]:7000"
+    for bad in ("de@0.0.0.0:1", "de@[::]:1", "de@127.0.0.1", "127.0.0.1:7000", "d;e@127.0.0.1:1", "de@h:70000"):
+        with pytest.raises(ValueError):
+            KVChannelAddress.parse(bad)
 
 
 def test_route_hint_rejects_bad_input() -> None:
     assert RouteHint.decode(None) is None and RouteHint.decode("user-key") is None
     with pytest.raises(ValueError, match="KV channels"):
-        RouteHint(ReadSide.DE, "pe@127.0.0.1:1")
+        RouteHint(ReadSide.DE, PE)
     with pytest.raises(ValueError, match="KV channels"):
         RouteHint(ReadSide.SPLIT, de_tokens=64)
     with pytest.raises(ValueError, match="de_tokens"):
-        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2")
+        RouteHint(ReadSide.SPLIT, PE, DE)
     with pytest.raises(ValueError, match="de_tokens"):
-        RouteHint(ReadSide.DE, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64)
+        RouteHint(ReadSide.DE, PE, DE, 64)
     with pytest.raises(ValueError, match="helper needs"):
-        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64, "", 64)
+        RouteHint(ReadSide.SPLIT, PE, DE, 64, None, 64)
     with pytest.raises(ValueError, match=">= 0"):
-        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 128, "de1@127.0.0.1:3", -64)
-    with pytest.raises(ValueError, match="KV channel is"):
-        RouteHint(ReadSide.SPLIT, "pe@127.0.0.1:1", "de@127.0.0.1:2", 64, "de1;x", 64)
+        RouteHint(ReadSide.SPLIT, PE, DE, 128, DE1, -64)
+    with pytest.raises(ValueError, match="malformed"):
+        RouteHint.decode("dualpath/1;side=split;pe=pe@127.0.0.1:1;de=de@127.0.0.1:2;de_tokens=64;help=de1x;help_tokens=64")
     with pytest.raises(ValueError, match="PE side, the DE side or both"):
         RouteHint(ReadSide.NONE)
     with pytest.raises(ValueError, match="malformed"):
@@ -63,14 +74,14 @@ def test_route_hint_rejects_bad_input() -> None:
 
 
 def test_srt_config_travels_through_the_environment() -> None:
-    config = SrtConfig("decode", "de0", "/tmp/store", 31001, nic_gbps=2.5)
+    config = SrtConfig("decode", "de0", "/tmp/store", "10.0.0.7", 31001, nic_gbps=2.5)
     assert SrtConfig.from_env({ENV: config.to_env()}) == config
     assert SrtConfig.from_env({}) is None
-    assert config.kv_channel == "decode-de0-31001@127.0.0.1:31001"
+    assert str(config.kv_channel) == "decode-de0-31001@10.0.0.7:31001"
     with pytest.raises(ValueError, match="role"):
-        SrtConfig("encode", "n", "/tmp", 1)  # type: ignore[arg-type]
+        SrtConfig("encode", "n", "/tmp")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a valid DualPath configuration"):
-        SrtConfig.from_env({ENV: '{"role": "prefill"}'})
+        SrtConfig.from_env({ENV: '{"node": "pe0"}'})
 
 
 # -- hook targets ---------------------------------------------------------------------------------------------
@@ -117,15 +128,59 @@ def test_cpu_nixl_agents_run_without_the_spinning_progress_thread() -> None:
     assert ("nixl_agent", "__init__", cpu._no_progress_thread) in cpu.hooks()
 
 
-def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions() -> None:
-    from dualpath.launch_server import cpu_argv, sglang_argv
+def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions(tmp_path: Path) -> None:
+    from dualpath.srt.launch import dualpath_parser, sglang_argv
 
-    argv = sglang_argv(["--model-path", "m", "--disaggregation-mode", "decode", "--page-size", "16"])
-    assert argv[argv.index("--hicache-storage-backend") + 1] == "dynamic"
-    assert "--disaggregation-decode-enable-radix-cache" in argv and argv.count("--page-size") == 1
-    assert "--disable-overlap-schedule" in cpu_argv(argv)
+    def launch_line(*argv: str) -> tuple[list[str], dict]:
+        args, rest = dualpath_parser().parse_known_args(list(argv))
+        line = sglang_argv(rest, args)
+        return line, json.loads(line[-1])  # the merged extra-config comes last, so it wins
+
+    line, extra = launch_line("--model-path", "m", "--disaggregation-mode", "decode", "--page-size", "16",
+                              "--dualpath-node", "de3", "--hicache-storage-backend-extra-config",
+                              '{"prefetch_threshold": 128}')
+    assert line[line.index("--hicache-storage-backend") + 1] == "dynamic"
+    assert "--disaggregation-decode-enable-radix-cache" in line and line.count("--page-size") == 1
+    assert "--disable-overlap-schedule" in line  # this machine has no CUDA
+    assert extra["prefetch_threshold"] == 128 and extra["node"] == "de3" and extra["backend_name"] == "dualpath"
+    # SGLang's own parse decides: an abbreviation or a --config file is seen as the flag itself.
     with pytest.raises(ValueError, match="--hicache-mem-layout layer_first"):
-        sglang_argv(["--hicache-mem-layout", "page_first"])
+        launch_line("--model-path", "m", "--hicache-mem-lay", "page_first")
+    config = tmp_path / "server.yaml"
+    config.write_text("hicache-storage-prefetch-policy: best_effort\n")
+    with pytest.raises(ValueError, match="--hicache-storage-prefetch-policy wait_complete"):
+        launch_line("--model-path", "m", "--config", str(config))
+    line, _ = launch_line("--model-path", "m", "--hicache-mem-layout", "layer_first")
+    assert line.count("--hicache-mem-layout") == 1
+
+
+def test_the_extra_config_is_checked_and_the_kv_host_is_routable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualpath.srt.config import BACKEND
+
+    def config(bind: str = "127.0.0.1", **keys: object) -> SrtConfig | None:
+        return SrtConfig.from_extra_config({**BACKEND, **keys}, "prefill", "m", 64, bind)
+
+    monkeypatch.setenv("SGLANG_HOST_IP", "127.0.0.5")
+    made = config(node="pe1", nic_gbps=1.5, prefetch_threshold=64)
+    assert (made.node, made.kv_host, made.nic_gbps) == ("pe1", "127.0.0.5", 1.5) and made.kv_port > 0
+    assert config(node="pe1", kv_host="10.9.8.7", kv_port=4567).kv_channel == KVChannelAddress(
+        "prefill-pe1-4567", "10.9.8.7", 4567)
+    assert SrtConfig.from_extra_config({"backend_name": "file"}, "prefill", "m", 64, "0.0.0.0") is None
+    with pytest.raises(ValueError, match="unknown DualPath extra-config keys \\['nodes'\\]"):
+        config(nodes="pe1")
+    with pytest.raises(ValueError, match="module_path"):
+        SrtConfig.from_extra_config({**BACKEND, "module_path": "elsewhere"}, "prefill", "m", 64, "127.0.0.1")
+    with pytest.raises(ValueError, match="routable host"):
+        config(kv_host="0.0.0.0")
+    with pytest.raises(ValueError, match="nic_gbps"):
+        config(nic_gbps="fast")
+    # Without a host given, SGLang's detection; a loopback answer is refused for a server other hosts reach.
+    monkeypatch.delenv("SGLANG_HOST_IP")
+    monkeypatch.setitem(targets.TARGETS, "local_ip", "dualpath.srt.test_loopback_ip")
+    monkeypatch.setattr("dualpath.srt.test_loopback_ip", lambda: "127.0.0.1", raising=False)
+    with pytest.raises(ValueError, match="other hosts cannot reach"):
+        config(bind="0.0.0.0")
+    assert config(bind="127.0.0.1").kv_host == "127.0.0.1"
 
 
 def test_prefill_budget_follows_the_compute_quota() -> None:
@@ -202,28 +257,28 @@ def test_block_slots_report_exhaustion_and_keep_state(store: BlockStore) -> None
 def test_early_reads_wait_for_every_reader_and_one_stalled_nic_holds_back_no_other() -> None:
     early = EarlyReads(capacity=8, threads_per_reader=1)
     release_de, de_started = threading.Event(), threading.Event()
-    done: list[tuple[str, str]] = []
+    done: list[tuple[str, KVChannelAddress | None]] = []
     gave_up: list[str] = []
 
-    def read(reader: str, rid: str) -> None:
-        if reader == "de0@x":
+    def read(reader: KVChannelAddress | None, rid: str) -> None:
+        if reader == DE:
             de_started.set()
             if not release_de.wait(10):
                 gave_up.append(rid)
         done.append((rid, reader))
 
     try:
-        early.start("r1", ["de0@x", ""], lambda reader: read(reader, "r1"))
-        early.start("r2", [""], lambda reader: read(reader, "r2"))
+        early.start("r1", [DE, None], lambda reader: read(reader, "r1"))
+        early.start("r2", [None], lambda reader: read(reader, "r2"))
         early.wait("r2")  # the DE's NIC is stalled on r1; r2 reads on this node's own threads meanwhile
-        assert de_started.is_set() and not gave_up and set(done) == {("r1", ""), ("r2", "")}
+        assert de_started.is_set() and not gave_up and set(done) == {("r1", None), ("r2", None)}
         waiter = threading.Thread(target=early.wait, args=("r1",))
         waiter.start()
         waiter.join(0.2)
         assert waiter.is_alive()  # HiCache's thread waits for the DE's part of r1 ...
         release_de.set()
         waiter.join(10)
-        assert not waiter.is_alive() and ("r1", "de0@x") in done  # ... and goes on once it landed
+        assert not waiter.is_alive() and ("r1", DE) in done  # ... and goes on once it landed
         early.wait("unknown")  # a request without early reads: at once
     finally:
         release_de.set()
@@ -236,9 +291,9 @@ def test_early_reads_forget_the_oldest_requests_beyond_capacity() -> None:
     early = EarlyReads(capacity=2, threads_per_reader=1)
     gate = threading.Event()
     try:
-        early.start("old", [""], lambda reader: gate.wait(10))
-        early.start("mid", [""], lambda reader: None)
-        early.start("new", [""], lambda reader: None)
+        early.start("old", [None], lambda reader: gate.wait(10))
+        early.start("mid", [None], lambda reader: None)
+        early.start("new", [None], lambda reader: None)
         early.wait("old")  # forgotten: nothing to wait for, though its read still runs
         assert not gate.is_set()
     finally:
@@ -298,11 +353,12 @@ def _stock(servers: dict, ids: list[int]) -> list[int]:
 
 
 def _node_read_tokens(store_root: Path, node: str) -> int:
-    view = StoreView(store_root)
+    """Tokens the node's NIC has read, from its state on this host (the helper DE below has no server to ask)."""
+    reader = NodeReader(node_dir(store_root), node)
     try:
-        return view.read_queue(node).read_tokens
+        return reader.snapshot().read_tokens
     finally:
-        view.close()
+        reader.close()
 
 
 def _flush(servers: dict) -> None:
@@ -323,18 +379,17 @@ def _prompt(seed: int) -> list[int]:
 def _stored(servers: dict, ids: list[int]) -> list[str]:
     """The prompt's full pages, once the decode has written them back (it does so asynchronously)."""
     keys = block_keys(ids, 64)[: len(ids) // 64]
-    info = servers["decode"].info()
-    directory = Path(info["store_root"])
+    index, namespace = StoreIndex(servers["store"]), servers["decode"].report().store_namespace
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if all(any(directory.glob(f"*/blocks/{k[:2]}/{k}.kv")) for k in keys):
+        if index.stored_prefix(keys, namespace) == len(keys):
             return keys
         time.sleep(0.2)
     raise AssertionError("the decode did not write the prompt's blocks back")
 
 
-def _channels(servers: dict) -> tuple[str, str]:
-    return servers["prefill"].info()["kv_channel"], servers["decode"].info()["kv_channel"]
+def _channels(servers: dict) -> tuple[KVChannelAddress, KVChannelAddress]:
+    return servers["prefill"].report().kv_channel, servers["decode"].report().kv_channel
 
 
 def test_pe_path_matches_stock_and_the_decode_writes_back(servers: dict) -> None:
@@ -380,7 +435,7 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     geometry = page_geometry(pool, "tiny_llama")
     store = BlockStore(StoreConfig(root, model=geometry, block_tokens=64, node="de1"))
     assert (root / store.config.namespace).is_dir()  # the servers' namespace: the same pages
-    helper = KVLink(SrtConfig("decode", "de1", str(root), 31390, timeout_s=3.0),
+    helper = KVLink(SrtConfig("decode", "de1", str(root), "127.0.0.1", 31390, timeout_s=3.0),
                     BlockSlots(store.layout, 16, 3.0), store)
     try:
         before = {n: _node_read_tokens(root, n) for n in ("pe0", "de0", "de1")}

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from dualpath.srt import cpu, targets
@@ -59,9 +60,14 @@ def sglang_parser(parents: list[argparse.ArgumentParser] = ()) -> argparse.Argum
     return parser
 
 
-def parse_sglang(argv: list[str]) -> argparse.Namespace:
-    """SGLang's own parse of ``argv`` (``--config`` files merged in, as ``prepare_server_args`` does)."""
+UNSET = object()
+
+
+def parse_sglang(argv: list[str], unset: Iterable[str] = ()) -> argparse.Namespace:
+    """SGLang's own parse of ``argv`` (``--config`` files merged in, as ``prepare_server_args`` does); the
+    fields ``unset`` are :data:`UNSET` unless the command line or its config file sets them."""
     parser = sglang_parser()
+    parser.set_defaults(**dict.fromkeys(unset, UNSET))
     if "--config" in argv:
         argv = targets.resolve("config_merger")(parser).merge_config_with_args(argv)
     return parser.parse_args(argv)
@@ -81,29 +87,28 @@ def extra_config(args: argparse.Namespace, given: str | None) -> str:
     return json.dumps({**(json.loads(given) if given else {}), **BACKEND, **settings})
 
 
-def forced(raw: argparse.Namespace, parser: argparse.ArgumentParser, needs: dict[str, tuple[str, object]]) -> list[str]:
-    """Flags that set what DualPath ``needs`` where the command line left SGLang's default; ``ValueError`` where
-    it chose something else."""
-    argv: list[str] = []
+def forced(argv: list[str], needs: dict[str, tuple[str, object]]) -> list[str]:
+    """Flags that set what DualPath ``needs`` where ``argv`` leaves it unset; ``ValueError`` where it chose
+    something else."""
+    raw, extra = parse_sglang(argv, unset=needs), []
     for field, (flag, needed) in needs.items():
         value = getattr(raw, field)
-        if value == needed:
-            continue
-        if value != parser.get_default(field):
+        if value is UNSET:
+            extra += [flag] if needed is True else [flag, str(needed)]
+        elif value != needed:
             raise ValueError(f"DualPath needs {flag}{'' if needed is True else f' {needed}'}, got {value!r} "
                              "(or pass --dualpath-off)")
-        argv += [flag] if needed is True else [flag, str(needed)]
-    return argv
+    return extra
 
 
 def sglang_argv(argv: list[str], args: argparse.Namespace) -> list[str]:
     """``argv`` with DualPath's extra-config and the SGLang settings it needs."""
-    raw, parser = parse_sglang(argv), sglang_parser()
+    raw = parse_sglang(argv)
     if raw.hicache_storage_backend not in (None, "dynamic"):
         raise ValueError(f"DualPath is the storage backend; got --hicache-storage-backend "
                          f"{raw.hicache_storage_backend}")
     needs = dict(REQUIRED) | (DECODE_REQUIRED if raw.disaggregation_mode == "decode" else {})
-    extra = forced(raw, parser, needs | (CPU_REQUIRED if cpu.needed() else {}))
+    extra = forced(argv, needs | (CPU_REQUIRED if cpu.needed() else {}))
     if raw.page_size is None:
         extra += ["--page-size", str(PAGE_TOKENS)]
     config = extra_config(args, raw.hicache_storage_backend_extra_config)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(cpu.environment())
         os.environ[CPU_ENV] = "1"
         if args.dualpath_off:
-            rest += forced(parse_sglang(rest), sglang_parser(), CPU_REQUIRED)
+            rest += forced(rest, CPU_REQUIRED)
     if not args.dualpath_off:
         try:
             rest = sglang_argv(rest, args)
