@@ -20,6 +20,7 @@ Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dualpath.srt.config import CPU_ENV
 
 STANDIN = Path(__file__).with_name("vllm_standin")
 IDLE_YIELD_S = 0.001
@@ -39,9 +41,10 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
-def environment() -> dict[str, str]:
-    """Variables every SGLang process needs on CPU (inherited from the launcher)."""
-    return {"TRITON_INTERPRET": "1"}
+def export() -> None:
+    """Switch CPU support on for the SGLang processes this one spawns: the stand-ins (``$DUALPATH_CPU_SUPPORT``)
+    and what every SGLang process needs on CPU (Triton's interpreter)."""
+    os.environ.update({"TRITON_INTERPRET": "1", CPU_ENV: "1"})
 
 
 def install_rotary_standin() -> None:

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from dualpath.srt import cpu, targets
-from dualpath.srt.config import BACKEND, CPU_ENV, DEFAULT_STORE
-from dualpath.srt.server import CPU_REQUIRED, DECODE_REQUIRED, REQUIRED
+from dualpath.srt.config import BACKEND, DEFAULT_STORE
+from dualpath.srt.server import CPU_REQUIRED, required
 
 PAGE_TOKENS = 64  # DualPath's page size unless the command line sets one (Full Blocks of 64 tokens)
 
@@ -107,8 +107,7 @@ def sglang_argv(argv: list[str], args: argparse.Namespace) -> list[str]:
     if raw.hicache_storage_backend not in (None, "dynamic"):
         raise ValueError(f"DualPath is the storage backend; got --hicache-storage-backend "
                          f"{raw.hicache_storage_backend}")
-    needs = dict(REQUIRED) | (DECODE_REQUIRED if raw.disaggregation_mode == "decode" else {})
-    extra = forced(argv, needs | (CPU_REQUIRED if cpu.needed() else {}))
+    extra = forced(argv, required(raw))
     if raw.page_size is None:
         extra += ["--page-size", str(PAGE_TOKENS)]
     config = extra_config(args, raw.hicache_storage_backend_extra_config)
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = dualpath_parser().parse_known_args(argv)
     targets.self_check()
     if cpu.needed():  # SGLang on CPU needs the stand-ins whether DualPath is on or off
-        os.environ.update(cpu.environment())
-        os.environ[CPU_ENV] = "1"
+        cpu.export()
         if args.dualpath_off:
             rest += forced(rest, CPU_REQUIRED)
     if not args.dualpath_off:

@@ -15,7 +15,7 @@ from typing import Any
 
 from dualpath.scheduler.report import REPORT_ROUTE
 from dualpath.srt import cpu, targets
-from dualpath.srt.config import CPU_ENV, ENV, SrtConfig
+from dualpath.srt.config import ENV, SrtConfig
 from dualpath.srt.state import ServerReporter
 
 # server_args field -> (its flag, the value DualPath needs; True: the switch on).
@@ -67,8 +67,7 @@ def on_launch(original: Callable[..., Any], server_args: Any, *args: Any, **kwar
     if config is not None:
         os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
         if cpu.needed():
-            os.environ.update(cpu.environment())
-            os.environ[CPU_ENV] = "1"
+            cpu.export()
         add_report_route(config)
     return original(server_args, *args, **kwargs)
 
