@@ -17,7 +17,7 @@ import pytest
 from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.scheduler.report import KVChannelAddress
-from dualpath.srt import targets
+from dualpath.srt import surface
 from dualpath.srt.blocks import BlockSlots, SlotsExhausted
 from dualpath.srt.config import ENV, SrtConfig
 from dualpath.srt.early import EarlyReads
@@ -86,11 +86,58 @@ def test_srt_config_travels_through_the_environment() -> None:
 
 # -- hook targets ---------------------------------------------------------------------------------------------
 def test_self_check_names_a_missing_target(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(targets.TARGETS, "add_request", "dualpath.srt.targets.no_such_function")
-    with pytest.raises(targets.HookTargetError, match=r"'add_request' = 'dualpath\.srt\.targets\.no_such_function'"):
-        targets.self_check()
-    with pytest.raises(targets.HookTargetError, match="unknown"):
-        targets.resolve("nothing")
+    monkeypatch.setitem(surface.TARGETS, "add_request", "dualpath.srt.surface.no_such_function")
+    with pytest.raises(surface.HookTargetError, match=r"'add_request' = 'dualpath\.srt\.surface\.no_such_function'"):
+        surface.self_check()
+    with pytest.raises(surface.HookTargetError, match="unknown"):
+        surface.resolve("nothing")
+
+
+class _Shaped:
+    limit = 1
+
+    def __init__(self) -> None:
+        self.built = True
+        self.low, self.high = 0, 1
+
+    def use(self) -> int:
+        return self.only_read  # type: ignore[attr-defined]
+
+
+def test_self_check_resolves_the_attributes_dualpath_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert surface.missing_attributes(_Shaped, ["limit", "built", "low", "high", "use", "only_read", "nowhere"]) == [
+        "only_read", "nowhere"]
+    surface.self_check(["scheduler", "req", "host_pool", "server_args"])  # e.g. max_prefill_tokens: tuple-unpacked
+    monkeypatch.setitem(surface.ATTRIBUTES, "req", (*surface.ATTRIBUTES["req"], "routing_hint"))
+    with pytest.raises(surface.HookTargetError, match=r"\['routing_hint'\] of sglang\.srt\.managers\.schedule_batch"):
+        surface.self_check(["req"])
+
+
+def test_request_routes_live_in_the_storage_backend_sglang_owns() -> None:
+    from types import SimpleNamespace
+
+    from dualpath.srt import requests
+
+    def scheduler_with(backend: object) -> SimpleNamespace:
+        return SimpleNamespace(tree_cache=SimpleNamespace(cache_controller=SimpleNamespace(storage_backend=backend)))
+
+    arrived: list[tuple[str, list[int]]] = []
+    ours = SimpleNamespace(routes=requests.RequestRoutes(lambda route, ids: arrived.append((route.rid, ids))))
+    other = SimpleNamespace(routes=requests.RequestRoutes(lambda route, ids: arrived.append(("other", ids))))
+    hint = RouteHint(ReadSide.DE, PE, DE).encode()
+    req = SimpleNamespace(rid="r1", bootstrap_room=7, routing_key=hint, origin_input_ids=[1, 2, 3])
+    seen = requests.on_add_request(lambda scheduler, r: ours.routes.current(), scheduler_with(ours), req)
+    assert seen.rid == "r1" and seen.room == 7 and seen.side is ReadSide.DE and seen.reader("k") == DE
+    assert arrived == [("r1", [1, 2, 3])]
+    assert ours.routes.current().hint is None  # outside the call: no current request
+    assert other.routes.current().rid == ""  # two backends in one process share nothing
+    operation = SimpleNamespace(request_id="r1")
+    controller = SimpleNamespace(storage_backend=ours)
+    assert requests.on_operation(lambda c, op: ours.routes.current(), controller, operation).side is ReadSide.DE
+    # A server whose storage backend is not DualPath's is left alone.
+    stock = scheduler_with(SimpleNamespace())
+    assert requests.on_add_request(lambda scheduler, r: "stock", stock, req) == "stock"
+    assert arrived == [("r1", [1, 2, 3])]
 
 
 def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +154,7 @@ def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.Monk
         cpu._yield_when_idle(failing, object())
     assert slept == [cpu.IDLE_YIELD_S, cpu.IDLE_YIELD_S]
     assert ("scheduler_idle", "", cpu._yield_when_idle) in cpu.hooks()
-    targets.self_check(["scheduler_idle"])
+    surface.self_check(["scheduler_idle"])
 
 
 def test_cpu_nixl_agents_run_without_the_spinning_progress_thread() -> None:
@@ -176,7 +223,7 @@ def test_the_extra_config_is_checked_and_the_kv_host_is_routable(monkeypatch: py
         config(nic_gbps="fast")
     # Without a host given, SGLang's detection; a loopback answer is refused for a server other hosts reach.
     monkeypatch.delenv("SGLANG_HOST_IP")
-    monkeypatch.setitem(targets.TARGETS, "local_ip", "dualpath.srt.test_loopback_ip")
+    monkeypatch.setitem(surface.TARGETS, "local_ip", "dualpath.srt.test_loopback_ip")
     monkeypatch.setattr("dualpath.srt.test_loopback_ip", lambda: "127.0.0.1", raising=False)
     with pytest.raises(ValueError, match="other hosts cannot reach"):
         config(bind="0.0.0.0")
@@ -489,7 +536,7 @@ def test_stalled_forwarding_falls_back_to_the_pe_read(servers: dict) -> None:
 
 
 def test_launch_fails_loudly_on_a_wrong_hook_target(tmp_path: Path) -> None:
-    script = ("import sys; import dualpath.srt.targets as t; "
+    script = ("import sys; import dualpath.srt.surface as t; "
               "t.TARGETS['page_transfer'] = 'sglang.srt.managers.cache_controller.HiCacheController.gone'; "
               "from dualpath.launch_server import main; main(sys.argv[1:])")
     result = subprocess.run([sys.executable, "-c", script, "--model-path", "x"], capture_output=True, text=True,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dualpath.scheduler.batcher import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
+from dualpath.srt import surface
 
 
 def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_size: int) -> int | None:
@@ -24,11 +25,6 @@ def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_si
     return -(-tokens // page_size) * page_size
 
 
-def _queued(req: Any) -> Chunk:
-    cached = len(req.prefix_indices) + getattr(req, "host_hit_length", 0) + getattr(req, "storage_hit_length", 0)
-    return Chunk(id(req), cached, len(req.origin_input_ids) - cached)
-
-
 class QuotaHook:
     """AROUND hook of ``Scheduler.get_new_batch_prefill``."""
 
@@ -36,15 +32,15 @@ class QuotaHook:
         self.batcher = ComputeQuotaBatcher(cost.predict, BatcherConfig(quota_s=quota_s))
 
     def __call__(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-        queue = ([scheduler.chunked_req] if scheduler.chunked_req is not None else []) + list(scheduler.waiting_queue)
-        budget = prefill_budget(self.batcher, [_queued(r) for r in queue], scheduler.page_size)
+        queue = [Chunk(*queued) for queued in surface.queued_prefills(scheduler)]
+        budget = prefill_budget(self.batcher, queue, surface.scheduler_page_size(scheduler))
         if budget is None:
             return original(scheduler, *args, **kwargs)
-        saved = scheduler.max_prefill_tokens, scheduler.chunked_prefill_size
-        scheduler.max_prefill_tokens = min(saved[0], budget)
-        if saved[1] is not None and saved[1] > 0:
-            scheduler.chunked_prefill_size = min(saved[1], budget)
+        saved = max_prefill, chunked = surface.prefill_budgets(scheduler)
+        if chunked is not None and chunked > 0:
+            chunked = min(chunked, budget)
+        surface.set_prefill_budgets(scheduler, (min(max_prefill, budget), chunked))
         try:
             return original(scheduler, *args, **kwargs)
         finally:
-            scheduler.max_prefill_tokens, scheduler.chunked_prefill_size = saved
+            surface.set_prefill_budgets(scheduler, saved)

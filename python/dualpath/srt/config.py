@@ -142,11 +142,11 @@ def kv_host_for(bind_host: str) -> str:
     A detected loopback address is refused unless the server itself listens on loopback (then every peer is
     local): peers on other hosts could not reach it.
     """
-    from dualpath.srt import targets
+    from dualpath.srt import surface
 
     if os.environ.get("SGLANG_HOST_IP"):
         return os.environ["SGLANG_HOST_IP"]
-    host = targets.resolve("local_ip")()
+    host = surface.resolve("local_ip")()
     if _loopback(host) and not _loopback(bind_host):
         raise ValueError(f"the KV channel would advertise {host}, which other hosts cannot reach; give the "
                          "DualPath extra-config key kv_host (or $SGLANG_HOST_IP) a routable address")

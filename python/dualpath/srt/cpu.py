@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dualpath.srt import surface
 from dualpath.srt.config import CPU_ENV
 
 STANDIN = Path(__file__).with_name("vllm_standin")
@@ -87,15 +88,16 @@ def _indices(index: torch.Tensor) -> torch.Tensor:
 
 
 def _check_layout(pool: Any) -> None:
-    if pool.layout != "layer_first":
-        raise ValueError(f"DualPath CPU support copies host KV in the layer_first layout only, not {pool.layout!r}")
+    layout = surface.pool_shape(pool).layout
+    if layout != "layer_first":
+        raise ValueError(f"DualPath CPU support copies host KV in the layer_first layout only, not {layout!r}")
 
 
 def load_to_device_per_layer(original: Callable[..., Any], pool: Any, device_pool: Any, host_indices: torch.Tensor,
                              device_indices: torch.Tensor, layer_id: int, io_backend: str) -> None:
     _check_layout(pool)
     src, dst = _indices(host_indices), _indices(device_indices)
-    for host, device in ((pool.k_buffer, device_pool.k_buffer), (pool.v_buffer, device_pool.v_buffer)):
+    for host, device in zip(surface.kv_buffers(pool), surface.kv_buffers(device_pool), strict=True):
         device[layer_id].index_copy_(0, dst, host[layer_id].index_select(0, src))
 
 
@@ -103,8 +105,8 @@ def backup_from_device_all_layer(original: Callable[..., Any], pool: Any, device
                                  host_indices: torch.Tensor, device_indices: torch.Tensor, io_backend: str) -> None:
     _check_layout(pool)
     src, dst = _indices(device_indices), _indices(host_indices)
-    for layer in range(pool.layer_num):
-        for host, device in ((pool.k_buffer, device_pool.k_buffer), (pool.v_buffer, device_pool.v_buffer)):
+    for layer in range(surface.pool_shape(pool).layers):
+        for host, device in zip(surface.kv_buffers(pool), surface.kv_buffers(device_pool), strict=True):
             host[layer].index_copy_(0, dst, device[layer].index_select(0, src))
 
 

@@ -3,7 +3,7 @@
 The convenience form of the stock launch line. It takes every ``sglang.launch_server`` argument plus the
 ``--dualpath-*`` ones (``--help`` shows both), turns the latter into the DualPath storage backend's
 extra-config (merged with the user's own keys), adds the SGLang settings DualPath relies on that the
-command line leaves at SGLang's defaults (:data:`dualpath.srt.server.REQUIRED`; decided from SGLang's own
+command line leaves at SGLang's defaults (:data:`dualpath.srt.surface.REQUIRED`; decided from SGLang's own
 parse of the command line, so abbreviations and ``--config`` files count), and runs SGLang, whose launch the
 plugin then completes (``server.on_launch``). ``--dualpath-off`` runs stock SGLang.
 """
@@ -17,9 +17,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from dualpath.srt import cpu, targets
+from dualpath.srt import cpu, surface
 from dualpath.srt.config import BACKEND, DEFAULT_STORE
-from dualpath.srt.server import CPU_REQUIRED, required
+from dualpath.srt.server import required
 
 PAGE_TOKENS = 64  # DualPath's page size unless the command line sets one (Full Blocks of 64 tokens)
 
@@ -56,7 +56,7 @@ def _cost_model(text: str) -> tuple[float, ...]:
 
 def sglang_parser(parents: list[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dualpath.launch_server", parents=list(parents))
-    targets.resolve("add_cli_args")(parser)
+    surface.resolve("add_cli_args")(parser)
     return parser
 
 
@@ -69,7 +69,7 @@ def parse_sglang(argv: list[str], unset: Iterable[str] = ()) -> argparse.Namespa
     parser = sglang_parser()
     parser.set_defaults(**dict.fromkeys(unset, UNSET))
     if "--config" in argv:
-        argv = targets.resolve("config_merger")(parser).merge_config_with_args(argv)
+        argv = surface.resolve("config_merger")(parser).merge_config_with_args(argv)
     return parser.parse_args(argv)
 
 
@@ -92,7 +92,7 @@ def forced(argv: list[str], needs: dict[str, tuple[str, object]]) -> list[str]:
     something else."""
     raw, extra = parse_sglang(argv, unset=needs), []
     for field, (flag, needed) in needs.items():
-        value = getattr(raw, field)
+        value = surface.setting(raw, field)
         if value is UNSET:
             extra += [flag] if needed is True else [flag, str(needed)]
         elif value != needed:
@@ -104,13 +104,13 @@ def forced(argv: list[str], needs: dict[str, tuple[str, object]]) -> list[str]:
 def sglang_argv(argv: list[str], args: argparse.Namespace) -> list[str]:
     """``argv`` with DualPath's extra-config and the SGLang settings it needs."""
     raw = parse_sglang(argv)
-    if raw.hicache_storage_backend not in (None, "dynamic"):
-        raise ValueError(f"DualPath is the storage backend; got --hicache-storage-backend "
-                         f"{raw.hicache_storage_backend}")
+    settings = surface.launch_settings(raw)
+    if settings.storage_backend not in (None, "dynamic"):
+        raise ValueError(f"DualPath is the storage backend; got --hicache-storage-backend {settings.storage_backend}")
     extra = forced(argv, required(raw))
-    if raw.page_size is None:
+    if settings.page_size is None:
         extra += ["--page-size", str(PAGE_TOKENS)]
-    config = extra_config(args, raw.hicache_storage_backend_extra_config)
+    config = extra_config(args, settings.extra_config)
     return argv + extra + ["--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", config]
 
 
@@ -120,19 +120,19 @@ def main(argv: list[str] | None = None) -> None:
         sglang_parser([dualpath_parser()]).print_help()
         return
     args, rest = dualpath_parser().parse_known_args(argv)
-    targets.self_check()
+    surface.self_check()
     if cpu.needed():  # SGLang on CPU needs the stand-ins whether DualPath is on or off
         cpu.export()
         if args.dualpath_off:
-            rest += forced(rest, CPU_REQUIRED)
+            rest += forced(rest, surface.CPU_REQUIRED)
     if not args.dualpath_off:
         try:
             rest = sglang_argv(rest, args)
         except ValueError as exc:
             raise SystemExit(f"dualpath.launch_server: {exc}") from exc
-    targets.resolve("load_plugins")()
-    server_args = targets.resolve("prepare_server_args")(rest)
+    surface.resolve("load_plugins")()
+    server_args = surface.resolve("prepare_server_args")(rest)
     try:
-        targets.resolve("launch_main")(server_args)
+        surface.resolve("launch_main")(server_args)
     finally:
-        targets.resolve("kill_process_tree")(os.getpid(), include_parent=False)
+        surface.resolve("kill_process_tree")(os.getpid(), include_parent=False)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from typing import Any
 
 from dualpath.scheduler.batcher import AttentionCostModel
-from dualpath.srt import cpu, requests, targets
+from dualpath.srt import cpu, requests, surface
 from dualpath.srt.batching import QuotaHook
 from dualpath.srt.config import CPU_ENV, SrtConfig
 
@@ -31,42 +32,42 @@ REQUEST_HOOKS = (
     ("decode_prefix_match", requests.on_prefix_match),
 )
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
-SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + ["storage_base", "prefill_batch", "controller_reset"]
-CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()})
+SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + [
+    "storage_base", "prefill_batch", "controller_reset", "storage_metrics", "scheduler", "req", "radix_cache",
+    "controller", "prefetch_operation", "decode_queue", "host_pool", "storage_config"]
+CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool"})
 
 
 def register() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
+    registry, around = surface.resolve("hook_registry"), surface.resolve("hook_type").AROUND
     if multiprocessing.parent_process() is None:  # a server's main process
         from dualpath.srt import server
 
-        HookRegistry.register(targets.TARGETS["http_launch"], server.on_launch, HookType.AROUND)
+        registry.register(surface.TARGETS["http_launch"], server.on_launch, around)
         return
     config = SrtConfig.from_env()
     on_cpu = os.environ.get(CPU_ENV) == "1" and cpu.needed()
     if config is None and not on_cpu:
         return
     try:
-        targets.self_check((SCHEDULER_TARGETS if config else []) + (CPU_TARGETS if on_cpu else []))
-    except targets.HookTargetError as exc:
+        surface.self_check((SCHEDULER_TARGETS if config else []) + (CPU_TARGETS if on_cpu else []))
+    except surface.HookTargetError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"DualPath cannot start: {exc}") from exc  # load_plugins() swallows Exceptions
+    hooks: list[tuple[str, Any]] = []
     if config is not None:
-        for name, hook in REQUEST_HOOKS:
-            HookRegistry.register(targets.TARGETS[name], hook, HookType.AROUND)
         from dualpath.srt.storage import DualPathStorage  # imports SGLang's storage base: scheduler processes only
 
-        HookRegistry.register(targets.TARGETS["controller_reset"], DualPathStorage.on_controller_reset,
-                              HookType.AROUND)
+        hooks += [(surface.TARGETS[name], hook) for name, hook in REQUEST_HOOKS]
+        hooks.append((surface.TARGETS["controller_reset"], DualPathStorage.on_controller_reset))
         if config.role == "prefill" and config.prefill_quota_ms > 0:
             cost = AttentionCostModel(*config.cost_model) if config.cost_model else AttentionCostModel()
-            quota = QuotaHook(config.prefill_quota_ms / 1e3, cost)
-            HookRegistry.register(targets.TARGETS["prefill_batch"], quota, HookType.AROUND)
+            hooks.append((surface.TARGETS["prefill_batch"], QuotaHook(config.prefill_quota_ms / 1e3, cost)))
     if on_cpu:
         cpu.install_rotary_standin()
-        for name, method, hook in cpu.hooks():
-            path = targets.TARGETS[name] + (f".{method}" if method else "")
-            HookRegistry.register(path, hook, HookType.AROUND)
+        hooks += [(surface.TARGETS[name] + (f".{method}" if method else ""), hook)
+                  for name, method, hook in cpu.hooks()]
+    for path, hook in hooks:
+        registry.register(path, hook, around)
     log.info("DualPath plugin: %s (CPU support: %s)",
              f"{config.role} on node {config.node}" if config else "off", on_cpu)

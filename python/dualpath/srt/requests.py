@@ -3,7 +3,8 @@
 SGLang calls the storage backend with page keys only. The hooks below record each request's
 :class:`RouteHint` when it arrives and set the current request id around the controller calls that
 run for one request (the storage hit query, the page transfer, the decode-side prefix match), so the
-backend can look the hint up. Everything here is per process; scheduler threads share it.
+backend can look the hint up. The routes live in the storage backend (:attr:`DualPathStorage.routes`),
+which SGLang's scheduler owns; the hooks find it through the object they wrap.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 from dualpath.scheduler.messages import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
 from dualpath.scheduler.route_hint import RouteHint
+from dualpath.srt import surface
 
 log = logging.getLogger(__name__)
 
@@ -51,69 +53,83 @@ class Route(NamedTuple):
         return self.hint.helper_channel if key in self.helper_keys else None
 
 
-_routes: OrderedDict[str, Route] = OrderedDict()
-# Called on the scheduler thread for every arriving request (route, prompt ids); must not block.
-_arrival_listeners: list[Callable[[Route, list[int]], None]] = []
-_lock = threading.Lock()
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_current_rid", default=None)
+ArrivalListener = Callable[[Route, list[int]], None]
 
 
-def record(rid: str, room: int | None, routing_key: str | None) -> Route:
-    try:
-        hint = RouteHint.decode(routing_key)
-    except ValueError as exc:
-        log.warning("request %s: %s; reading its KV on the PE side", rid, exc)
-        hint = None
-    route = Route(rid, room, hint)
-    with _lock:
-        _routes[rid] = route
-        _routes.move_to_end(rid)
-        while len(_routes) > CAPACITY:
-            _routes.popitem(last=False)
-    return route
+class RequestRoutes:
+    """The routes of the requests one storage backend serves, and the request each thread serves now."""
+
+    def __init__(self, on_arrival: ArrivalListener, capacity: int = CAPACITY) -> None:
+        """``on_arrival(route, prompt ids)`` is called on the scheduler thread for every arriving request; it
+        must not block."""
+        self._on_arrival = on_arrival
+        self._capacity = capacity
+        self._routes: OrderedDict[str, Route] = OrderedDict()
+        self._lock = threading.Lock()
+        self._current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_rid", default=None)
+
+    def arrive(self, rid: str, room: int | None, routing_key: str | None, input_ids: list[int]) -> Route:
+        try:
+            hint = RouteHint.decode(routing_key)
+        except ValueError as exc:
+            log.warning("request %s: %s; reading its KV on the PE side", rid, exc)
+            hint = None
+        route = Route(rid, room, hint)
+        with self._lock:
+            self._routes[rid] = route
+            self._routes.move_to_end(rid)
+            while len(self._routes) > self._capacity:
+                self._routes.popitem(last=False)
+        self._on_arrival(route, input_ids)
+        return route
+
+    def split(self, route: Route, de_keys: frozenset[str], helper_keys: frozenset[str] = frozenset()) -> Route:
+        """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``) and
+        which its helper reads (the next ``helper_tokens``)."""
+        route = route._replace(de_keys=de_keys, helper_keys=helper_keys)
+        with self._lock:
+            if route.rid in self._routes:
+                self._routes[route.rid] = route
+        return route
+
+    def current(self) -> Route:
+        """The route of the request the calling thread serves (PE side, stock, when unknown)."""
+        rid = self._current.get()
+        with self._lock:
+            route = self._routes.get(rid) if rid is not None else None
+        return route or Route(rid or "", None, None)
+
+    def serving(self, rid: str, call: Callable[[], Any]) -> Any:
+        """``call()`` on behalf of request ``rid``."""
+        token = self._current.set(rid)
+        try:
+            return call()
+        finally:
+            self._current.reset(token)
 
 
-def split(route: Route, de_keys: frozenset[str], helper_keys: frozenset[str] = frozenset()) -> Route:
-    """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``) and
-    which its helper reads (the next ``helper_tokens``)."""
-    route = route._replace(de_keys=de_keys, helper_keys=helper_keys)
-    with _lock:
-        if route.rid in _routes:
-            _routes[route.rid] = route
-    return route
+def _routes_of(owner: Any) -> RequestRoutes | None:
+    routes = getattr(surface.storage_backend(owner), "routes", None)
+    return routes if isinstance(routes, RequestRoutes) else None
 
 
-def on_arrival(listener: Callable[[Route, list[int]], None]) -> None:
-    """Have ``listener`` told of every request as it arrives (the PE starts DE reads early with it)."""
-    _arrival_listeners.append(listener)
-
-
-def current() -> Route:
-    """The route of the request the calling thread serves (PE side, stock, when unknown)."""
-    rid = _current.get()
-    with _lock:
-        route = _routes.get(rid) if rid is not None else None
-    return route or Route(rid or "", None, None)
-
-
-def _serving(rid: str, call: Callable[[], Any]) -> Any:
-    token = _current.set(rid)
-    try:
-        return call()
-    finally:
-        _current.reset(token)
+def _serving(owner: Any, rid: Callable[[], str], call: Callable[[], Any]) -> Any:
+    """``call()`` on behalf of request ``rid()`` where ``owner``'s storage backend is DualPath's."""
+    routes = _routes_of(owner)
+    return call() if routes is None else routes.serving(rid(), call)
 
 
 def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    route = record(req.rid, getattr(req, "bootstrap_room", None), getattr(req, "routing_key", None))
-    for listener in _arrival_listeners:
-        listener(route, req.origin_input_ids)
-    return _serving(req.rid, lambda: original(scheduler, req, *args, **kwargs))
+    routes = _routes_of(scheduler)
+    if routes is not None:
+        routes.arrive(*surface.arrival(req))
+    return _serving(scheduler, lambda: surface.request_id(req), lambda: original(scheduler, req, *args, **kwargs))
 
 
 def on_operation(original: Callable[..., Any], controller: Any, operation: Any, *args: Any, **kwargs: Any) -> Any:
-    return _serving(operation.request_id, lambda: original(controller, operation, *args, **kwargs))
+    return _serving(controller, lambda: surface.operation_request_id(operation),
+                    lambda: original(controller, operation, *args, **kwargs))
 
 
 def on_prefix_match(original: Callable[..., Any], queue: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    return _serving(req.rid, lambda: original(queue, req, *args, **kwargs))
+    return _serving(queue, lambda: surface.request_id(req), lambda: original(queue, req, *args, **kwargs))

@@ -14,45 +14,38 @@ from collections.abc import Callable
 from typing import Any
 
 from dualpath.scheduler.report import REPORT_ROUTE
-from dualpath.srt import cpu, targets
+from dualpath.srt import cpu, surface
 from dualpath.srt.config import ENV, SrtConfig
 from dualpath.srt.state import ServerReporter
 
-# server_args field -> (its flag, the value DualPath needs; True: the switch on).
-REQUIRED: dict[str, tuple[str, object]] = {
-    "enable_hierarchical_cache": ("--enable-hierarchical-cache", True),
-    "hicache_mem_layout": ("--hicache-mem-layout", "layer_first"),
-    "hicache_storage_prefetch_policy": ("--hicache-storage-prefetch-policy", "wait_complete"),
-}
-DECODE_REQUIRED = {"disaggregation_decode_enable_radix_cache": ("--disaggregation-decode-enable-radix-cache", True)}
-# What SGLang needs on a machine without CUDA: its overlap scheduler records CUDA events, and sgl_kernel's
-# host copies need CUDA.
-CPU_REQUIRED = {"disable_overlap_schedule": ("--disable-overlap-schedule", True),
-                "hicache_io_backend": ("--hicache-io-backend", "direct")}
+# What a server's main process uses of SGLang (its scheduler processes check theirs when the plugin loads).
+MAIN_TARGETS = ["server_args", "parse_extra_config", "local_ip", "http_app"]
 
 
 def required(server_args: Any) -> dict[str, tuple[str, object]]:
-    """The SGLang settings DualPath needs on this server."""
-    needs = dict(REQUIRED)
-    if server_args.disaggregation_mode == "decode":
-        needs |= DECODE_REQUIRED
+    """The SGLang settings DualPath needs on this server: server_args field -> (its flag, the value)."""
+    needs = dict(surface.REQUIRED)
+    if surface.launch_settings(server_args).role == "decode":
+        needs |= surface.DECODE_REQUIRED
     if cpu.needed():
-        needs |= CPU_REQUIRED
+        needs |= surface.CPU_REQUIRED
     return needs
 
 
 def config_of(server_args: Any) -> SrtConfig | None:
     """The server's DualPath configuration, None when its storage backend is not DualPath; ``ValueError``
     naming the setting when the server cannot run DualPath as configured."""
-    if server_args.hicache_storage_backend != "dynamic" or not server_args.hicache_storage_backend_extra_config:
+    settings = surface.launch_settings(server_args)
+    if settings.storage_backend != "dynamic" or not settings.extra_config:
         return None
-    extra = targets.resolve("parse_extra_config")(server_args.hicache_storage_backend_extra_config)[0]
-    config = SrtConfig.from_extra_config(extra, server_args.disaggregation_mode, server_args.served_model_name,
-                                         server_args.page_size or 1, server_args.host)
+    surface.self_check(MAIN_TARGETS)
+    extra = surface.resolve("parse_extra_config")(settings.extra_config)[0]
+    config = SrtConfig.from_extra_config(extra, settings.role, settings.model or "model", settings.page_size or 1,
+                                         settings.host)
     if config is None:
         return None
-    wrong = [flag if needed is True else f"{flag} {needed}"
-             for field, (flag, needed) in required(server_args).items() if getattr(server_args, field) != needed]
+    wrong = [flag if needed is True else f"{flag} {needed}" for field, (flag, needed) in required(server_args).items()
+             if surface.setting(server_args, field) != needed]
     if wrong:
         raise ValueError(f"the DualPath storage backend needs {' '.join(wrong)}")
     return config
@@ -62,7 +55,7 @@ def on_launch(original: Callable[..., Any], server_args: Any, *args: Any, **kwar
     """AROUND hook of SGLang's HTTP ``launch_server``."""
     try:
         config = config_of(server_args)
-    except ValueError as exc:
+    except (ValueError, surface.HookTargetError) as exc:
         raise SystemExit(f"DualPath cannot start: {exc}") from exc
     if config is not None:
         os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
@@ -80,4 +73,4 @@ def add_report_route(config: SrtConfig) -> None:
     async def dualpath_info() -> Response:
         return Response(reporter.report().encode(), media_type="application/json")
 
-    targets.resolve("http_app").add_api_route(REPORT_ROUTE, dualpath_info, methods=["GET"])
+    surface.resolve("http_app").add_api_route(REPORT_ROUTE, dualpath_info, methods=["GET"])

@@ -28,55 +28,59 @@ import torch
 from dualpath.kv import KVGeometry, block_keys
 from dualpath.scheduler import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
-from dualpath.srt import requests, targets
+from dualpath.srt import surface
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
 from dualpath.srt.link import KVLink
+from dualpath.srt.requests import CAPACITY, RequestRoutes, Route
 from dualpath.srt.state import StatePublisher
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 log = logging.getLogger(__name__)
 EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
 
 
-def page_geometry(pool: Any, model_name: str) -> KVGeometry:
+def page_geometry(shape: surface.PoolShape, model_name: str) -> KVGeometry:
     """The Full Block of one SGLang host page: ``2 x layers`` planes of ``heads x head_dim`` per token."""
-    if pool.layout != "layer_first":
-        raise ValueError(f"DualPath stores layer_first host pages; the server uses {pool.layout!r} "
+    if shape.layout != "layer_first":
+        raise ValueError(f"DualPath stores layer_first host pages; the server uses {shape.layout!r} "
                          "(start it with --hicache-mem-layout layer_first)")
-    dtype = str(pool.dtype).removeprefix("torch.")
+    dtype = str(shape.dtype).removeprefix("torch.")
     name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(model_name).name or "model")
-    return KVGeometry(f"sglang-{name}-{dtype}", 2 * pool.layer_num, pool.head_num * pool.head_dim * pool.dtype.itemsize,
-                      dtype, "mha", pool.head_num, pool.head_dim)
+    return KVGeometry(f"sglang-{name}-{dtype}", 2 * shape.layers, shape.heads * shape.head_dim * shape.dtype.itemsize,
+                      dtype, "mha", shape.heads, shape.head_dim)
 
 
-class DualPathStorage(HiCacheStorage):
-    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
+class DualPathStorage(surface.resolve("storage_base")):
+    def __init__(self, storage_config: Any, kwargs: dict | None = None) -> None:
         config = SrtConfig.from_env()
         if config is None:
             raise ValueError("the DualPath storage backend was loaded without its configuration: the plugin "
                              "(entry point sglang.srt.plugins: dualpath) did not run in the server's main process")
-        if storage_config.tp_size * storage_config.pp_size != 1:
+        setup = surface.storage_setup(storage_config)
+        if setup.tp_size * setup.pp_size != 1:
             raise ValueError("DualPath serves one TP/PP rank per server in this version; got "
-                             f"tp={storage_config.tp_size}, pp={storage_config.pp_size}")
-        if storage_config.is_mla_model:
+                             f"tp={setup.tp_size}, pp={setup.pp_size}")
+        if setup.mla:
             raise ValueError("DualPath's SGLang backend stores MHA pages; MLA models are not supported yet")
         self.config = config
-        self.model_name = storage_config.model_name or "model"
+        self.model_name = setup.model_name or "model"
+        self.pool: Any = None  # SGLang's host KV pool
+        self.shape: surface.PoolShape | None = None
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
-        self._early = EarlyReads(requests.CAPACITY)
+        self._early = EarlyReads(CAPACITY)
+        self.routes = RequestRoutes(self._on_arrival)
         self._pages_moved: dict[str, list[int]] = {"prefetch": [], "backup": []}  # since get_stats() was last called
         self.state = StatePublisher(config, lambda: self.store.stats().hits if self.store is not None else 0)
-        requests.on_arrival(self._on_arrival)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        geometry = page_geometry(mem_pool_host, self.model_name)
-        self.store = BlockStore(StoreConfig(self.config.store_root, model=geometry,
-                                            block_tokens=mem_pool_host.page_size, node=self.config.node,
+        shape = surface.pool_shape(mem_pool_host)
+        self.pool, self.shape = mem_pool_host, shape
+        self.store = BlockStore(StoreConfig(self.config.store_root, model=page_geometry(shape, self.model_name),
+                                            block_tokens=shape.page_size, node=self.config.node,
                                             nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store, self.state.count)
@@ -89,7 +93,7 @@ class DualPathStorage(HiCacheStorage):
         if self.config.role == "decode":
             # The decode reads what its NIC reads for the prefill (all of a DE-side request's hit pages, the
             # leading ones of a split read); the prefill sends the rest, as in stock PD.
-            route = requests.current()
+            route = self.routes.current()
             keys = list(itertools.takewhile(lambda key: route.reads_on(key) is ReadSide.DE, keys))
         return self._store().prefix_length(keys)
 
@@ -97,9 +101,8 @@ class DualPathStorage(HiCacheStorage):
         return self._store().prefix_length([key]) == 1
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        page = self.mem_pool_host.page_size
-        return self._guarded(keys, lambda: self._read(keys, lambda i, flat: self.mem_pool_host.set_from_flat_data_page(
-            int(host_indices[i * page]), flat)))
+        return self._guarded(keys, lambda: self._read(keys, lambda i, flat: surface.set_host_page(
+            self.pool, int(host_indices[i * self.shape.page_size]), flat)))
 
     def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[Any]:
         targets = list(target_locations)
@@ -110,9 +113,8 @@ class DualPathStorage(HiCacheStorage):
         return self.batch_get([key], [target_location])[0]
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        page = self.mem_pool_host.page_size
         return self._guarded(keys, lambda: self._write(
-            keys, lambda i: self.mem_pool_host.get_data_page(int(host_indices[i * page]), flat=False)))
+            keys, lambda i: surface.host_page(self.pool, int(host_indices[i * self.shape.page_size]))))
 
     def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
                   target_sizes: Any = None) -> bool:
@@ -126,7 +128,7 @@ class DualPathStorage(HiCacheStorage):
         """Pages per batch read and written since the last call, as SGLang's storage-metrics collector takes them
         (``--enable-metrics``); DualPath's own counters are the ``dualpath_*`` metrics (``state.py``)."""
         moved, self._pages_moved = self._pages_moved, {"prefetch": [], "backup": []}
-        return targets.resolve("storage_metrics")(prefetch_pgs=moved["prefetch"], backup_pgs=moved["backup"])
+        return surface.resolve("storage_metrics")(prefetch_pgs=moved["prefetch"], backup_pgs=moved["backup"])
 
     # -- reading and writing pages -------------------------------------------------------------------------
     @staticmethod
@@ -138,7 +140,7 @@ class DualPathStorage(HiCacheStorage):
             log.exception("DualPath storage: %d pages failed", len(keys))
             return [False] * len(keys)
 
-    def _on_arrival(self, route: requests.Route, input_ids: list[int]) -> None:
+    def _on_arrival(self, route: Route, input_ids: list[int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
         the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
         see ``early.py``). The pages land in the slot cache, where ``batch_get_v1`` finds them once the reads
@@ -146,25 +148,25 @@ class DualPathStorage(HiCacheStorage):
         """
         if route.hint is None:
             return
-        page, hint = self.mem_pool_host.page_size, route.hint
+        page, hint = self.shape.page_size, route.hint
         readers: list[KVChannelAddress | None] = [hint.de_channel] if route.side is ReadSide.DE else [None]
         if route.side is ReadSide.SPLIT:
             de_end = min(hint.de_tokens, len(input_ids)) // page * page
             helper_end = min(de_end + hint.helper_tokens, len(input_ids)) // page * page
             keys = block_keys(input_ids[:helper_end], page)
-            route = requests.split(route, frozenset(keys[: de_end // page]), frozenset(keys[de_end // page:]))
+            route = self.routes.split(route, frozenset(keys[: de_end // page]), frozenset(keys[de_end // page:]))
             readers = [r for r, pages in ((hint.de_channel, de_end), (hint.helper_channel, helper_end - de_end))
                        if pages] + [None]
         if self.config.role == "prefill" and self.link is not None:
             arrived, ids = time.monotonic(), list(input_ids)
             self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
 
-    def _fetch_early(self, route: requests.Route, reader: KVChannelAddress | None, input_ids: list[int],
+    def _fetch_early(self, route: Route, reader: KVChannelAddress | None, input_ids: list[int],
                      arrived: float) -> None:
         """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
         name = reader.agent if reader is not None else "PE"
         try:
-            store, page = self._store(), self.mem_pool_host.page_size
+            store, page = self._store(), self.shape.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
             keys = [key for key in keys[: store.prefix_length(keys)] if route.reader(key) == reader]
             started = time.monotonic()
@@ -176,7 +178,7 @@ class DualPathStorage(HiCacheStorage):
         except Exception:  # the prefetch reads the pages itself when they are not here
             log.exception("request %s: early read by %s failed", route.rid, name)
 
-    def _from_readers(self, route: requests.Route) -> Callable[[list[str], list[int]], list[bool]]:
+    def _from_readers(self, route: Route) -> Callable[[list[str], list[int]], list[bool]]:
         """A slot source: the DEs that read pages for this request (its own DE, a helper) for theirs, this
         node's NIC for the rest and for the pages of a DE that fails."""
         def source(keys: list[str], slots: list[int]) -> list[bool]:
@@ -204,7 +206,7 @@ class DualPathStorage(HiCacheStorage):
 
         return source
 
-    def _pinned(self, route: requests.Route, keys: list[str]) -> list[int]:
+    def _pinned(self, route: Route, keys: list[str]) -> list[int]:
         """Pinned slots holding the leading ``keys``: on a prefill, from the request's DE for the pages the DE
         reads; otherwise from this node's store (the slot cache serves either when it has the page)."""
         if self.config.role == "prefill" and route.side in (ReadSide.DE, ReadSide.SPLIT) and self.link is not None:
@@ -212,7 +214,7 @@ class DualPathStorage(HiCacheStorage):
         return self.slots.read(self._store(), keys)
 
     def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
-        route, started = requests.current(), time.monotonic()
+        route, started = self.routes.current(), time.monotonic()
         self._early.wait(route.rid)
         slots = self._pinned(route, keys)
         if time.monotonic() - started > 1.0:  # HiCache's one I/O thread waited: every request behind it did too
@@ -241,14 +243,14 @@ class DualPathStorage(HiCacheStorage):
         return [status in (BlockStatus.OK, BlockStatus.EXISTS) for status in statuses]
 
     def _flat(self, slot: int) -> torch.Tensor:
-        return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.mem_pool_host.dtype)
+        return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.shape.dtype)
 
     @staticmethod
     def on_controller_reset(original: Callable[..., Any], controller: Any, *args: Any, **kwargs: Any) -> Any:
         """A cache flush empties the host pool; the slot cache holds store reads in the same DRAM, so it is
         emptied too. Otherwise a flushed server would serve a prefix again without reading it."""
         result = original(controller, *args, **kwargs)
-        backend = getattr(controller, "storage_backend", None)
+        backend = surface.storage_backend(controller)
         if isinstance(backend, DualPathStorage) and backend.store is not None:
             backend.slots.forget()
         return result

@@ -1,0 +1,284 @@
+"""Everything of SGLang that DualPath touches: the names it hooks or calls, and the attributes it reads or sets.
+
+SGLang's internals move between releases; a plugin that silently hooks nothing, or reads an attribute that
+was renamed, is the worst failure. So every SGLang name is a :data:`TARGETS` entry, every attribute of an
+SGLang object an :data:`ATTRIBUTES` entry read through the accessors below (nothing else in DualPath
+reaches into SGLang's objects), and :func:`self_check` resolves all of them before any hook is registered,
+naming the first one the installed SGLang lacks. Bumping the pinned SGLang means revisiting this module only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import pkgutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+SGLANG_VERSION = "0.5.17"
+
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+CONTROLLER = "sglang.srt.managers.cache_controller.HiCacheController"
+HOST_POOL = "sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost"
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+
+# name -> dotted path; hooks refer to the names, never to the paths.
+TARGETS: dict[str, str] = {
+    "hook_registry": "sglang.srt.plugins.hook_registry.HookRegistry",
+    "hook_type": "sglang.srt.plugins.hook_registry.HookType",
+    # Request arrival (all modes): the request's RouteHint is recorded by rid.
+    "add_request": f"{SCHEDULER}._add_request_to_queue",
+    # Prefill batch selection (the PE compute quota).
+    "prefill_batch": f"{SCHEDULER}.get_new_batch_prefill",
+    # Threads and calls in which the storage backend runs on behalf of one request.
+    "storage_hit_query": f"{CONTROLLER}._storage_hit_query",
+    "page_transfer": f"{CONTROLLER}._page_transfer",
+    # A cache flush (/flush_cache) resets the controller; the backend's slot cache goes with the host pool.
+    "controller_reset": f"{CONTROLLER}.reset",
+    "decode_prefix_match": (
+        "sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin._build_decode_prefix_match"
+    ),
+    # The base class the `dynamic` backend loader requires.
+    "storage_base": "sglang.srt.mem_cache.hicache_storage.HiCacheStorage",
+    # The server's main process: its HTTP app (GET /dualpath/info) and launch (DualPath decided from server_args).
+    "http_app": "sglang.srt.entrypoints.http_server.app",
+    "http_launch": "sglang.srt.entrypoints.http_server.launch_server",
+    "parse_extra_config": "sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller.HybridCacheController"
+                          ".parse_storage_backend_extra_config",
+    "local_ip": "sglang.srt.utils.network.get_local_ip_auto",
+    # What SGLang's storage-metrics collector takes from get_stats() (with --enable-metrics).
+    "storage_metrics": "sglang.srt.observability.metrics_collector.StorageMetrics",
+    # python -m dualpath.launch_server.
+    "launch_main": "sglang.launch_server.run_server",
+    "load_plugins": "sglang.srt.plugins.load_plugins",
+    "kill_process_tree": "sglang.srt.utils.kill_process_tree",
+    "prepare_server_args": "sglang.srt.server_args.prepare_server_args",
+    "add_cli_args": f"{SERVER_ARGS}.add_cli_args",
+    "config_merger": "sglang.srt.server_args_config_parser.ConfigArgumentMerger",
+    # CPU support (hooked only without CUDA).
+    "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
+    "host_backup_all": f"{HOST_POOL}.backup_from_device_all_layer",
+    "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
+    "nixl_agent": "nixl._api.nixl_agent",
+    "scheduler_idle": f"{SCHEDULER}.on_idle",
+    # Classes whose instances' attributes DualPath reads or sets (ATTRIBUTES).
+    "scheduler": SCHEDULER,
+    "req": "sglang.srt.managers.schedule_batch.Req",
+    "radix_cache": "sglang.srt.mem_cache.hiradix_cache.HiRadixCache",
+    "controller": CONTROLLER,
+    "prefetch_operation": "sglang.srt.managers.cache_controller.PrefetchOperation",
+    "decode_queue": "sglang.srt.disaggregation.decode.DecodePreallocQueue",
+    "host_pool": HOST_POOL,
+    "device_pool": "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool",
+    "storage_config": "sglang.srt.mem_cache.hicache_storage.HiCacheStorageConfig",
+    "server_args": SERVER_ARGS,
+}
+
+# server_args field -> (its flag, the value DualPath needs; True: the switch on).
+REQUIRED: dict[str, tuple[str, object]] = {
+    "enable_hierarchical_cache": ("--enable-hierarchical-cache", True),
+    "hicache_mem_layout": ("--hicache-mem-layout", "layer_first"),
+    "hicache_storage_prefetch_policy": ("--hicache-storage-prefetch-policy", "wait_complete"),
+}
+DECODE_REQUIRED = {"disaggregation_decode_enable_radix_cache": ("--disaggregation-decode-enable-radix-cache", True)}
+# What SGLang needs on a machine without CUDA: its overlap scheduler records CUDA events, and sgl_kernel's
+# host copies need CUDA.
+CPU_REQUIRED = {"disable_overlap_schedule": ("--disable-overlap-schedule", True),
+                "hicache_io_backend": ("--hicache-io-backend", "direct")}
+
+# class (a TARGETS name) -> attributes of its instances that DualPath reads or sets.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "scheduler": ("tree_cache", "chunked_req", "waiting_queue", "page_size", "max_prefill_tokens",
+                  "chunked_prefill_size"),
+    "req": ("rid", "bootstrap_room", "routing_key", "origin_input_ids", "prefix_indices", "host_hit_length",
+            "storage_hit_length"),
+    "radix_cache": ("cache_controller",),
+    "controller": ("storage_backend",),
+    "prefetch_operation": ("request_id",),
+    "decode_queue": ("tree_cache",),
+    "host_pool": ("layout", "dtype", "layer_num", "head_num", "head_dim", "page_size", "k_buffer", "v_buffer",
+                  "set_from_flat_data_page", "get_data_page"),
+    "device_pool": ("k_buffer", "v_buffer"),
+    "storage_config": ("tp_size", "pp_size", "is_mla_model", "model_name"),
+    "server_args": ("disaggregation_mode", "hicache_storage_backend", "hicache_storage_backend_extra_config",
+                    "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
+}
+
+
+class HookTargetError(RuntimeError):
+    """The installed SGLang lacks a name or attribute DualPath relies on."""
+
+
+def resolve(name: str) -> Any:
+    """The object behind target ``name``, or :class:`HookTargetError` naming it and its dotted path."""
+    try:
+        path = TARGETS[name]
+    except KeyError:
+        raise HookTargetError(f"unknown DualPath hook target {name!r}") from None
+    try:
+        return pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise HookTargetError(
+            f"DualPath hook target {name!r} = {path!r} does not resolve in the installed SGLang "
+            f"(DualPath is built against sglang=={SGLANG_VERSION}): {exc}"
+        ) from exc
+
+
+@functools.cache
+def _assigned_in_module(path: str) -> dict[str, frozenset[str]]:
+    """Class name -> attributes its methods assign on ``self``, for every class defined in source file ``path``."""
+    tree = ast.parse(Path(path).read_text())
+    return {node.name: frozenset(target.attr for target in ast.walk(node) if isinstance(target, ast.Attribute)
+                                 and isinstance(target.ctx, ast.Store) and isinstance(target.value, ast.Name)
+                                 and target.value.id == "self")
+            for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+
+def _assigned_on_self(cls: type) -> set[str]:
+    """Attributes that the methods of ``cls`` and its bases assign on ``self`` (instance attributes)."""
+    names: set[str] = set()
+    for klass in cls.__mro__[:-1]:
+        path = getattr(sys.modules.get(klass.__module__), "__file__", None)
+        if path and path.endswith(".py"):  # classes without Python source define no instance attributes here
+            names |= _assigned_in_module(path).get(klass.__name__, frozenset())
+    return names
+
+
+def missing_attributes(cls: type, attributes: Iterable[str]) -> list[str]:
+    """Those of ``attributes`` that instances of ``cls`` do not have: neither on the class, nor a dataclass
+    field, nor assigned on ``self`` by one of its methods."""
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    absent = [a for a in attributes if not hasattr(cls, a) and a not in fields]
+    return [a for a in absent if a not in _assigned_on_self(cls)] if absent else []
+
+
+def self_check(names: list[str] | None = None) -> None:
+    """Resolve every target (or ``names``) and the attributes DualPath uses of each; raise
+    :class:`HookTargetError` on the first that is missing."""
+    for name in names or list(TARGETS):
+        target = resolve(name)
+        missing = missing_attributes(target, ATTRIBUTES.get(name, ()))
+        if missing:
+            raise HookTargetError(f"DualPath uses attributes {missing} of {TARGETS[name]}, which the installed "
+                                  f"SGLang does not have (DualPath is built against sglang=={SGLANG_VERSION})")
+
+
+# -- accessors: the only places DualPath reads or sets an attribute of an SGLang object --------------------------
+class Arrival(NamedTuple):
+    rid: str
+    room: int | None  # PD bootstrap room
+    routing_key: str | None
+    input_ids: list[int]
+
+
+class QueuedPrefill(NamedTuple):
+    key: int
+    cached: int  # prompt tokens found in a cache tier (device, host, store)
+    new: int
+
+
+class PoolShape(NamedTuple):
+    layout: str
+    dtype: Any  # torch.dtype
+    layers: int
+    heads: int
+    head_dim: int
+    page_size: int
+
+
+class StorageSetup(NamedTuple):
+    tp_size: int
+    pp_size: int
+    mla: bool
+    model_name: str | None
+
+
+class LaunchSettings(NamedTuple):
+    role: str  # disaggregation mode: prefill, decode or null
+    storage_backend: str | None
+    extra_config: str | None
+    model: str | None
+    page_size: int | None
+    host: str
+
+
+def arrival(req: Any) -> Arrival:
+    return Arrival(req.rid, req.bootstrap_room, req.routing_key, req.origin_input_ids)
+
+
+def request_id(req: Any) -> str:
+    return req.rid
+
+
+def operation_request_id(operation: Any) -> str:
+    return operation.request_id
+
+
+def storage_backend(owner: Any) -> Any:
+    """The HiCache storage backend of a cache controller, or of a scheduler or decode prealloc queue (through
+    its HiCache radix cache); None where there is none."""
+    controller = getattr(getattr(owner, "tree_cache", None), "cache_controller", owner)
+    return getattr(controller, "storage_backend", None)
+
+
+def queued_prefills(scheduler: Any) -> list[QueuedPrefill]:
+    """The requests the next prefill batch is formed from: the chunked one first, then the waiting queue."""
+    queue = ([scheduler.chunked_req] if scheduler.chunked_req is not None else []) + list(scheduler.waiting_queue)
+    prefills = []
+    for req in queue:
+        cached = len(req.prefix_indices) + req.host_hit_length + req.storage_hit_length
+        prefills.append(QueuedPrefill(id(req), cached, len(req.origin_input_ids) - cached))
+    return prefills
+
+
+def scheduler_page_size(scheduler: Any) -> int:
+    return scheduler.page_size
+
+
+def prefill_budgets(scheduler: Any) -> tuple[int, int | None]:
+    """The scheduler's token budgets of one prefill batch: ``max_prefill_tokens`` and ``chunked_prefill_size``."""
+    return scheduler.max_prefill_tokens, scheduler.chunked_prefill_size
+
+
+def set_prefill_budgets(scheduler: Any, budgets: tuple[int, int | None]) -> None:
+    scheduler.max_prefill_tokens, scheduler.chunked_prefill_size = budgets
+
+
+def pool_shape(pool: Any) -> PoolShape:
+    """Shape of an MHA host KV pool: ``layers`` K planes then as many V planes, ``heads x head_dim`` per token."""
+    return PoolShape(pool.layout, pool.dtype, pool.layer_num, pool.head_num, pool.head_dim, pool.page_size)
+
+
+def kv_buffers(pool: Any) -> tuple[Any, Any]:
+    """The K and V buffers of an MHA KV pool (host or device), indexed by layer."""
+    return pool.k_buffer, pool.v_buffer
+
+
+def set_host_page(pool: Any, index: int, flat: Any) -> None:
+    pool.set_from_flat_data_page(index, flat)
+
+
+def host_page(pool: Any, index: int) -> Any:
+    """The page at host index ``index``: a strided view of the pool (no copy)."""
+    return pool.get_data_page(index, flat=False)
+
+
+def storage_setup(config: Any) -> StorageSetup:
+    return StorageSetup(config.tp_size, config.pp_size, config.is_mla_model, config.model_name)
+
+
+def launch_settings(server_args: Any) -> LaunchSettings:
+    """What DualPath reads of SGLang's ``ServerArgs`` (or of the argparse namespace it is built from)."""
+    return LaunchSettings(server_args.disaggregation_mode, server_args.hicache_storage_backend,
+                          server_args.hicache_storage_backend_extra_config, server_args.served_model_name,
+                          server_args.page_size, server_args.host)
+
+
+def setting(server_args: Any, field: str) -> object:
+    """One of the settings DualPath requires (:data:`REQUIRED` and its kin)."""
+    if field not in {*REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED}:
+        raise KeyError(f"{field!r} is not a setting DualPath requires")
+    return getattr(server_args, field)
