@@ -466,8 +466,6 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:
-    import types
-
     import torch
     from dualpath.srt.link import KVLink
     from dualpath.srt.storage import page_geometry
@@ -478,8 +476,7 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     _flush(servers)
     root = servers["store"]
     # A third node's DE KV channel (the DE side of the plugin without a server): the tiny model's SGLang page.
-    pool = types.SimpleNamespace(layout="layer_first", dtype=torch.float32, layer_num=2, head_num=2, head_dim=64)
-    geometry = page_geometry(pool, "tiny_llama")
+    geometry = page_geometry(surface.PoolShape("layer_first", torch.float32, 2, 2, 64, 64), "tiny_llama")
     store = BlockStore(StoreConfig(root, model=geometry, block_tokens=64, node="de1"))
     assert (root / store.config.namespace).is_dir()  # the servers' namespace: the same pages
     helper = KVLink(SrtConfig("decode", "de1", str(root), "127.0.0.1", 31390, timeout_s=3.0),

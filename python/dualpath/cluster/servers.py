@@ -26,13 +26,15 @@ TINY_MODEL = Path(__file__).resolve().parent.parent / "srt" / "tiny_llama"
 # What SGLang needs to serve the tiny model on CPU (reference: docs/srt.md).
 CPU_ARGS = ("--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu", "--attention-backend",
             "torch_native", "--dtype", "float32")
-CPU_ENV = {"OMP_NUM_THREADS": "1", "SGLANG_HOST_IP": "127.0.0.1"}
+CPU_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One SGLang server: its role, HTTP port and, for DualPath, the node whose storage NIC it uses;
-    ``cpus`` pins its processes to those cores (empty: wherever the kernel runs them)."""
+    """One SGLang server: its role, address and HTTP port and, for DualPath, the node whose storage NIC it
+    uses and the store's mount as that host sees it (None: the options' one); ``cpus`` pins its processes to
+    those cores (empty: wherever the kernel runs them). The server reaches every peer, and is reached, at
+    ``host`` only (SGLang's ``--host`` and ``$SGLANG_HOST_IP``), as on a host of its own."""
 
     role: Literal["prefill", "decode", "null"]
     port: int
@@ -42,10 +44,12 @@ class ServerSpec:
     dualpath: bool = True
     extra_args: tuple[str, ...] = ()
     cpus: tuple[int, ...] = ()
+    host: str = "127.0.0.1"
+    store_root: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
 
 @dataclass
@@ -64,7 +68,7 @@ class ServerOptions:
 
 def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     module = "dualpath.launch_server"
-    cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", spec.host,
            "--port", str(spec.port), "--max-total-tokens", str(options.max_total_tokens)]
     if options.cpu:
         cmd += CPU_ARGS
@@ -73,7 +77,7 @@ def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     if spec.bootstrap_port is not None:
         cmd += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
     if spec.dualpath:
-        cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", str(options.store_root),
+        cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", str(spec.store_root or options.store_root),
                 "--dualpath-timeout", str(options.transfer_timeout_s)]
         if spec.nic_gbps is not None:
             cmd += ["--dualpath-nic-gbps", str(spec.nic_gbps)]
@@ -112,7 +116,7 @@ class Server:
         self.spec = spec
         options.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = options.log_dir / f"{spec.role}-{spec.port}.log"
-        env = {**os.environ, **(CPU_ENV if options.cpu else {}), **options.env}
+        env = {**os.environ, **(CPU_ENV if options.cpu else {}), "SGLANG_HOST_IP": spec.host, **options.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(server_command(spec, options), stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)

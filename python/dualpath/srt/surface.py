@@ -220,7 +220,8 @@ def operation_request_id(operation: Any) -> str:
 def storage_backend(owner: Any) -> Any:
     """The HiCache storage backend of a cache controller, or of a scheduler or decode prealloc queue (through
     its HiCache radix cache); None where there is none."""
-    controller = getattr(getattr(owner, "tree_cache", None), "cache_controller", owner)
+    tree_cache = getattr(owner, "tree_cache", None)
+    controller = owner if tree_cache is None else getattr(tree_cache, "cache_controller", None)
     return getattr(controller, "storage_backend", None)
 
 
