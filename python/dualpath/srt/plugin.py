@@ -32,10 +32,10 @@ REQUEST_HOOKS = (
     ("decode_prefix_match", requests.on_prefix_match),
 )
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
-SCHEDULER_TARGETS = [name for name, _ in REQUEST_HOOKS] + [
-    "storage_base", "prefill_batch", "controller_reset", "storage_metrics", "scheduler", "req", "radix_cache",
-    "controller", "prefetch_operation", "decode_queue", "host_pool", "storage_config"]
-CPU_TARGETS = sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool"})
+SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS), "storage_base", "prefill_batch", "controller_reset",
+                     "storage_metrics", "scheduler", "req", "radix_cache", "controller", "prefetch_operation",
+                     "decode_queue", "host_pool", "storage_config")
+CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool"}))
 
 
 def register() -> None:
@@ -50,7 +50,7 @@ def register() -> None:
     if config is None and not on_cpu:
         return
     try:
-        surface.self_check((SCHEDULER_TARGETS if config else []) + (CPU_TARGETS if on_cpu else []))
+        surface.self_check((SCHEDULER_TARGETS if config else ()) + (CPU_TARGETS if on_cpu else ()))
     except surface.HookTargetError as exc:
         log.critical("%s", exc)
         raise SystemExit(f"DualPath cannot start: {exc}") from exc  # load_plugins() swallows Exceptions

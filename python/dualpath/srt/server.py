@@ -19,7 +19,7 @@ from dualpath.srt.config import ENV, SrtConfig
 from dualpath.srt.state import ServerReporter
 
 # What a server's main process uses of SGLang (its scheduler processes check theirs when the plugin loads).
-MAIN_TARGETS = ["server_args", "parse_extra_config", "local_ip", "http_app"]
+MAIN_TARGETS = ("server_args", "parse_extra_config", "local_ip", "http_app")
 
 
 def required(server_args: Any) -> dict[str, tuple[str, object]]:

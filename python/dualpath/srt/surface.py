@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import pkgutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,7 +126,6 @@ def resolve(name: str) -> Any:
         ) from exc
 
 
-@functools.cache
 def _assigned_in_module(path: str) -> dict[str, frozenset[str]]:
     """Class name -> attributes its methods assign on ``self``, for every class defined in source file ``path``."""
     tree = ast.parse(Path(path).read_text())
@@ -137,30 +135,33 @@ def _assigned_in_module(path: str) -> dict[str, frozenset[str]]:
             for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
 
 
-def _assigned_on_self(cls: type) -> set[str]:
-    """Attributes that the methods of ``cls`` and its bases assign on ``self`` (instance attributes)."""
-    names: set[str] = set()
-    for klass in cls.__mro__[:-1]:
-        path = getattr(sys.modules.get(klass.__module__), "__file__", None)
-        if path and path.endswith(".py"):  # classes without Python source define no instance attributes here
-            names |= _assigned_in_module(path).get(klass.__name__, frozenset())
-    return names
-
-
-def missing_attributes(cls: type, attributes: Iterable[str]) -> list[str]:
+def missing_attributes(cls: type, attributes: Iterable[str],
+                       parsed: dict[str, dict[str, frozenset[str]]] | None = None) -> list[str]:
     """Those of ``attributes`` that instances of ``cls`` do not have: neither on the class, nor a dataclass
-    field, nor assigned on ``self`` by one of its methods."""
+    field, nor assigned on ``self`` by a method of the class or of its bases (``parsed``: source files read so
+    far, by path)."""
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     absent = [a for a in attributes if not hasattr(cls, a) and a not in fields]
-    return [a for a in absent if a not in _assigned_on_self(cls)] if absent else []
+    if not absent:
+        return []
+    parsed = {} if parsed is None else parsed
+    for klass in cls.__mro__[:-1]:
+        path = getattr(sys.modules.get(klass.__module__), "__file__", None)
+        if path and path.endswith(".py"):  # classes without Python source assign nothing here
+            if path not in parsed:
+                parsed[path] = _assigned_in_module(path)
+            assigned = parsed[path].get(klass.__name__, frozenset())
+            absent = [a for a in absent if a not in assigned]
+    return absent
 
 
-def self_check(names: list[str] | None = None) -> None:
+def self_check(names: Sequence[str] = ()) -> None:
     """Resolve every target (or ``names``) and the attributes DualPath uses of each; raise
     :class:`HookTargetError` on the first that is missing."""
-    for name in names or list(TARGETS):
+    parsed: dict[str, dict[str, frozenset[str]]] = {}
+    for name in names or tuple(TARGETS):
         target = resolve(name)
-        missing = missing_attributes(target, ATTRIBUTES.get(name, ()))
+        missing = missing_attributes(target, ATTRIBUTES.get(name, ()), parsed)
         if missing:
             raise HookTargetError(f"DualPath uses attributes {missing} of {TARGETS[name]}, which the installed "
                                   f"SGLang does not have (DualPath is built against sglang=={SGLANG_VERSION})")
