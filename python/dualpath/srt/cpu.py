@@ -8,8 +8,9 @@ Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run 
   polls without a pause, is off: SGLang's PD loops poll transfers and notifications themselves.
 - Paged KV allocation: SGLang allocates pages with Triton kernels; they run in Triton's interpreter
   (``TRITON_INTERPRET=1``, set by the launcher before anything imports Triton).
-- Host KV pool: no CUDA host registration (pinning); host <-> device copies with torch index ops instead
-  of ``sgl_kernel`` (whose CUDA build does not load without a driver). Layout ``layer_first`` only.
+- Host KV pools (MHA and MLA): no CUDA host registration (pinning); host <-> device copies with torch index
+  ops instead of ``sgl_kernel`` (whose CUDA build does not load without a driver). Layout ``layer_first``
+  only, layers not sharded across ranks.
 - Idle scheduler loop: a scheduler with no batch to run loops straight back, one core per server at 100%.
   On a GPU server that core only launches kernels; on a CPU server it is the core that computes, and the
   spinning loop, holding the GIL, starves the server's own I/O threads (HiCache reads, KV transfers) and
@@ -97,8 +98,9 @@ def load_to_device_per_layer(original: Callable[..., Any], pool: Any, device_poo
                              device_indices: torch.Tensor, layer_id: int, io_backend: str) -> None:
     _check_layout(pool)
     src, dst = _indices(host_indices), _indices(device_indices)
-    for host, device in zip(surface.kv_buffers(pool), surface.kv_buffers(device_pool), strict=True):
-        device[layer_id].index_copy_(0, dst, host[layer_id].index_select(0, src))
+    host_layer, device_layer = surface.layer_buffers(pool, layer_id), surface.layer_buffers(device_pool, layer_id)
+    for host, device in zip(host_layer, device_layer, strict=True):
+        device.index_copy_(0, dst, host.index_select(0, src))
 
 
 def backup_from_device_all_layer(original: Callable[..., Any], pool: Any, device_pool: Any,
@@ -106,8 +108,9 @@ def backup_from_device_all_layer(original: Callable[..., Any], pool: Any, device
     _check_layout(pool)
     src, dst = _indices(device_indices), _indices(host_indices)
     for layer in range(surface.pool_shape(pool).layers):
-        for host, device in zip(surface.kv_buffers(pool), surface.kv_buffers(device_pool), strict=True):
-            host[layer].index_copy_(0, dst, device[layer].index_select(0, src))
+        host_layer, device_layer = surface.layer_buffers(pool, layer), surface.layer_buffers(device_pool, layer)
+        for host, device in zip(host_layer, device_layer, strict=True):
+            host.index_copy_(0, dst, device.index_select(0, src))
 
 
 def _yield_when_idle(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
@@ -122,6 +125,8 @@ def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
     return [
         ("host_load_layer", "", load_to_device_per_layer),
         ("host_backup_all", "", backup_from_device_all_layer),
+        ("mla_host_load_layer", "", load_to_device_per_layer),
+        ("mla_host_backup_all", "", backup_from_device_all_layer),
         ("cuda_host_register", "", _no_host_register),
         ("scheduler_idle", "", _yield_when_idle),
         *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],

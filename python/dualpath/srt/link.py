@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import msgspec
+from dualpath.kv import KVGeometry
 from dualpath.scheduler.report import KVChannelAddress
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
@@ -35,6 +36,15 @@ class Fetched(NamedTuple):
     reason: str
 
 
+def layer_by_layer(geometry: KVGeometry) -> list[int]:
+    """The planes of an SGLang page in model-layer order: MHA pages hold all K planes, then all V planes, so
+    layer i is planes i and layers + i; MLA pages hold one latent plane per layer."""
+    if geometry.attention == "mla":
+        return list(range(geometry.layers))
+    layers = geometry.layers // 2
+    return [plane for layer in range(layers) for plane in (layer, layers + layer)]
+
+
 class KVLink:
     """One server's KV channel over its block slots: fetch from a DE (PE side), serve a PE (DE side)."""
 
@@ -45,7 +55,7 @@ class KVLink:
         self._count = count
         self._slots = slots
         self._store = store
-        self._planes = slots.buffer.layout.geometry.layers
+        self._plane_order = layer_by_layer(slots.buffer.layout.geometry)
         self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve")
         self._connect_lock = threading.Lock()
         self._ids = itertools.count()
@@ -88,10 +98,8 @@ class KVLink:
             if len(slots) < len(keys):
                 raise TransferFailed(expect.request_id, f"{len(keys) - len(slots)} of {len(keys)} blocks not in store")
             outbound = self.channel.open_send(expect.request_id, peer, GRID, slots)
-            layers = self._planes // 2  # SGLang pages: all K planes, then all V planes
-            for layer in range(layers):
-                outbound.send_layer(layer)
-                outbound.send_layer(layers + layer)
+            for plane in self._plane_order:
+                outbound.send_layer(plane)
             outbound.wait()
             block_bytes = self._slots.buffer.layout.full_block_bytes
             self._count(pages_forwarded=len(slots), bytes_forwarded=len(slots) * block_bytes)

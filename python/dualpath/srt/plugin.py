@@ -34,8 +34,9 @@ REQUEST_HOOKS = (
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
 SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS), "storage_base", "prefill_batch", "controller_reset",
                      "storage_metrics", "scheduler", "req", "radix_cache", "controller", "prefetch_operation",
-                     "decode_queue", "host_pool", "storage_config")
-CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool"}))
+                     "decode_queue", "host_pool", "mla_host_pool", "mla_device_pool", "storage_config")
+CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool", "mla_host_pool",
+                                                                   "mla_device_pool"}))
 
 
 def register() -> None:

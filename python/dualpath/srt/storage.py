@@ -1,8 +1,9 @@
 """HiCache storage backend on the DualPath block store (``--hicache-storage-backend dynamic``).
 
 Loaded by SGLang's backend factory in each scheduler process, zero-copy interface (``interface_v1``).
-Pages are SGLang's flat host pages (``layer_first``: all K planes, then all V planes), stored as Full
-Blocks of ``2 x layers`` planes under SGLang's own page keys, so any server finds what another wrote.
+Pages are SGLang's flat host pages in the ``layer_first`` layout (MHA: all K planes, then all V planes;
+MLA: one latent plane per layer), stored as Full Blocks of those planes under SGLang's own page keys, so
+any server finds what another wrote.
 
 Per request (see ``requests.py``):
 - PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
@@ -42,14 +43,15 @@ EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
 
 
 def page_geometry(shape: surface.PoolShape, model_name: str) -> KVGeometry:
-    """The Full Block of one SGLang host page: ``2 x layers`` planes of ``heads x head_dim`` per token."""
+    """The Full Block of one SGLang host page: its planes (MHA: ``2 x layers``, all K then all V; MLA: one
+    latent per layer) of ``heads x head_dim`` elements per token."""
     if shape.layout != "layer_first":
         raise ValueError(f"DualPath stores layer_first host pages; the server uses {shape.layout!r} "
                          "(start it with --hicache-mem-layout layer_first)")
     dtype = str(shape.dtype).removeprefix("torch.")
     name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(model_name).name or "model")
-    return KVGeometry(f"sglang-{name}-{dtype}", 2 * shape.layers, shape.heads * shape.head_dim * shape.dtype.itemsize,
-                      dtype, "mha", shape.heads, shape.head_dim)
+    return KVGeometry(f"sglang-{name}-{dtype}", shape.planes, shape.heads * shape.head_dim * shape.dtype.itemsize,
+                      dtype, shape.attention, shape.heads, shape.head_dim)
 
 
 class DualPathStorage(surface.resolve("storage_base")):
@@ -62,8 +64,6 @@ class DualPathStorage(surface.resolve("storage_base")):
         if setup.tp_size * setup.pp_size != 1:
             raise ValueError("DualPath serves one TP/PP rank per server in this version; got "
                              f"tp={setup.tp_size}, pp={setup.pp_size}")
-        if setup.mla:
-            raise ValueError("DualPath's SGLang backend stores MHA pages; MLA models are not supported yet")
         self.config = config
         self.model_name = setup.model_name or "model"
         self.pool: Any = None  # SGLang's host KV pool

@@ -22,6 +22,7 @@ SGLANG_VERSION = "0.5.17"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 CONTROLLER = "sglang.srt.managers.cache_controller.HiCacheController"
 HOST_POOL = "sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost"
+MLA_HOST_POOL = "sglang.srt.mem_cache.pool_host.mla.MLATokenToKVPoolHost"
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 
 # name -> dotted path; hooks refer to the names, never to the paths.
@@ -60,6 +61,8 @@ TARGETS: dict[str, str] = {
     # CPU support (hooked only without CUDA).
     "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
     "host_backup_all": f"{HOST_POOL}.backup_from_device_all_layer",
+    "mla_host_load_layer": f"{MLA_HOST_POOL}.load_to_device_per_layer",
+    "mla_host_backup_all": f"{MLA_HOST_POOL}.backup_from_device_all_layer",
     "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "nixl_agent": "nixl._api.nixl_agent",
     "scheduler_idle": f"{SCHEDULER}.on_idle",
@@ -72,6 +75,8 @@ TARGETS: dict[str, str] = {
     "decode_queue": "sglang.srt.disaggregation.decode.DecodePreallocQueue",
     "host_pool": HOST_POOL,
     "device_pool": "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool",
+    "mla_host_pool": MLA_HOST_POOL,
+    "mla_device_pool": "sglang.srt.mem_cache.memory_pool.MLATokenToKVPool",
     "storage_config": "sglang.srt.mem_cache.hicache_storage.HiCacheStorageConfig",
     "server_args": SERVER_ARGS,
 }
@@ -101,7 +106,10 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "host_pool": ("layout", "dtype", "layer_num", "head_num", "head_dim", "page_size", "k_buffer", "v_buffer",
                   "set_from_flat_data_page", "get_data_page"),
     "device_pool": ("k_buffer", "v_buffer"),
-    "storage_config": ("tp_size", "pp_size", "is_mla_model", "model_name"),
+    "mla_host_pool": ("layout", "dtype", "layer_num", "kv_lora_rank", "kv_cache_dim", "page_size", "kv_buffer",
+                      "set_from_flat_data_page", "get_data_page"),
+    "mla_device_pool": ("kv_lora_rank", "kv_buffer"),
+    "storage_config": ("tp_size", "pp_size", "model_name"),
     "server_args": ("disaggregation_mode", "hicache_storage_backend", "hicache_storage_backend_extra_config",
                     "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
 }
@@ -182,18 +190,25 @@ class QueuedPrefill(NamedTuple):
 
 
 class PoolShape(NamedTuple):
+    """A host KV pool's page: ``planes`` per page (layer_first: MHA all K planes, then all V planes; MLA one
+    latent plane per layer), each of ``heads x head_dim`` elements per token."""
+
     layout: str
     dtype: Any  # torch.dtype
+    attention: str  # "mha" or "mla"
     layers: int
     heads: int
-    head_dim: int
+    head_dim: int  # MLA: kv_lora_rank + qk_rope_head_dim
     page_size: int
+
+    @property
+    def planes(self) -> int:
+        return self.layers * (2 if self.attention == "mha" else 1)
 
 
 class StorageSetup(NamedTuple):
     tp_size: int
     pp_size: int
-    mla: bool
     model_name: str | None
 
 
@@ -249,14 +264,22 @@ def set_prefill_budgets(scheduler: Any, budgets: tuple[int, int | None]) -> None
     scheduler.max_prefill_tokens, scheduler.chunked_prefill_size = budgets
 
 
+def _is_mla(pool: Any) -> bool:
+    return hasattr(pool, "kv_lora_rank")  # MLA pools, host and device; MHA pools have K and V instead
+
+
 def pool_shape(pool: Any) -> PoolShape:
-    """Shape of an MHA host KV pool: ``layers`` K planes then as many V planes, ``heads x head_dim`` per token."""
-    return PoolShape(pool.layout, pool.dtype, pool.layer_num, pool.head_num, pool.head_dim, pool.page_size)
+    """The page shape of an MHA or MLA host KV pool."""
+    if _is_mla(pool):
+        return PoolShape(pool.layout, pool.dtype, "mla", pool.layer_num, 1, pool.kv_cache_dim, pool.page_size)
+    return PoolShape(pool.layout, pool.dtype, "mha", pool.layer_num, pool.head_num, pool.head_dim, pool.page_size)
 
 
-def kv_buffers(pool: Any) -> tuple[Any, Any]:
-    """The K and V buffers of an MHA KV pool (host or device), indexed by layer."""
-    return pool.k_buffer, pool.v_buffer
+def layer_buffers(pool: Any, layer: int) -> tuple[Any, ...]:
+    """The buffers of ``layer`` in a KV pool (host or device) indexed by token: K and V (MHA), the latent (MLA)."""
+    if _is_mla(pool):
+        return (pool.kv_buffer[layer],)
+    return pool.k_buffer[layer], pool.v_buffer[layer]
 
 
 def set_host_page(pool: Any, index: int, flat: Any) -> None:
@@ -269,7 +292,7 @@ def host_page(pool: Any, index: int) -> Any:
 
 
 def storage_setup(config: Any) -> StorageSetup:
-    return StorageSetup(config.tp_size, config.pp_size, config.is_mla_model, config.model_name)
+    return StorageSetup(config.tp_size, config.pp_size, config.model_name)
 
 
 def launch_settings(server_args: Any) -> LaunchSettings:
