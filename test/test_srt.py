@@ -380,16 +380,22 @@ def _post(url: str, body: dict, out: dict, key: str) -> None:
         out[key] = json.load(response)
 
 
-def _pd_generate(servers: dict, ids: list[int], hint: RouteHint) -> tuple[list[int], dict]:
-    """Post to prefill and decode at once with the bootstrap fields, as SGLang's router does."""
-    body = {"input_ids": ids, "sampling_params": SAMPLING, "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": BOOTSTRAP, "bootstrap_room": random.randrange(2**63), "routing_key": hint.encode()}
+def _pd_post(servers: dict, ids: list[int], hint: RouteHint, extra: dict | None = None,
+             bootstrap: int = BOOTSTRAP) -> dict[str, dict]:
+    """Post to prefill and decode at once with the bootstrap fields, as SGLang's router does; both responses."""
+    body = {"input_ids": ids, "sampling_params": SAMPLING, "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap,
+            "bootstrap_room": random.randrange(2**63), "routing_key": hint.encode(), **(extra or {})}
     out: dict = {}
     legs = [threading.Thread(target=_post, args=(servers[r].url, body, out, r)) for r in ("prefill", "decode")]
     for leg in legs:
         leg.start()
     for leg in legs:
         leg.join()
+    return out
+
+
+def _pd_generate(servers: dict, ids: list[int], hint: RouteHint) -> tuple[list[int], dict]:
+    out = _pd_post(servers, ids, hint)
     return out["decode"]["output_ids"], out["prefill"]["meta_info"]
 
 

@@ -120,6 +120,18 @@ def _yield_when_idle(original: Callable[..., Any], scheduler: Any, *args: Any, *
         time.sleep(IDLE_YIELD_S)
 
 
+def _absorbed_mla_on_torch_native(original: Callable[..., Any], registry: Any, backend_name: str) -> Any:
+    """MLA models (DeepSeek) on the torch-native attention backend: always the absorbed MLA form. SGLang's
+    default for backends it does not know computes a fresh prefill in the decompressed MHA form, passing K and V
+    of ``qk_nope + rope`` dims, but the torch-native backend attends over the KV cache, which holds the latent
+    (``kv_lora_rank + rope``); in the absorbed form queries, keys and values are in the latent's space."""
+    handler = original(registry, backend_name)
+    if backend_name != "torch_native":
+        return handler
+    absorbed = surface.resolve("attention_forward_method").MLA
+    return lambda attention, forward_batch: absorbed
+
+
 def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
     """(target name, method or "", AROUND hook) for every CPU stand-in."""
     return [
@@ -129,6 +141,7 @@ def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
         ("mla_host_backup_all", "", backup_from_device_all_layer),
         ("cuda_host_register", "", _no_host_register),
         ("scheduler_idle", "", _yield_when_idle),
+        ("mla_attention_dispatch", "", _absorbed_mla_on_torch_native),
         *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],
         ("nixl_agent", "__init__", _no_progress_thread),
     ]

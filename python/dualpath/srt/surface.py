@@ -66,6 +66,10 @@ TARGETS: dict[str, str] = {
     "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "nixl_agent": "nixl._api.nixl_agent",
     "scheduler_idle": f"{SCHEDULER}.on_idle",
+    "mla_attention_dispatch": "sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry"
+                              ".get_handler",
+    "attention_forward_method": "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods"
+                                ".AttnForwardMethod",
     # Classes whose instances' attributes DualPath reads or sets (ATTRIBUTES).
     "scheduler": SCHEDULER,
     "req": "sglang.srt.managers.schedule_batch.Req",
