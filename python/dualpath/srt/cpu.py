@@ -35,6 +35,7 @@ from dualpath.srt.config import CPU_ENV
 STANDIN = Path(__file__).with_name("vllm_standin")
 IDLE_YIELD_S = 0.001
 
+_CUDA_COMMUNICATORS = ("use_pynccl", "use_pymscclpp", "use_custom_allreduce", "use_torch_symm_mem_all_reduce")
 # nixl_agent method -> positional index of its mem_type argument (self excluded).
 _NIXL_MEM_TYPE_ARG = {"register_memory": 1, "get_xfer_descs": 1, "get_reg_descs": 1, "prep_xfer_dlist": 2}
 
@@ -43,10 +44,18 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
-def export() -> None:
+def export(tp_size: int = 1) -> None:
     """Switch CPU support on for the SGLang processes this one spawns: the stand-ins (``$DUALPATH_CPU_SUPPORT``)
-    and what every SGLang process needs on CPU (Triton's interpreter)."""
+    and what every SGLang process needs on CPU: Triton's interpreter; with tensor parallelism, one entry per rank
+    in ``$SGLANG_CPU_OMP_THREADS_BIND`` (SGLang refuses more ranks than NUMA nodes without it) and no
+    TorchDynamo (at TP > 1 SGLang compiles its vocabulary-parallel embedding mask, about 50 s of every start on
+    CPU; eager gives the same results)."""
     os.environ.update({"TRITON_INTERPRET": "1", CPU_ENV: "1"})
+    if tp_size > 1:
+        cores = sorted(os.sched_getaffinity(0))
+        ranks = "|".join(str(cores[rank % len(cores)]) for rank in range(tp_size))
+        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", ranks)
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def install_rotary_standin() -> None:
@@ -132,6 +141,13 @@ def _absorbed_mla_on_torch_native(original: Callable[..., Any], registry: Any, b
     return lambda attention, forward_batch: absorbed
 
 
+def _no_cuda_communicators(original: Callable[..., Any], coordinator: Any, *args: Any, **kwargs: Any) -> None:
+    """A tensor-parallel group's collectives on CPU: SGLang asks for NCCL (and other CUDA communicators) unless the
+    device is an NPU or XPU, and PyNccl refuses a CPU device; without them the group's collectives fall back to
+    torch.distributed over its gloo group."""
+    original(coordinator, *args, **{k: False if k in _CUDA_COMMUNICATORS else v for k, v in kwargs.items()})
+
+
 def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
     """(target name, method or "", AROUND hook) for every CPU stand-in."""
     return [
@@ -142,6 +158,7 @@ def hooks() -> list[tuple[str, str, Callable[..., Any]]]:
         ("cuda_host_register", "", _no_host_register),
         ("scheduler_idle", "", _yield_when_idle),
         ("mla_attention_dispatch", "", _absorbed_mla_on_torch_native),
+        ("group_coordinator_init", "", _no_cuda_communicators),
         *[("nixl_agent", method, _nixl_in_dram(position)) for method, position in _NIXL_MEM_TYPE_ARG.items()],
         ("nixl_agent", "__init__", _no_progress_thread),
     ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from dualpath.scheduler.report import REPORT_ROUTE
 from dualpath.srt import cpu, surface
-from dualpath.srt.config import ENV, SrtConfig
+from dualpath.srt.config import CPU_ENV, ENV, SrtConfig
 from dualpath.srt.state import ServerReporter
 
 # What a server's main process uses of SGLang (its scheduler processes check theirs when the plugin loads).
@@ -57,10 +57,10 @@ def on_launch(original: Callable[..., Any], server_args: Any, *args: Any, **kwar
         config = config_of(server_args)
     except (ValueError, surface.HookTargetError) as exc:
         raise SystemExit(f"DualPath cannot start: {exc}") from exc
+    if cpu.needed() and (config is not None or os.environ.get(CPU_ENV) == "1"):
+        cpu.export(surface.launch_settings(server_args).tp_size)
     if config is not None:
         os.environ[ENV] = config.to_env()  # inherited by every process SGLang spawns
-        if cpu.needed():
-            cpu.export()
         add_report_route(config)
     return original(server_args, *args, **kwargs)
 

@@ -66,6 +66,7 @@ TARGETS: dict[str, str] = {
     "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "nixl_agent": "nixl._api.nixl_agent",
     "scheduler_idle": f"{SCHEDULER}.on_idle",
+    "group_coordinator_init": "sglang.srt.distributed.parallel_state.GroupCoordinator.__init__",
     "mla_attention_dispatch": "sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry"
                               ".get_handler",
     "attention_forward_method": "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods"
@@ -114,7 +115,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                       "set_from_flat_data_page", "get_data_page"),
     "mla_device_pool": ("kv_lora_rank", "kv_buffer"),
     "storage_config": ("tp_size", "pp_size", "model_name"),
-    "server_args": ("disaggregation_mode", "hicache_storage_backend", "hicache_storage_backend_extra_config",
+    "server_args": ("disaggregation_mode", "tp_size", "hicache_storage_backend", "hicache_storage_backend_extra_config",
                     "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
 }
 
@@ -218,6 +219,7 @@ class StorageSetup(NamedTuple):
 
 class LaunchSettings(NamedTuple):
     role: str  # disaggregation mode: prefill, decode or null
+    tp_size: int
     storage_backend: str | None
     extra_config: str | None
     model: str | None
@@ -301,7 +303,7 @@ def storage_setup(config: Any) -> StorageSetup:
 
 def launch_settings(server_args: Any) -> LaunchSettings:
     """What DualPath reads of SGLang's ``ServerArgs`` (or of the argparse namespace it is built from)."""
-    return LaunchSettings(server_args.disaggregation_mode, server_args.hicache_storage_backend,
+    return LaunchSettings(server_args.disaggregation_mode, server_args.tp_size, server_args.hicache_storage_backend,
                           server_args.hicache_storage_backend_extra_config, server_args.served_model_name,
                           server_args.page_size, server_args.host)
 
