@@ -43,6 +43,10 @@ class KVChannelAddress(msgspec.Struct, frozen=True):
     def __str__(self) -> str:
         return f"{self.agent}@{self.endpoint.removeprefix('tcp://')}"
 
+    def for_rank(self, rank: int) -> KVChannelAddress:
+        """The channel of tensor-parallel rank ``rank`` of the server whose rank 0 listens here: the next ports."""
+        return self if rank == 0 else KVChannelAddress(f"{self.agent}.r{rank}", self.host, self.port + rank)
+
     @classmethod
     def parse(cls, text: str) -> KVChannelAddress:
         """The address written ``agent@host:port``; ``ValueError`` naming the text otherwise."""

@@ -9,6 +9,7 @@ every process it spawns through the environment (:data:`ENV`), an internal detai
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -62,6 +63,10 @@ class SrtConfig:
     cost_model: tuple[float, ...] = ()
     model: str = "model"
     page_size: int = 64
+    # Tensor parallelism: the server's ranks (from SGLang's arguments) and the rank of this process (set where
+    # the storage backend of one rank runs); rank r's KV channel listens on kv_port + r.
+    tp_size: int = 1
+    tp_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "null"):
@@ -70,6 +75,10 @@ class SrtConfig:
             raise ValueError(f"node must be a plain name, got {self.node!r}")
         if not 0 <= self.kv_port < 65536:
             raise ValueError(f"kv_port must be a TCP port (0: a free one), got {self.kv_port}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in 0..tp_size-1, got {self.tp_rank} of {self.tp_size}")
+        if self.kv_port + self.tp_size > 65536:
+            raise ValueError(f"kv_port {self.kv_port} leaves no port for each of {self.tp_size} ranks")
         if self.staging_blocks <= 0 or self.timeout_s <= 0:
             raise ValueError("staging_blocks and timeout_s must be positive")
         if self.nic_gbps is not None and self.nic_gbps < 0:
@@ -79,17 +88,20 @@ class SrtConfig:
                              f"{self.prefill_quota_ms}, {self.cost_model}")
 
     @property
-    def kv_agent(self) -> str:
-        return f"{self.role}-{self.node}-{self.kv_port}"
+    def server_channel(self) -> KVChannelAddress:
+        """The server's KV channel as peers and the router know it: rank 0's."""
+        return KVChannelAddress(f"{self.role}-{self.node}-{self.kv_port}", self.kv_host, self.kv_port)
 
     @property
     def kv_channel(self) -> KVChannelAddress:
-        return KVChannelAddress(self.kv_agent, self.kv_host, self.kv_port)
+        """This rank's KV channel."""
+        return self.server_channel.for_rank(self.tp_rank)
 
-    @property
-    def state_path(self) -> Path:
-        """Where the scheduler process publishes what only it knows, for the server's HTTP process."""
-        return runtime_dir() / f"{self.kv_host}-{self.kv_port}.json"
+    def state_path(self, rank: int | None = None) -> Path:
+        """Where the scheduler process of ``rank`` (default: this one) publishes what only it knows, for the
+        server's HTTP process."""
+        port = self.server_channel.for_rank(self.tp_rank if rank is None else rank).port
+        return runtime_dir() / f"{self.kv_host}-{port}.json"
 
     def to_env(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -106,8 +118,8 @@ class SrtConfig:
             raise ValueError(f"${ENV} is not a valid DualPath configuration: {exc}") from exc
 
     @staticmethod
-    def from_extra_config(extra: dict[str, Any], role: str, model: str, page_size: int,
-                          bind_host: str) -> SrtConfig | None:
+    def from_extra_config(extra: dict[str, Any], role: str, model: str, page_size: int, bind_host: str,
+                          tp_size: int = 1) -> SrtConfig | None:
         """The settings in a parsed extra-config (None when it does not name the DualPath backend), with the
         KV channel's host and port resolved; ``ValueError`` naming what is wrong otherwise."""
         if extra.get("backend_name") != BACKEND["backend_name"]:
@@ -115,18 +127,19 @@ class SrtConfig:
         for key, needed in BACKEND.items():
             if extra.get(key) != needed and not (key == "interface_v1" and extra.get(key)):
                 raise ValueError(f"the DualPath backend needs extra-config {key}={needed!r}, got {extra.get(key)!r}")
-        settings = {f.name for f in fields(SrtConfig)} - {"role", "model", "page_size"}
+        settings = {f.name for f in fields(SrtConfig)} - {"role", "model", "page_size", "tp_size", "tp_rank"}
         unknown = sorted(set(extra) - settings - set(BACKEND) - SGLANG_KEYS)
         if unknown:
             raise ValueError(f"unknown DualPath extra-config keys {unknown}; known: {sorted(settings)}")
         given = {key: value for key, value in extra.items() if key in settings}
         try:
-            config = msgspec.convert({**given, "role": role, "model": model, "page_size": page_size}, SrtConfig)
+            config = msgspec.convert({**given, "role": role, "model": model, "page_size": page_size,
+                                      "tp_size": tp_size}, SrtConfig)
         except msgspec.ValidationError as exc:
             raise ValueError(f"DualPath extra-config: {exc}") from exc
         host = config.kv_host or kv_host_for(bind_host)
         KVChannelAddress("check", host, 1)  # a routable host, or a clear error now
-        return replace(config, kv_host=host, kv_port=config.kv_port or free_port(host))
+        return replace(config, kv_host=host, kv_port=config.kv_port or free_ports(host, tp_size))
 
 
 def _loopback(host: str) -> bool:
@@ -153,7 +166,18 @@ def kv_host_for(bind_host: str) -> str:
     return host
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def free_ports(host: str, count: int = 1, attempts: int = 64) -> int:
+    """The first of ``count`` consecutive free ports on ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(attempts):
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket(family))
+            first.bind((host, 0))
+            base = first.getsockname()[1]
+            try:
+                for port in range(base + 1, base + count):
+                    held.enter_context(socket.socket(family)).bind((host, port))
+            except OSError:
+                continue
+            return base
+    raise OSError(f"no {count} consecutive free ports on {host} in {attempts} tries")

@@ -60,7 +60,8 @@ class KVLink:
         self._connect_lock = threading.Lock()
         self._ids = itertools.count()
         self.channel = KVChannel(
-            TransferConfig(config.kv_agent, host=config.kv_host, port=config.kv_port, timeout_s=config.timeout_s),
+            TransferConfig(config.kv_channel.agent, host=config.kv_host, port=config.kv_channel.port,
+                           timeout_s=config.timeout_s),
             on_expect=self._on_expect,
         )
         self.channel.register(grid_for_buffer(GRID, slots.buffer))
@@ -72,10 +73,12 @@ class KVLink:
 
     # -- PE side ------------------------------------------------------------------------------------------
     def fetch(self, de_channel: KVChannelAddress, keys: list[str], slots: list[int]) -> Fetched:
-        """Blocks ``keys`` from the DE at ``de_channel``, written into ``slots``."""
+        """Blocks ``keys`` from the DE whose KV channel is ``de_channel`` (its rank 0), written into ``slots``; with
+        tensor parallelism each rank fetches from the DE's rank of the same number, which holds the same shard."""
+        peer = de_channel.for_rank(self.config.tp_rank)
         try:
-            self._connected(de_channel)
-            inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", de_channel.agent, GRID, slots,
+            self._connected(peer)
+            inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", peer.agent, GRID, slots,
                                           meta=msgspec.msgpack.encode(keys))
             inbound.wait_all()
             return Fetched(True, "")

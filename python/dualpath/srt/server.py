@@ -41,7 +41,7 @@ def config_of(server_args: Any) -> SrtConfig | None:
     surface.self_check(MAIN_TARGETS)
     extra = surface.resolve("parse_extra_config")(settings.extra_config)[0]
     config = SrtConfig.from_extra_config(extra, settings.role, settings.model or "model", settings.page_size or 1,
-                                         settings.host)
+                                         settings.host, settings.tp_size)
     if config is None:
         return None
     wrong = [flag if needed is True else f"{flag} {needed}" for field, (flag, needed) in required(server_args).items()

@@ -52,7 +52,7 @@ class StatePublisher:
         """``pages_read``: this server's store reads so far (the store counts them; read at every publication)."""
         from prometheus_client import Counter  # after SGLang set $PROMETHEUS_MULTIPROC_DIR (spawned processes)
 
-        self.path = config.state_path
+        self.path = config.state_path()
         self._pages_read = pages_read
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._state = ServerState()
@@ -113,8 +113,14 @@ class ServerReporter:
         self._node: NodeReader | None = None
 
     def _state(self) -> ServerState:
+        """The server's counters summed over its tensor-parallel ranks; rank 0's store namespace."""
+        ranks = [self._rank_state(rank) for rank in range(self.config.tp_size)]
+        return ServerState(store_namespace=ranks[0].store_namespace,
+                           **{field: sum(getattr(rank, field) for rank in ranks) for field in COUNTERS})
+
+    def _rank_state(self, rank: int) -> ServerState:
         with contextlib.suppress(FileNotFoundError, msgspec.DecodeError):
-            return msgspec.json.decode(Path(self.config.state_path).read_bytes(), type=ServerState)
+            return msgspec.json.decode(self.config.state_path(rank).read_bytes(), type=ServerState)
         return ServerState()  # the scheduler process has not published yet
 
     def report(self) -> NodeReport:
@@ -125,7 +131,7 @@ class ServerReporter:
         rate = queue.rate_bytes_per_s or 0.0
         return NodeReport(
             role=config.role, node=config.node, model=config.model, page_size=config.page_size,
-            kv_channel=config.kv_channel if state.store_namespace else None, store_namespace=state.store_namespace,
+            kv_channel=config.server_channel if state.store_namespace else None, store_namespace=state.store_namespace,
             queued_tokens=queue.queued_tokens, queued_bytes=queue.queued_bytes,
             inflight_tokens=queue.inflight_tokens, inflight_bytes=queue.inflight_bytes,
             read_tokens=queue.read_tokens, read_bytes=queue.read_bytes, nic_bytes_per_s=rate,

@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,17 @@ log = logging.getLogger(__name__)
 EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
 
 
-def page_geometry(shape: surface.PoolShape, model_name: str) -> KVGeometry:
+def page_geometry(shape: surface.PoolShape, model_name: str, tp_rank: int = 0, tp_size: int = 1) -> KVGeometry:
     """The Full Block of one SGLang host page: its planes (MHA: ``2 x layers``, all K then all V; MLA: one
-    latent per layer) of ``heads x head_dim`` elements per token."""
+    latent per layer) of ``heads x head_dim`` elements per token. With tensor parallelism an MHA rank holds its
+    share of the heads, stored apart (``-tp<rank>of<size>``); MLA ranks all hold the whole latent, stored once."""
     if shape.layout != "layer_first":
         raise ValueError(f"DualPath stores layer_first host pages; the server uses {shape.layout!r} "
                          "(start it with --hicache-mem-layout layer_first)")
     dtype = str(shape.dtype).removeprefix("torch.")
     name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(model_name).name or "model")
+    if shape.attention == "mha" and tp_size > 1:
+        name += f"-tp{tp_rank}of{tp_size}"
     return KVGeometry(f"sglang-{name}-{dtype}", shape.planes, shape.heads * shape.head_dim * shape.dtype.itemsize,
                       dtype, shape.attention, shape.heads, shape.head_dim)
 
@@ -61,9 +65,12 @@ class DualPathStorage(surface.resolve("storage_base")):
             raise ValueError("the DualPath storage backend was loaded without its configuration: the plugin "
                              "(entry point sglang.srt.plugins: dualpath) did not run in the server's main process")
         setup = surface.storage_setup(storage_config)
-        if setup.tp_size * setup.pp_size != 1:
-            raise ValueError("DualPath serves one TP/PP rank per server in this version; got "
-                             f"tp={setup.tp_size}, pp={setup.pp_size}")
+        if setup.pp_size != 1:
+            raise ValueError(f"DualPath serves one pipeline stage per server in this version; got pp={setup.pp_size}")
+        if setup.tp_size != config.tp_size:
+            raise ValueError(f"the storage backend runs at tp={setup.tp_size}, the server was launched with "
+                             f"tp={config.tp_size}")
+        config = replace(config, tp_rank=setup.tp_rank)
         self.config = config
         self.model_name = setup.model_name or "model"
         self.pool: Any = None  # SGLang's host KV pool
@@ -79,7 +86,8 @@ class DualPathStorage(surface.resolve("storage_base")):
         super().register_mem_pool_host(mem_pool_host)
         shape = surface.pool_shape(mem_pool_host)
         self.pool, self.shape = mem_pool_host, shape
-        self.store = BlockStore(StoreConfig(self.config.store_root, model=page_geometry(shape, self.model_name),
+        geometry = page_geometry(shape, self.model_name, self.config.tp_rank, self.config.tp_size)
+        self.store = BlockStore(StoreConfig(self.config.store_root, model=geometry,
                                             block_tokens=shape.page_size, node=self.config.node,
                                             nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
@@ -229,8 +237,8 @@ class DualPathStorage(surface.resolve("storage_base")):
         return [i < len(slots) for i in range(len(keys))]
 
     def _write(self, keys: list[str], page: Callable[[int], torch.Tensor]) -> list[bool]:
-        if self.config.role == "prefill":
-            return [True] * len(keys)  # the decode writes every block back (DESIGN.md section 2)
+        if self.config.role == "prefill" or (self.shape.attention == "mla" and self.config.tp_rank > 0):
+            return [True] * len(keys)  # the decode writes every block back (DESIGN.md section 2), MLA's rank 0 only
         slots = self.slots.take(len(keys))
         try:
             for i, slot in enumerate(slots):

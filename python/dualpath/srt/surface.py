@@ -114,7 +114,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "mla_host_pool": ("layout", "dtype", "layer_num", "kv_lora_rank", "kv_cache_dim", "page_size", "kv_buffer",
                       "set_from_flat_data_page", "get_data_page"),
     "mla_device_pool": ("kv_lora_rank", "kv_buffer"),
-    "storage_config": ("tp_size", "pp_size", "model_name"),
+    "storage_config": ("tp_rank", "tp_size", "pp_size", "model_name"),
     "server_args": ("disaggregation_mode", "tp_size", "hicache_storage_backend", "hicache_storage_backend_extra_config",
                     "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
 }
@@ -212,6 +212,7 @@ class PoolShape(NamedTuple):
 
 
 class StorageSetup(NamedTuple):
+    tp_rank: int
     tp_size: int
     pp_size: int
     model_name: str | None
@@ -298,7 +299,7 @@ def host_page(pool: Any, index: int) -> Any:
 
 
 def storage_setup(config: Any) -> StorageSetup:
-    return StorageSetup(config.tp_size, config.pp_size, config.model_name)
+    return StorageSetup(config.tp_rank, config.tp_size, config.pp_size, config.model_name)
 
 
 def launch_settings(server_args: Any) -> LaunchSettings:
