@@ -9,20 +9,9 @@ token; a page with a valid checksum but the wrong content must change them (the 
 from __future__ import annotations
 
 import pytest
+import test_srt as srt
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import surface
-from test_srt import (
-    _channels,
-    _flush,
-    _node_read_tokens,
-    _pd_generate,
-    _prompt,
-    _stock,
-    _stored,
-    same_logprobs,
-    with_random_weights,
-    wrong_page_changes_logprobs,
-)
 
 pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 torch = pytest.importorskip("torch")
@@ -35,7 +24,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     from dualpath.cluster.servers import TINY_MODEL, ServerOptions, ServerSpec, start_servers, stop_servers
 
     root = tmp_path_factory.mktemp("mla")
-    model = with_random_weights(TINY_MODEL.with_name("tiny_deepseek_v2"), root / "tiny_deepseek_v2")
+    model = srt.with_random_weights(TINY_MODEL.with_name("tiny_deepseek_v2"), root / "tiny_deepseek_v2")
     options = ServerOptions(root / "store", root / "logs", model=model, transfer_timeout_s=5.0,
                             extra_args=("--load-format", "safetensors"),
                             env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
@@ -47,26 +36,26 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
-    ids = _prompt(21)
-    stock = _stock(servers, ids)
+    ids = srt._prompt(21)
+    stock = srt._stock(servers, ids)
     assert len(stock) == 8 and len({token for top in stock for _, token in top}) > 5  # not one loop
-    first, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
-    assert same_logprobs(first, stock)
-    hit = 64 * len(_stored(servers, ids))
+    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
+    assert srt.same_logprobs(first, stock)
+    hit = 64 * len(srt._stored(servers, ids))
     assert servers["decode"].report().store_namespace.startswith("sglang-tiny_deepseek_v2-float32")
-    pe, de = _channels(servers)
+    pe, de = srt._channels(servers)
     for hint, de_tokens in ((RouteHint(ReadSide.DE, pe, de), hit), (RouteHint(ReadSide.PE), 0),
                             (RouteHint(ReadSide.SPLIT, pe, de, 128), 128)):
-        _flush(servers)
-        before = {n: _node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
-        top, prefill_meta = _pd_generate(servers, ids, hint, BOOTSTRAP)
+        srt._flush(servers)
+        before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
+        top, prefill_meta = srt._pd_generate(servers, ids, hint, BOOTSTRAP)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
-        assert same_logprobs(top, stock), hint.side
-        read = {n: _node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
+        assert srt.same_logprobs(top, stock), hint.side
+        read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
         assert read == {"pe0": hit - de_tokens, "de0": de_tokens}, hint.side
 
 
 def test_a_page_with_a_valid_checksum_but_wrong_content_changes_the_logprobs(servers: dict) -> None:
     # The servers' page: two latent planes of kv_lora_rank + rope = 80 floats per token.
-    wrong_page_changes_logprobs(servers, _prompt(22), surface.PoolShape("layer_first", torch.float32, "mla", 2, 1, 80,
-                                                                        64), "tiny_deepseek_v2", BOOTSTRAP)
+    page = surface.PoolShape("layer_first", torch.float32, "mla", 2, 1, 80, 64)
+    srt.wrong_page_changes_logprobs(servers, srt._prompt(22), page, "tiny_deepseek_v2", BOOTSTRAP)

@@ -10,18 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
+import test_srt as srt
 from dualpath.scheduler import ReadSide, RouteHint
-from test_srt import (
-    _channels,
-    _flush,
-    _node_read_tokens,
-    _pd_generate,
-    _prompt,
-    _stock,
-    _stored,
-    same_logprobs,
-    with_random_weights,
-)
 
 pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
@@ -29,7 +19,7 @@ BOOTSTRAP = 31811
 TP = ("--tp", "2")
 
 
-PROMPT = _prompt(31)
+PROMPT = srt._prompt(31)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +27,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     from dualpath.cluster.servers import TINY_MODEL, ServerOptions, ServerSpec, start_servers, stop_servers
 
     root = tmp_path_factory.mktemp("tp")
-    options = ServerOptions(root / "store", root / "logs", with_random_weights(TINY_MODEL, root / "tiny_llama"),
+    options = ServerOptions(root / "store", root / "logs", srt.with_random_weights(TINY_MODEL, root / "tiny_llama"),
                             max_total_tokens=16384, transfer_timeout_s=5.0, extra_args=("--load-format", "safetensors"),
                             env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
     # One after the other: SGLang keeps 10 GB of host memory free beside a HiCache host pool, and five
     # scheduler processes at once leave less than that on a 24 GB machine.
     stock = start_servers([ServerSpec("null", 31800, dualpath=False)], options, timeout_s=300)
     try:
-        expected = _stock({"null": stock[0]}, PROMPT)
+        expected = srt._stock({"null": stock[0]}, PROMPT)
     finally:
         stop_servers(stock)
     specs = [ServerSpec("prefill", 31810, "pe0", bootstrap_port=BOOTSTRAP, extra_args=TP),
@@ -56,19 +46,19 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
 
 def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> None:
     ids, stock = PROMPT, servers["stock"]
-    first, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
-    assert same_logprobs(first, stock)
-    hit = 64 * len(_stored(servers, ids))  # rank 0's pages; rank 1 stores its own beside them
+    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
+    assert srt.same_logprobs(first, stock)
+    hit = 64 * len(srt._stored(servers, ids))  # rank 0's pages; rank 1 stores its own beside them
     assert servers["decode"].report().store_namespace.startswith("sglang-tiny_llama-tp0of2")
-    pe, de = _channels(servers)
+    pe, de = srt._channels(servers)
     for hint, de_tokens in ((RouteHint(ReadSide.DE, pe, de), hit), (RouteHint(ReadSide.PE), 0)):
-        _flush(servers)
-        before = {n: _node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
+        srt._flush(servers)
+        before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
         forwarded = servers["decode"].report().pages_forwarded
-        top, prefill_meta = _pd_generate(servers, ids, hint, BOOTSTRAP)
+        top, prefill_meta = srt._pd_generate(servers, ids, hint, BOOTSTRAP)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
-        assert same_logprobs(top, stock), hint.side
-        read = {n: _node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
+        assert srt.same_logprobs(top, stock), hint.side
+        read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
         assert read == {"pe0": 2 * (hit - de_tokens), "de0": 2 * de_tokens}, hint.side  # both ranks' shards
         if hint.side is ReadSide.DE:  # each DE rank forwarded its shard (counters published a few times a second)
             deadline = time.monotonic() + 5
