@@ -37,10 +37,22 @@ def test_route_hint_round_trips(pe: KVChannelAddress, de: KVChannelAddress, help
     for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens),
                  RouteHint(ReadSide.SPLIT, pe, de, de_tokens - 1, helper, helper_tokens + 1)):
         assert RouteHint.decode(hint.encode()) == hint
-        assert sum(hint.split(de_tokens + helper_tokens)) == de_tokens + helper_tokens
+        assert sum(tokens for _, tokens in hint.plan.tokens(de_tokens + helper_tokens)) == de_tokens + helper_tokens
     assert KVChannelAddress.parse(str(de)) == de
-    assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(1000) == (808, 64, 128)
-    assert RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).split(100) == (0, 64, 36)
+    plan = RouteHint(ReadSide.SPLIT, pe, de, 64, helper, 128).plan
+    assert plan.tokens(1000) == [(de, 64), (helper, 128), (None, 808)]
+    assert plan.tokens(100) == [(de, 64), (helper, 36), (None, 0)]
+
+
+def test_a_read_plan_gives_every_page_its_reader_once() -> None:
+    ids = list(range(1, 5 * 64 + 30))  # 5 whole pages and a part
+    keys = block_keys(ids, 64)
+    for hint, readers in ((RouteHint(ReadSide.PE), [None] * 5), (RouteHint(ReadSide.DE, PE, DE), [DE] * 5),
+                          (RouteHint(ReadSide.SPLIT, PE, DE, 128, DE1, 100), [DE, DE, DE1, None, None]),
+                          (RouteHint(ReadSide.SPLIT, PE, DE, 1000), [DE] * 5)):
+        pages = hint.plan.page_readers(ids, 64)
+        assert [hint.plan.reader(key, pages) for key in keys[:5]] == readers, hint
+        assert set(pages) <= set(keys[:5])  # only the leading runs' pages are listed, each at most once
 
 
 def test_kv_channel_addresses_are_routable_and_parsed_in_one_place() -> None:
@@ -122,8 +134,8 @@ def test_request_routes_live_in_the_storage_backend_sglang_owns() -> None:
         return SimpleNamespace(tree_cache=SimpleNamespace(cache_controller=SimpleNamespace(storage_backend=backend)))
 
     arrived: list[tuple[str, list[int]]] = []
-    ours = SimpleNamespace(routes=requests.RequestRoutes(lambda route, ids: arrived.append((route.rid, ids))))
-    other = SimpleNamespace(routes=requests.RequestRoutes(lambda route, ids: arrived.append(("other", ids))))
+    ours = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids: arrived.append((route.rid, ids))))
+    other = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids: arrived.append(("other", ids))))
     hint = RouteHint(ReadSide.DE, PE, DE).encode()
     req = SimpleNamespace(rid="r1", bootstrap_room=7, routing_key=hint, origin_input_ids=[1, 2, 3])
     seen = requests.on_add_request(lambda scheduler, r: ours.routes.current(), scheduler_with(ours), req)

@@ -30,6 +30,7 @@ from dualpath.scheduler import (
     RouteHint,
     SchedulerConfig,
 )
+from dualpath.scheduler.route_hint import Reader
 
 PREFILL_GROUP, DECODE_GROUP = 0, 1
 UNREPORTED_HBM = 1 << 62  # a DE that does not report its KV capacity is never refused for lack of room
@@ -46,6 +47,12 @@ class Placement(NamedTuple):
     planned: ReadSide  # the scheduler's side
     hint: RouteHint  # what is sent: the DE side only where both servers have a DualPath KV channel
     helper: Engine | None = None  # a split read's helper DE, when it is up and has a KV channel
+
+    def reader_engine(self, reader: Reader) -> Engine:
+        """The engine whose node reads for ``reader`` of the hint's plan (None: the prefill's own NIC)."""
+        if reader is None:
+            return self.pe
+        return self.helper if self.helper is not None and reader == self.helper.kv_channel else self.de
 
 
 class PlacedReads:
@@ -144,11 +151,8 @@ class Decider:
                 DECODE_GROUP, [self._load(e) for e in self.registry.decode], nodes):
             placement = self._placement(assignment, engines)
             now = time.monotonic()
-            pe_tokens, de_tokens, helper_tokens = placement.hint.split(assignment.request.cached_tokens)
-            self._placed_reads.add(placement.pe.node_id, pe_tokens, now)
-            self._placed_reads.add(placement.de.node_id, de_tokens, now)
-            if placement.helper is not None:
-                self._placed_reads.add(placement.helper.node_id, helper_tokens, now)
+            for reader, tokens in placement.hint.plan.tokens(assignment.request.cached_tokens):
+                self._placed_reads.add(placement.reader_engine(reader).node_id, tokens, now)
             placement.de.charge(1, assignment.request.total_tokens, assignment.request.hbm_tokens)
             future = self._waiters.pop(assignment.request.request_id)
             if future.done():  # its client gave up while it waited

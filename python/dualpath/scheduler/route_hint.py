@@ -12,13 +12,52 @@ A request without a DualPath key takes the PE read path, which is stock SGLang b
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from dualpath.kv import block_keys
 from dualpath.scheduler.messages import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
 
 PREFIX = "dualpath/1"
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
+
+
+Reader = KVChannelAddress | None  # a DE's KV channel (its rank 0), or None: the prefill's own storage NIC
+
+
+class ReadPlan(NamedTuple):
+    """Who reads one request's hit tokens, in prompt order: runs of ``(reader, tokens)``, the last of which reads
+    whatever hit is left. The one description of a read split: the router charges each reader's node with it,
+    and the servers find each page's reader in it."""
+
+    runs: tuple[tuple[Reader, int], ...]
+
+    @property
+    def readers(self) -> list[Reader]:
+        return [reader for reader, _ in self.runs]
+
+    def tokens(self, hit: int) -> list[tuple[Reader, int]]:
+        """Of ``hit`` stored tokens, how many each reader reads."""
+        split, left = [], hit
+        for i, (reader, tokens) in enumerate(self.runs):
+            take = left if i == len(self.runs) - 1 else min(tokens, left)
+            split.append((reader, take))
+            left -= take
+        return split
+
+    def page_readers(self, input_ids: list[int], page_size: int) -> dict[str, Reader]:
+        """The reader of each page (by SGLang page key) that a run before the last reads: whole pages only; every
+        other page is the last reader's (:meth:`reader`)."""
+        pages = [(reader, tokens // page_size) for reader, tokens in self.runs[:-1]]
+        end = min(sum(n for _, n in pages), len(input_ids) // page_size)
+        keys = iter(block_keys(input_ids[: end * page_size], page_size))
+        return {key: reader for reader, n in pages for key in itertools.islice(keys, n)}
+
+    def reader(self, key: str, page_readers: Mapping[str, Reader]) -> Reader:
+        return page_readers.get(key, self.runs[-1][0])
 
 
 @dataclass(frozen=True)
@@ -50,15 +89,16 @@ class RouteHint:
             raise ValueError(f"a helper needs both its channel and help_tokens > 0; got {self.helper_channel} "
                              f"with help_tokens={self.helper_tokens}")
 
-    def split(self, hit: int) -> tuple[int, int, int]:
-        """Of ``hit`` stored tokens, how many the (PE, DE, helper) read under this hint."""
+    @property
+    def plan(self) -> ReadPlan:
+        """The read plan this hint carries: the DE reads the leading ``de_tokens``, the helper the next
+        ``helper_tokens``, the prefill the rest (DE side: the DE reads everything; PE side: the prefill)."""
         if self.side is ReadSide.PE:
-            return hit, 0, 0
+            return ReadPlan(((None, 0),))
         if self.side is ReadSide.DE:
-            return 0, hit, 0
-        de = min(self.de_tokens, hit)
-        helper = min(self.helper_tokens, hit - de)
-        return hit - de - helper, de, helper
+            return ReadPlan(((self.de_channel, 0),))
+        helper = ((self.helper_channel, self.helper_tokens),) if self.helper_tokens else ()
+        return ReadPlan(((self.de_channel, self.de_tokens), *helper, (None, 0)))
 
     def encode(self) -> str:
         fields = [PREFIX, f"side={self.side.value}"]

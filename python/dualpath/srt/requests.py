@@ -13,12 +13,12 @@ import contextvars
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from dualpath.scheduler.messages import ReadSide
-from dualpath.scheduler.report import KVChannelAddress
-from dualpath.scheduler.route_hint import RouteHint
+from dualpath.scheduler.route_hint import Reader, RouteHint
 from dualpath.srt import surface
 
 log = logging.getLogger(__name__)
@@ -31,26 +31,20 @@ class Route(NamedTuple):
     rid: str
     room: int | None
     hint: RouteHint | None
-    de_keys: frozenset[str] = frozenset()  # split reads: the page keys the DE reads (see ``split``)
-    helper_keys: frozenset[str] = frozenset()  # split reads: the page keys the helper DE reads
+    page_readers: Mapping[str, Reader] = MappingProxyType({})  # see ReadPlan.page_readers
 
     @property
     def side(self) -> ReadSide:
         """Where the request's hit pages are read: PE (stock, also without a hint), DE, or split between them."""
         return self.hint.side if self.hint is not None else ReadSide.PE
 
-    def reads_on(self, key: str) -> ReadSide:
-        """The side that reads the page ``key``: DE for the request's DE, PE for the prefill or a helper."""
-        side = self.side
-        if side is ReadSide.SPLIT:
-            return ReadSide.DE if key in self.de_keys else ReadSide.PE
-        return side
+    def reader(self, key: str) -> Reader:
+        """Who reads the page ``key`` for the prefill: a DE's KV channel, or None for the prefill's own NIC."""
+        return self.hint.plan.reader(key, self.page_readers) if self.hint is not None else None
 
-    def reader(self, key: str) -> KVChannelAddress | None:
-        """The KV channel of the DE that reads the page ``key`` for the prefill; None for the prefill's own NIC."""
-        if self.side is ReadSide.DE or key in self.de_keys:
-            return self.hint.de_channel
-        return self.hint.helper_channel if key in self.helper_keys else None
+    def read_by_de(self, key: str) -> bool:
+        """Whether the request's own DE reads the page ``key`` (for itself and the prefill)."""
+        return self.hint is not None and self.hint.de_channel is not None and self.reader(key) == self.hint.de_channel
 
 
 ArrivalListener = Callable[[Route, list[int]], None]
@@ -59,9 +53,10 @@ ArrivalListener = Callable[[Route, list[int]], None]
 class RequestRoutes:
     """The routes of the requests one storage backend serves, and the request each thread serves now."""
 
-    def __init__(self, on_arrival: ArrivalListener, capacity: int = CAPACITY) -> None:
+    def __init__(self, page_size: int, on_arrival: ArrivalListener, capacity: int = CAPACITY) -> None:
         """``on_arrival(route, prompt ids)`` is called on the scheduler thread for every arriving request; it
         must not block."""
+        self._page_size = page_size
         self._on_arrival = on_arrival
         self._capacity = capacity
         self._routes: OrderedDict[str, Route] = OrderedDict()
@@ -74,22 +69,13 @@ class RequestRoutes:
         except ValueError as exc:
             log.warning("request %s: %s; reading its KV on the PE side", rid, exc)
             hint = None
-        route = Route(rid, room, hint)
+        route = Route(rid, room, hint, hint.plan.page_readers(input_ids, self._page_size) if hint is not None else {})
         with self._lock:
             self._routes[rid] = route
             self._routes.move_to_end(rid)
             while len(self._routes) > self._capacity:
                 self._routes.popitem(last=False)
         self._on_arrival(route, input_ids)
-        return route
-
-    def split(self, route: Route, de_keys: frozenset[str], helper_keys: frozenset[str] = frozenset()) -> Route:
-        """Record which pages of a split-read request the DE reads (the keys of its leading ``de_tokens``) and
-        which its helper reads (the next ``helper_tokens``)."""
-        route = route._replace(de_keys=de_keys, helper_keys=helper_keys)
-        with self._lock:
-            if route.rid in self._routes:
-                self._routes[route.rid] = route
         return route
 
     def current(self) -> Route:

@@ -78,7 +78,7 @@ class DualPathStorage(surface.resolve("storage_base")):
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
         self._early = EarlyReads(CAPACITY)
-        self.routes = RequestRoutes(self._on_arrival)
+        self.routes = RequestRoutes(config.page_size, self._on_arrival)
         self._pages_moved: dict[str, list[int]] = {"prefetch": [], "backup": []}  # since get_stats() was last called
         self.state = StatePublisher(config, lambda: self.store.stats().hits if self.store is not None else 0)
 
@@ -102,7 +102,7 @@ class DualPathStorage(surface.resolve("storage_base")):
             # The decode reads what its NIC reads for the prefill (all of a DE-side request's hit pages, the
             # leading ones of a split read); the prefill sends the rest, as in stock PD.
             route = self.routes.current()
-            keys = list(itertools.takewhile(lambda key: route.reads_on(key) is ReadSide.DE, keys))
+            keys = list(itertools.takewhile(route.read_by_de, keys))
         return self._store().prefix_length(keys)
 
     def exists(self, key: str) -> bool:
@@ -154,20 +154,12 @@ class DualPathStorage(surface.resolve("storage_base")):
         see ``early.py``). The pages land in the slot cache, where ``batch_get_v1`` finds them once the reads
         are done. Requests without a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
-        if route.hint is None:
+        if route.hint is None or self.config.role != "prefill" or self.link is None:
             return
-        page, hint = self.shape.page_size, route.hint
-        readers: list[KVChannelAddress | None] = [hint.de_channel] if route.side is ReadSide.DE else [None]
-        if route.side is ReadSide.SPLIT:
-            de_end = min(hint.de_tokens, len(input_ids)) // page * page
-            helper_end = min(de_end + hint.helper_tokens, len(input_ids)) // page * page
-            keys = block_keys(input_ids[:helper_end], page)
-            route = self.routes.split(route, frozenset(keys[: de_end // page]), frozenset(keys[de_end // page:]))
-            readers = [r for r, pages in ((hint.de_channel, de_end), (hint.helper_channel, helper_end - de_end))
-                       if pages] + [None]
-        if self.config.role == "prefill" and self.link is not None:
-            arrived, ids = time.monotonic(), list(input_ids)
-            self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
+        # The readers of the plan's leading runs that got whole pages, and the last reader (the rest).
+        readers = [*dict.fromkeys(route.page_readers.values()), route.hint.plan.readers[-1]]
+        arrived, ids = time.monotonic(), list(input_ids)
+        self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
 
     def _fetch_early(self, route: Route, reader: KVChannelAddress | None, input_ids: list[int],
                      arrived: float) -> None:
