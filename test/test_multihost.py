@@ -86,8 +86,7 @@ def _engine_up(router: str, engine: str) -> int:
 
 
 def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: Path) -> None:
-    from dualpath.cluster.local import LocalCluster
-    from dualpath.cluster.servers import ServerOptions, ServerSpec, start_servers, stop_servers
+    from dualpath.cluster.servers import ServerOptions, ServerSpec, flush_cache, start_servers, stop_servers
     from dualpath.kv import block_keys
     from dualpath.store import StoreIndex
 
@@ -129,7 +128,7 @@ def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: 
             assert time.monotonic() < deadline, "the decode did not write the prompt back"
             time.sleep(0.2)
         for server in (pe, de):
-            assert LocalCluster._flushed(server.url)
+            flush_cache(server.url, 30)
         before = {s.spec.node: s.report() for s in (pe, de)}
         second = _generate(url, ids)
         after = {s.spec.node: s.report() for s in (pe, de)}

@@ -363,7 +363,7 @@ def test_early_reads_forget_the_oldest_requests_beyond_capacity() -> None:
 # -- a real SGLang prefill/decode pair with the plugin, and stock SGLang ------------------------------------------
 sglang = pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
-from dualpath.cluster.servers import ServerOptions, ServerSpec, start_servers, stop_servers  # noqa: E402
+from dualpath.cluster.servers import ServerOptions, ServerSpec, flush_cache, start_servers, stop_servers  # noqa: E402
 from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
 
 BOOTSTRAP = 18998
@@ -461,12 +461,7 @@ def _node_read_tokens(store_root: Path, node: str) -> int:
 
 def _flush(servers: dict) -> None:
     for role in ("prefill", "decode"):
-        deadline = time.monotonic() + 30
-        while True:
-            with urllib.request.urlopen(urllib.request.Request(f"{servers[role].url}/flush_cache", method="POST"),
-                                        timeout=10) as response:
-                if b"Cache flushed" in response.read() or time.monotonic() > deadline:
-                    break
+        flush_cache(servers[role].url, 30)
 
 
 def _prompt(seed: int) -> list[int]:

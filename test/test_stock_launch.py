@@ -23,7 +23,7 @@ pytest.importorskip("sglang", reason="the SGLang integration tests need `pip ins
 
 def test_stock_sglang_launcher_runs_dualpath_from_the_extra_config_with_metrics(tmp_path: Path) -> None:
     # No wrapper and no DualPath environment variable: `python -m sglang.launch_server` with the extra-config.
-    from dualpath.cluster.servers import CPU_ARGS, TINY_MODEL
+    from dualpath.cluster.servers import CPU_ARGS, TINY_MODEL, flush_cache
     from dualpath.srt.config import BACKEND
 
     extra = json.dumps({**BACKEND, "node": "solo", "store_root": str(tmp_path / "store"), "prefetch_threshold": 64})
@@ -61,8 +61,7 @@ def test_stock_sglang_launcher_runs_dualpath_from_the_extra_config_with_metrics(
             while StoreIndex(tmp_path / "store").stored_prefix(block_keys(ids, 64)[:4], report.store_namespace) < 4:
                 assert time.monotonic() < deadline, "the server did not write the prompt's blocks"
                 time.sleep(0.2)
-            with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=10):
-                pass
+            flush_cache(url, 30)
         deadline = time.monotonic() + 10
         while True:
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:

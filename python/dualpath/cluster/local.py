@@ -18,7 +18,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dualpath.cluster.servers import TINY_MODEL, Server, ServerOptions, ServerSpec, start_servers, stop_servers
+from dualpath.cluster.servers import (
+    TINY_MODEL,
+    Server,
+    ServerOptions,
+    ServerSpec,
+    flush_cache,
+    start_servers,
+    stop_servers,
+)
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.store import StoreIndex, drop_all_blocks
@@ -181,22 +189,7 @@ class LocalCluster:
     def flush(self, timeout_s: float = 120.0) -> None:
         """Empty every server's GPU and host KV caches (SGLang's /flush_cache, retried while busy)."""
         for server in self.servers:
-            deadline = time.monotonic() + timeout_s
-            while not self._flushed(server.url):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{server.url} kept refusing /flush_cache for {timeout_s:.0f} s")
-                time.sleep(0.5)
-
-    @staticmethod
-    def _flushed(url: str) -> bool:
-        request = urllib.request.Request(f"{url}/flush_cache", method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return b"Cache flushed" in response.read()
-        except urllib.error.HTTPError as exc:  # 400 while requests are still running
-            if exc.code != 400:
-                raise
-            return False
+            flush_cache(server.url, timeout_s)
 
     def wait_stored(self, prompts: list[list[int]], timeout_s: float = 60.0) -> bool:
         """Wait until the store holds every full page of ``prompts`` (decodes write back asynchronously)."""

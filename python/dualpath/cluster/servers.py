@@ -172,6 +172,24 @@ class Server:
             time.sleep(0.1)
 
 
+def flush_cache(url: str, timeout_s: float = 120.0) -> None:
+    """Empty the GPU and host KV caches of the server at ``url`` (SGLang's /flush_cache, which answers 400 while
+    requests or cache operations are still running: retried until ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"),
+                                        timeout=10) as response:
+                if b"Cache flushed" in response.read():
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400:
+                raise
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} kept refusing /flush_cache for {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 class ServerStartError(RuntimeError):
     pass
 
