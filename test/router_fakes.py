@@ -39,6 +39,7 @@ class FakeEngine:
     capacity_tokens: int = 1_000_000
     output_tokens: int = 4
     page_size: int = 64
+    tp_size: int = 1
     store_namespace: str = "tiny-64t"
     gate: asyncio.Event | None = None
     fail_status: int | None = None  # answer every generation request with this error status
@@ -85,7 +86,7 @@ class FakeEngine:
     async def _info(self, request: web.Request) -> web.Response:
         channel = KVChannelAddress(f"agent-{self.name}", "127.0.0.1", 7000)
         report = NodeReport(role=self.role, node=self.node or self.name, model=self.models[0],
-                            page_size=self.page_size, kv_channel=channel,
+                            page_size=self.page_size, tp_size=self.tp_size, kv_channel=channel,
                             store_namespace=self.store_namespace, queued_tokens=self.queued_tokens,
                             queued_bytes=100 * self.queued_tokens, read_bytes=1000)
         return web.Response(body=report.encode(), content_type="application/json")

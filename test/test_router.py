@@ -264,6 +264,20 @@ async def test_a_stock_server_never_gets_the_decode_side_and_the_namespace_comes
     assert [d["planned_side"] for d in decisions] == ["none", "de", "de"]  # planned, but not sent
 
 
+@run_async
+async def test_a_decode_with_another_tensor_parallel_size_never_reads_for_the_prefill(tmp_path):
+    ids = store_prompt(tmp_path, blocks=2)
+    prefill = [FakeEngine("prefill", "p0", node="node-p0", queued_tokens=50_000_000)]  # the DE side is wanted
+    decode = [FakeEngine("decode", "d0", node="node-d0", tp_size=2)]
+    async with cluster(prefill, decode, store_root=tmp_path) as (url, client, router):
+        hints = await sides(client, url, ids, 2)
+        decode[0].tp_size = 1  # restarted at the prefill's size: DE-side reads again
+        await until(lambda: router.registry.decode[0].tp_size == 1, "the router saw the new report")
+        hints += await sides(client, url, ids, 1)
+    assert [h.side for h in hints] == [ReadSide.PE, ReadSide.PE, ReadSide.DE]
+    assert [d["planned_side"] for d in router.decider.decisions][1:] == ["de", "de"]
+
+
 # ---- waiting, errors, failures -------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from dualpath.scheduler import (
 )
 from dualpath.scheduler.route_hint import Reader
 
+log = logging.getLogger(__name__)
 PREFILL_GROUP, DECODE_GROUP = 0, 1
 UNREPORTED_HBM = 1 << 62  # a DE that does not report its KV capacity is never refused for lack of room
 DECISION_LOG = 1024
@@ -94,6 +96,7 @@ class Decider:
         self._ids = itertools.count()
         self._waiters: dict[int, asyncio.Future[Placement]] = {}
         self._node_reports_seen = -1
+        self._tp_mismatches: set[tuple[str, str]] = set()
         self._placed_reads = PlacedReads(config.read_tokens_per_s)
         self._engines = {e.engine_id: e for e in registry.engines}
         self._reports: dict[int, tuple[int, EngineLoad]] = {}  # engine id -> (its version, its report)
@@ -194,10 +197,11 @@ class Decider:
         """The hint for ``assignment``; reads meant for a DE that cannot serve them go to the PE instead."""
         pe, de = engines[assignment.pe], engines[assignment.de]
         helper = engines.get(assignment.helper)
-        if helper is not None and not (helper.up and helper.kv_channel):
+        if helper is not None and not (helper.up and helper.kv_channel and self._ranks_match(pe, helper)):
             helper = None
         hint = RouteHint(ReadSide.PE)
-        if assignment.side in (ReadSide.DE, ReadSide.SPLIT) and pe.kv_channel and de.kv_channel:
+        if (assignment.side in (ReadSide.DE, ReadSide.SPLIT) and pe.kv_channel and de.kv_channel
+                and self._ranks_match(pe, de)):
             if assignment.side is ReadSide.DE:
                 hint = RouteHint(ReadSide.DE, pe.kv_channel, de.kv_channel)
             elif helper is not None:
@@ -206,6 +210,16 @@ class Decider:
             elif assignment.de_read_tokens:
                 hint = RouteHint(ReadSide.SPLIT, pe.kv_channel, de.kv_channel, assignment.de_read_tokens)
         return Placement(assignment.request, pe, de, assignment.side, hint, helper if hint.helper_tokens else None)
+
+    def _ranks_match(self, pe: Engine, de: Engine) -> bool:
+        """A DE reads for a PE rank by rank: both need the same tensor-parallel size (logged once per pair)."""
+        if pe.tp_size == de.tp_size:
+            return True
+        if (pe.url, de.url) not in self._tp_mismatches:
+            self._tp_mismatches.add((pe.url, de.url))
+            log.error("%s runs tp=%d and %s tp=%d: the DE cannot read for the PE rank by rank; their requests read "
+                      "on the PE side", pe.url, pe.tp_size, de.url, de.tp_size)
+        return False
 
     def _log(self, placement: Placement) -> None:
         request = placement.request

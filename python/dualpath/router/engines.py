@@ -80,6 +80,10 @@ class Engine:
         return self.report.page_size if self.report is not None else 0
 
     @property
+    def tp_size(self) -> int:
+        return self.report.tp_size if self.report is not None else 1
+
+    @property
     def store_namespace(self) -> str:
         return self.report.store_namespace if self.report is not None else ""
 

@@ -67,8 +67,9 @@ class NodeReport(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     model: str
     page_size: int
-    kv_channel: KVChannelAddress | None  # None until the scheduler process opened it
+    kv_channel: KVChannelAddress | None  # None until the scheduler process opened it (rank 0's)
     store_namespace: str  # where its pages are stored; "" until SGLang built its host pool
+    tp_size: int = 1  # tensor-parallel ranks: rank r's KV channel is kv_channel.for_rank(r)
     # The node's storage NIC (every server of the node): queued and in-flight reads, lifetime reads.
     queued_tokens: int = 0
     queued_bytes: int = 0

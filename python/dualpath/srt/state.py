@@ -130,7 +130,7 @@ class ServerReporter:
         queue = self._node.snapshot() if self._node is not None else ReadQueue(config.node, 0, 0, 0, 0, 0, 0, None)
         rate = queue.rate_bytes_per_s or 0.0
         return NodeReport(
-            role=config.role, node=config.node, model=config.model, page_size=config.page_size,
+            role=config.role, node=config.node, model=config.model, page_size=config.page_size, tp_size=config.tp_size,
             kv_channel=config.server_channel if state.store_namespace else None, store_namespace=state.store_namespace,
             queued_tokens=queue.queued_tokens, queued_bytes=queue.queued_bytes,
             inflight_tokens=queue.inflight_tokens, inflight_bytes=queue.inflight_bytes,
