@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 from dualpath.kv import block_keys
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import surface
-from dualpath.srt.config import ENV, SrtConfig
+from dualpath.srt.config import ENV, SrtConfig, free_ports
 from dualpath.srt.state import PUBLISH_PERIOD_S, ServerReporter
 
 RESULTS = Path(__file__).parent / "results" / "srt_copy_bench.json"
@@ -40,12 +39,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def backend(role: str, node: str, root: Path, pages: int) -> object:
     """A DualPath storage backend over a fresh SGLang MHA host pool of ``pages`` pages (plus one)."""
     from dualpath.srt.storage import DualPathStorage
@@ -55,8 +48,8 @@ def backend(role: str, node: str, root: Path, pages: int) -> object:
 
     device = MHATokenToKVPool(PAGE * (pages + 1), PAGE, torch.float32, HEADS, HEAD_DIM, LAYERS, "cpu", False)
     host = MHATokenToKVPoolHost(device, 1.0, 0, PAGE, "layer_first", pin_memory=False, device="cpu")
-    config = SrtConfig(role, node, str(root), "127.0.0.1", free_port(), staging_blocks=pages + 8, timeout_s=30.0,
-                       page_size=PAGE)
+    config = SrtConfig(role, node, str(root), "127.0.0.1", free_ports("127.0.0.1"), staging_blocks=pages + 8,
+                       timeout_s=30.0, page_size=PAGE)
     os.environ[ENV] = config.to_env()
     storage = DualPathStorage(HiCacheStorageConfig(0, 1, 0, 1, 0, 1, False, False, False, "bench"))
     storage.register_mem_pool_host(host)

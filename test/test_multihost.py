@@ -9,7 +9,6 @@ from the servers' reports over HTTP.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -23,13 +22,14 @@ from pathlib import Path
 import pytest
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.scheduler.report import NodeReport
+from test_cluster import _generate
 from test_srt import _prompt
 
 pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
 PE_HOST, DE_HOST, ROUTER_HOST, STOCK_HOST = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 PE_PORT, BOOTSTRAP, DE_PORT, STOCK_PORT, ROUTER_PORT = 31600, 31601, 31650, 31680, 31699
-SAMPLING = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+MAX_NEW = 8
 
 
 def _bindable(host: str) -> bool:
@@ -53,21 +53,6 @@ def _mount(root: Path, host: str, shared: Path) -> Path:
     return mount
 
 
-def _generate(url: str, ids: list[int]) -> list[int]:
-    body = json.dumps({"input_ids": ids, "sampling_params": SAMPLING}).encode()
-    request = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.load(response)["output_ids"]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _moved(before: dict[str, NodeReport], pe: NodeReport, de: NodeReport) -> dict[str, tuple[int, ...]]:
     """Blocks moved since ``before``: the prefill's read by its NIC, from peers, fallbacks; the decode's read by
     its NIC and forwarded."""
@@ -86,7 +71,7 @@ def _engine_up(router: str, engine: str) -> int:
 
 
 def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: Path) -> None:
-    from dualpath.cluster.servers import ServerOptions, ServerSpec, flush_cache, start_servers, stop_servers
+    from dualpath.cluster.servers import ServerOptions, ServerSpec, flush_cache, healthy, start_servers, stop_servers
     from dualpath.kv import block_keys
     from dualpath.store import StoreIndex
 
@@ -114,13 +99,13 @@ def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: 
             assert report.kv_channel is not None
         assert (pe.report().kv_channel.host, de.report().kv_channel.host) == (PE_HOST, DE_HOST)
         deadline = time.monotonic() + 60
-        while not _healthy(url):  # 200 once the router has every engine's report
+        while not healthy(url):  # 200 once the router has every engine's report
             assert time.monotonic() < deadline and router.poll() is None, (tmp_path / "logs" / "router.log").read_text()
             time.sleep(0.5)
 
         ids = _prompt(11) * 4  # 1204 tokens: 18 full pages
-        first = _generate(url, ids)
-        assert first == _generate(stock.url, ids)
+        first = _generate(url, ids, MAX_NEW)
+        assert first == _generate(stock.url, ids, MAX_NEW)
         keys = block_keys(ids, 64)[: len(ids) // 64]
         namespace = de.report().store_namespace
         deadline = time.monotonic() + 60
@@ -130,7 +115,7 @@ def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: 
         for server in (pe, de):
             flush_cache(server.url, 30)
         before = {s.spec.node: s.report() for s in (pe, de)}
-        second = _generate(url, ids)
+        second = _generate(url, ids, MAX_NEW)
         after = {s.spec.node: s.report() for s in (pe, de)}
         assert second == first  # the hit read back from the store, partly through the DE, gives the same tokens
         read = {node: after[node].read_tokens - before[node].read_tokens for node in after}

@@ -8,14 +8,13 @@ on CPU (the stand-ins of ``srt/cpu.py``) must move every layer of both pool kind
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 from dualpath.kv import block_keys
 from dualpath.scheduler import ReadSide, RouteHint
 from dualpath.srt import surface
-from dualpath.srt.config import ENV, SrtConfig
+from dualpath.srt.config import ENV, SrtConfig, free_ports
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang", reason="the SGLang pool tests need `pip install sglang==0.5.17`")
@@ -36,17 +35,12 @@ def _pools(attention: str) -> tuple[object, object]:
     return device, MHATokenToKVPoolHost(device, 2.0, 0, PAGE, "layer_first", pin_memory=False, device="cpu")
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _backend(monkeypatch: pytest.MonkeyPatch, role: str, node: str, root: Path, host_pool: object) -> object:
     from dualpath.srt.storage import DualPathStorage
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-    config = SrtConfig(role, node, str(root), "127.0.0.1", _port(), timeout_s=5.0, staging_blocks=16, page_size=PAGE)
+    config = SrtConfig(role, node, str(root), "127.0.0.1", free_ports("127.0.0.1"), timeout_s=5.0, staging_blocks=16,
+                       page_size=PAGE)
     monkeypatch.setenv(ENV, config.to_env())
     backend = DualPathStorage(HiCacheStorageConfig(0, 1, 0, 1, 0, 1, True, False, False, "tiny"))
     backend.register_mem_pool_host(host_pool)

@@ -13,8 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from dualpath.cluster.servers import (
     ServerOptions,
     ServerSpec,
     flush_cache,
+    healthy,
     start_servers,
     stop_servers,
 )
@@ -176,12 +175,8 @@ class LocalCluster:
                 tail = (self.config.work_dir / "logs" / f"router-{mode}.log").read_text(errors="replace")[-2000:]
                 self.stop_router(mode)
                 raise RuntimeError(f"router exited with {router.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return url
-            except (urllib.error.URLError, OSError):
-                pass
+            if healthy(url):
+                return url
             time.sleep(0.5)
         self.stop_router(mode)
         raise RuntimeError(f"router not ready after {timeout_s} s")

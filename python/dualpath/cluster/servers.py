@@ -135,11 +135,7 @@ class Server:
         return group_cpu_seconds(self.process.pid)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return healthy(self.url)
 
     def report(self) -> NodeReport:
         """The server's DualPath node report, over HTTP as the router gets it."""
@@ -170,6 +166,15 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             time.sleep(0.1)
+
+
+def healthy(url: str) -> bool:
+    """Whether the server (or router) at ``url`` answers ``/health`` with 200."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def flush_cache(url: str, timeout_s: float = 120.0) -> None:

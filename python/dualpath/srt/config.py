@@ -3,7 +3,7 @@
 A server runs DualPath when it is started with ``--hicache-storage-backend dynamic`` and an extra-config whose
 ``backend_name`` is ``dualpath`` (:data:`BACKEND`, plus the settings of :class:`SrtConfig`, beside SGLang's own
 keys such as ``prefetch_threshold``). The server's main process reads and checks them once
-(:meth:`SrtConfig.from_server_args`), resolves the KV channel's address and port, and hands the result to
+(:meth:`SrtConfig.from_extra_config`), resolves the KV channel's address and port, and hands the result to
 every process it spawns through the environment (:data:`ENV`), an internal detail no user sets.
 """
 

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from dualpath.scheduler.report import KVChannelAddress
+from dualpath.scheduler.route_hint import Reader
 
 THREADS_PER_READER = 2
 
@@ -29,13 +29,12 @@ class EarlyReads:
 
     def __init__(self, capacity: int, threads_per_reader: int = THREADS_PER_READER) -> None:
         self._capacity, self._threads = capacity, threads_per_reader
-        self._pools: dict[KVChannelAddress | None, ThreadPoolExecutor] = {}
+        self._pools: dict[Reader, ThreadPoolExecutor] = {}
         self._requests: OrderedDict[str, list[Future[None]]] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
-    def start(self, rid: str, readers: Sequence[KVChannelAddress | None],
-              read: Callable[[KVChannelAddress | None], None]) -> None:
+    def start(self, rid: str, readers: Sequence[Reader], read: Callable[[Reader], None]) -> None:
         """Run ``read(reader)`` for each of ``readers`` (None: this node's NIC, else a DE's KV channel) on
         that reader's threads, after the reads queued there before."""
         with self._lock:
@@ -54,7 +53,7 @@ class EarlyReads:
             futures = self._requests.pop(rid, [])
         wait(futures)
 
-    def _pool(self, reader: KVChannelAddress | None) -> ThreadPoolExecutor:
+    def _pool(self, reader: Reader) -> ThreadPoolExecutor:
         pool = self._pools.get(reader)
         if pool is None:
             name = f"dualpath-early-{reader.agent if reader is not None else 'pe'}"

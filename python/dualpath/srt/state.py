@@ -2,9 +2,9 @@
 
 SGLang's HTTP app runs in the server's main process; the storage backend, its KV channel and their counters
 live in the scheduler process. The scheduler process writes them to a small host-local file
-(``SrtConfig.state_path``) a few times a second; the HTTP process reads it for ``GET /dualpath/info``
-(:func:`node_report`). The same counters feed SGLang's ``/metrics`` as ``dualpath_*`` Prometheus counters
-(SGLang collects every process's metrics with ``--enable-metrics``).
+(``SrtConfig.state_path``, one per tensor-parallel rank) a few times a second; the HTTP process reads them
+for ``GET /dualpath/info`` (:meth:`ServerReporter.report`). The same counters feed SGLang's ``/metrics`` as
+``dualpath_*`` Prometheus counters (SGLang collects every process's metrics with ``--enable-metrics``).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class ServerReporter:
         config, state = self.config, self._state()
         if self._node is None and Path(config.store_root).is_dir():
             self._node = NodeReader(node_dir(Path(config.store_root)), config.node)
-        queue = self._node.snapshot() if self._node is not None else ReadQueue(config.node, 0, 0, 0, 0, 0, 0, None)
+        queue = self._node.snapshot() if self._node is not None else ReadQueue.idle(config.node)
         rate = queue.rate_bytes_per_s or 0.0
         return NodeReport(
             role=config.role, node=config.node, model=config.model, page_size=config.page_size, tp_size=config.tp_size,

@@ -30,6 +30,7 @@ import torch
 from dualpath.kv import KVGeometry, block_keys
 from dualpath.scheduler import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
+from dualpath.scheduler.route_hint import Reader
 from dualpath.srt import surface
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
@@ -161,7 +162,7 @@ class DualPathStorage(surface.resolve("storage_base")):
         arrived, ids = time.monotonic(), list(input_ids)
         self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
 
-    def _fetch_early(self, route: Route, reader: KVChannelAddress | None, input_ids: list[int],
+    def _fetch_early(self, route: Route, reader: Reader, input_ids: list[int],
                      arrived: float) -> None:
         """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
         name = reader.agent if reader is not None else "PE"

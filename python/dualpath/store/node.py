@@ -51,6 +51,11 @@ class ReadQueue(NamedTuple):
     read_bytes: int
     rate_bytes_per_s: float | None
 
+    @classmethod
+    def idle(cls, node: str) -> ReadQueue:
+        """The queue of a node with no state yet: nothing queued, nothing read, no cap."""
+        return cls(node, 0, 0, 0, 0, 0, 0, None)
+
     @property
     def pending_tokens(self) -> int:
         return self.queued_tokens + self.inflight_tokens
@@ -70,7 +75,7 @@ def node_dir(root: Path) -> Path:
 def _sum(node: str, header: np.ndarray, slots: np.ndarray) -> ReadQueue:
     """A node's queue: the counters of its live processes' slots, the read totals of all (dead ones retired)."""
     if header["magic"] != _MAGIC:  # a file being initialised
-        return ReadQueue(node, 0, 0, 0, 0, 0, 0, None)
+        return ReadQueue.idle(node)
     live = np.array([pid != 0 and pid_alive(int(pid)) for pid in slots["pid"]], dtype=bool)
     return ReadQueue(
         node=node,
@@ -212,7 +217,7 @@ class NodeReader:
 
     def snapshot(self) -> ReadQueue:
         if self._map is None and not self._open():
-            return ReadQueue(self.node, 0, 0, 0, 0, 0, 0, None)
+            return ReadQueue.idle(self.node)
         header = np.frombuffer(self._map, _HEADER, count=1)[0].copy()
         slots = np.frombuffer(self._map, _SLOT, count=SLOTS, offset=_HEADER.itemsize).copy()
         return _sum(self.node, header, slots)
