@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -363,7 +362,16 @@ def test_early_reads_forget_the_oldest_requests_beyond_capacity() -> None:
 # -- a real SGLang prefill/decode pair with the plugin, and stock SGLang ------------------------------------------
 sglang = pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
-from dualpath.cluster.servers import ServerOptions, ServerSpec, flush_cache, start_servers, stop_servers  # noqa: E402
+from dualpath.cluster.servers import (  # noqa: E402
+    Server,
+    ServerOptions,
+    ServerSpec,
+    flush_cache,
+    pd_generate,
+    post_generate,
+    start_servers,
+    stop_servers,
+)
 from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
 
 BOOTSTRAP = 18998
@@ -417,37 +425,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     assert all(not s.alive() for s in started)
 
 
-def _post(url: str, body: dict, out: dict, key: str) -> None:
-    request = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        out[key] = json.load(response)
-
-
-def _pd_post(servers: dict, ids: list[int], hint: RouteHint, extra: dict | None = None,
-             bootstrap: int = BOOTSTRAP) -> dict[str, dict]:
-    """Post to prefill and decode at once with the bootstrap fields, as SGLang's router does; both responses."""
-    body = {"input_ids": ids, "sampling_params": SAMPLING, "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap,
-            "bootstrap_room": random.randrange(2**63), "routing_key": hint.encode(), **(extra or {})}
-    out: dict = {}
-    legs = [threading.Thread(target=_post, args=(servers[r].url, body, out, r)) for r in ("prefill", "decode")]
-    for leg in legs:
-        leg.start()
-    for leg in legs:
-        leg.join()
-    return out
-
-
-def _pd_generate(servers: dict, ids: list[int], hint: RouteHint, bootstrap: int = BOOTSTRAP) -> tuple[TopLogprobs,
-                                                                                                     dict]:
+def _pd_generate(servers: dict, ids: list[int], hint: RouteHint) -> tuple[TopLogprobs, dict]:
     """The decode's top logprobs of every output token, and the prefill's meta info."""
-    out = _pd_post(servers, ids, hint, LOGPROBS, bootstrap)
-    return top_logprobs(out["decode"]), out["prefill"]["meta_info"]
+    body = {"input_ids": ids, "sampling_params": SAMPLING, **LOGPROBS}
+    prefill, decode = pd_generate(servers["prefill"], servers["decode"], body, hint.encode(), timeout_s=120)
+    return top_logprobs(decode), prefill["meta_info"]
 
 
 def _stock(servers: dict, ids: list[int]) -> TopLogprobs:
-    out: dict = {}
-    _post(servers["null"].url, {"input_ids": ids, "sampling_params": SAMPLING, **LOGPROBS}, out, "r")
-    return top_logprobs(out["r"])
+    return top_logprobs(post_generate(servers["null"].url, {"input_ids": ids, "sampling_params": SAMPLING, **LOGPROBS},
+                                      timeout_s=120))
 
 
 def _node_read_tokens(store_root: Path, node: str) -> int:
@@ -481,6 +468,14 @@ def _stored(servers: dict, ids: list[int]) -> list[str]:
     raise AssertionError("the decode did not write the prompt's blocks back")
 
 
+def _report_reaches(server: Server, counter: str, value: int, timeout_s: float = 5.0) -> bool:
+    """Whether the server's report shows ``counter`` at ``value`` (reports follow the counters within 0.2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while getattr(server.report(), counter) != value and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return getattr(server.report(), counter) == value
+
+
 def _channels(servers: dict) -> tuple[KVChannelAddress, KVChannelAddress]:
     return servers["prefill"].report().kv_channel, servers["decode"].report().kv_channel
 
@@ -503,6 +498,7 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     _flush(servers)
     store = servers["store"]
     before = {n: _node_read_tokens(store, n) for n in ("pe0", "de0")}
+    layerwise = servers["prefill"].report().pages_layerwise
     de_tokens = {ReadSide.DE: hit, ReadSide.PE: 0, ReadSide.SPLIT: 128}[side]  # split: the DE reads pages 0-1
     hint = RouteHint(side, *_channels(servers), de_tokens if side is ReadSide.SPLIT else 0) \
         if side is not ReadSide.PE else RouteHint(ReadSide.PE)
@@ -511,6 +507,8 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
     assert read == {"pe0": hit - de_tokens, "de0": de_tokens}
+    # The DE's pages entered the prefill's forward layer by layer (admitted before their last layer landed).
+    assert _report_reaches(servers["prefill"], "pages_layerwise", layerwise + de_tokens // 64)
 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:
@@ -552,8 +550,7 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     assert read == {"pe0": hit - 64, "de0": 64, "de1": 0}
 
 
-def wrong_page_changes_logprobs(servers: dict, ids: list[int], shape: surface.PoolShape, model: str,
-                                bootstrap: int = BOOTSTRAP) -> None:
+def wrong_page_changes_logprobs(servers: dict, ids: list[int], shape: surface.PoolShape, model: str) -> None:
     """The logprob oracle's negative control: once the stored pages of ``ids`` hold page 1 with its values negated
     (rewritten through the store: valid checksums), the PE path reads them as a hit and the logprobs change."""
     import numpy as np
@@ -562,7 +559,7 @@ def wrong_page_changes_logprobs(servers: dict, ids: list[int], shape: surface.Po
     from dualpath.store import BlockStatus, drop_all_blocks
 
     stock = _stock(servers, ids)
-    _pd_generate(servers, ids, RouteHint(ReadSide.PE), bootstrap)
+    _pd_generate(servers, ids, RouteHint(ReadSide.PE))
     keys = _stored(servers, ids)
     store = BlockStore(StoreConfig(servers["store"], model=page_geometry(shape, model), block_tokens=64, node="test"))
     try:
@@ -576,7 +573,7 @@ def wrong_page_changes_logprobs(servers: dict, ids: list[int], shape: surface.Po
     finally:
         store.close()
     _flush(servers)
-    out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.PE), bootstrap)
+    out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
     assert prefill_meta["cached_tokens_details"]["storage"] == 64 * len(keys)  # read as a valid hit
     assert not same_logprobs(out, stock)
 

@@ -39,7 +39,7 @@ def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
     ids = srt._prompt(21)
     stock = srt._stock(servers, ids)
     assert len(stock) == 8 and len({token for top in stock for _, token in top}) > 5  # not one loop
-    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
+    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE))
     assert srt.same_logprobs(first, stock)
     hit = 64 * len(srt._stored(servers, ids))
     assert servers["decode"].report().store_namespace.startswith("sglang-tiny_deepseek_v2-float32")
@@ -48,7 +48,7 @@ def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
                             (RouteHint(ReadSide.SPLIT, pe, de, 128), 128)):
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
-        top, prefill_meta = srt._pd_generate(servers, ids, hint, BOOTSTRAP)
+        top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
         read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
@@ -58,4 +58,4 @@ def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
 def test_a_page_with_a_valid_checksum_but_wrong_content_changes_the_logprobs(servers: dict) -> None:
     # The servers' page: two latent planes of kv_lora_rank + rope = 80 floats per token.
     page = surface.PoolShape("layer_first", torch.float32, "mla", 2, 1, 80, 64)
-    srt.wrong_page_changes_logprobs(servers, srt._prompt(22), page, "tiny_deepseek_v2", BOOTSTRAP)
+    srt.wrong_page_changes_logprobs(servers, srt._prompt(22), page, "tiny_deepseek_v2")

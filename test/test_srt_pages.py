@@ -84,6 +84,7 @@ def test_pages_round_trip_through_the_store_and_the_de_path(attention: str, tmp_
             prefill.routes.arrive(rid, None, hint.encode(), ids)
             ok = prefill.routes.serving(rid, lambda: prefill.batch_get_v1(keys, indices))
             assert ok == [True] * PAGES, rid
+            prefill.gate.settle(indices)  # DE pages enter the host pool layer by layer
             for page in range(PAGES):
                 assert torch.equal(_page(pe_pool, PAGE * (page + 1)), expected[page]), (rid, page)
             read = prefill.store.stats().hits - before[0], decode.store.stats().hits - before[1]
@@ -123,3 +124,99 @@ def test_cpu_host_copies_move_every_layer_of_both_pool_kinds(attention: str) -> 
         cpu.load_to_device_per_layer(None, host, device, host_slots, back, layer, "direct")
         for dev in surface.layer_buffers(device, layer):
             assert torch.equal(dev[back], dev[device_slots])
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
+    """A DE page still landing: SGLang's per-layer load defers it, the device pool's wait for layer i places
+    and loads layer i once its planes landed (and not before), the host pool gets every layer, the slot is
+    released; a DE failing mid-way is recovered from the store, a lost page is not placed."""
+    import functools
+    import threading
+
+    from dualpath.kv import BlockLayout
+    from dualpath.srt import cpu, layers
+    from dualpath.srt.blocks import BlockSlots
+    from dualpath.srt.link import layer_planes
+    from dualpath.srt.storage import page_geometry
+    from dualpath.transfer.flows import Inbound
+
+    device, host = _pools(attention)
+    shape = surface.pool_shape(host)
+    slots = BlockSlots(BlockLayout(page_geometry(shape, "tiny"), PAGE), 4, timeout_s=5.0)
+    flat = lambda slot: torch.from_numpy(slots.block(slot).reshape(-1)).view(torch.float32)  # noqa: E731
+    planes = layer_planes(slots.buffer.layout.geometry)
+    gate = layers.LayerGate(None, host, flat, planes, slots.release, slots.pin)
+    load = functools.partial(cpu.load_to_device_per_layer, None)  # SGLang's load, as the hook chain passes it
+    surface.set_layer_counter(device, gate)
+    generator = torch.Generator().manual_seed(7)
+
+    def landing(recover: bool | None = None) -> tuple[Inbound, torch.Tensor, int]:
+        [slot] = slots.take(1)
+        page = torch.randn(flat(slot).shape, generator=generator)
+        inbound = Inbound("r", "de", shape.planes, 30.0, lambda flow, reason: flow.fail(reason))
+        recovered = lambda: recover is not None and bool(flat(slot).copy_(page) is not None) and recover  # noqa: E731
+        gate.track(layers.Landing("r", inbound, [slot], planes, recovered))
+        return inbound, page, slot
+
+    def land(inbound: Inbound, page: torch.Tensor, slot: int, layer: int) -> None:
+        for plane in planes[layer]:
+            size = page.numel() // shape.planes
+            flat(slot)[plane * size:(plane + 1) * size] = page[plane * size:(plane + 1) * size]
+            inbound.landed(plane)
+
+    def device_layer(layer: int, at: torch.Tensor) -> torch.Tensor:
+        return torch.cat([buffer[at].reshape(-1) for buffer in surface.layer_buffers(device, layer)])
+
+    def expected_layer(page: torch.Tensor, layer: int) -> torch.Tensor:
+        size = page.numel() // shape.planes
+        return torch.cat([page[p * size:(p + 1) * size] for p in planes[layer]])
+
+    try:
+        inbound, page, slot = landing()
+        assert gate.hold(slot, PAGE) and not gate.hold((slot + 1) % 4, 2 * PAGE)  # not landing: copied whole
+        host_at, device_at = torch.arange(PAGE, 2 * PAGE), torch.arange(64, 64 + PAGE)
+        for layer in range(LAYERS):  # what start_loading does before the forward
+            layers.on_load(load, host, device, host_at, device_at, layer, "direct")
+        assert not device_layer(0, device_at).any()  # deferred, not loaded from an empty host page
+        land(inbound, page, slot, 0)
+        device.get_key_buffer(0)
+        assert torch.equal(device_layer(0, device_at), expected_layer(page, 0))
+
+        waiting = threading.Thread(target=device.get_key_buffer, args=(1,))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive()  # layer 1 has not landed
+        assert not device_layer(1, device_at).any()
+        land(inbound, page, slot, 1)
+        waiting.join(10)
+        assert not waiting.is_alive() and torch.equal(device_layer(1, device_at), expected_layer(page, 1))
+        for layer in range(2, LAYERS):
+            land(inbound, page, slot, layer)
+        gate.settle(host_at)
+        assert torch.equal(surface.host_page(host, PAGE).reshape(-1), page)
+        slots.take(4)  # every slot released again
+        slots.release(range(4))
+
+        # The DE fails after layer 0: layer 1 comes from the store (the recovery), then every layer.
+        inbound, page, slot = landing(recover=True)
+        assert gate.hold(slot, 2 * PAGE)
+        host_at = torch.arange(2 * PAGE, 3 * PAGE)
+        for layer in range(LAYERS):
+            layers.on_load(load, host, device, host_at, device_at, layer, "direct")
+        land(inbound, page, slot, 0)
+        device.get_key_buffer(0)
+        inbound.fail("DE died")
+        device.get_key_buffer(1)
+        assert torch.equal(device_layer(1, device_at), expected_layer(page, 1))
+        gate.settle(host_at)
+        assert torch.equal(surface.host_page(host, 2 * PAGE).reshape(-1), page)
+
+        # Negative control: neither the DE nor the store has the page; nothing is placed.
+        inbound, page, slot = landing(recover=False)
+        assert gate.hold(slot, 3 * PAGE)
+        inbound.fail("DE died")
+        gate.settle(torch.arange(3 * PAGE, 4 * PAGE))
+        assert not torch.equal(surface.host_page(host, 3 * PAGE).reshape(-1), page)
+    finally:
+        gate.close()

@@ -51,7 +51,7 @@ def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> None:
     ids, stock = PROMPT, servers["stock"]
-    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE), BOOTSTRAP)
+    first, _ = srt._pd_generate(servers, ids, RouteHint(ReadSide.PE))
     assert srt.same_logprobs(first, stock)
     hit = 64 * len(srt._stored(servers, ids))  # rank 0's pages (MHA: rank 1 stores its own beside them)
     assert servers["decode"].report().store_namespace.startswith(MODELS[servers["model"]])
@@ -60,7 +60,7 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
         forwarded = servers["decode"].report().pages_forwarded
-        top, prefill_meta = srt._pd_generate(servers, ids, hint, BOOTSTRAP)
+        top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
         read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}

@@ -16,14 +16,14 @@ import pytest
 from dualpath.kv import block_keys
 from dualpath.scheduler.report import NodeReport
 from dualpath.store import StoreIndex
-from test_srt import SAMPLING, _post, _prompt
+from test_srt import SAMPLING, _prompt
 
 pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
 
 def test_stock_sglang_launcher_runs_dualpath_from_the_extra_config_with_metrics(tmp_path: Path) -> None:
     # No wrapper and no DualPath environment variable: `python -m sglang.launch_server` with the extra-config.
-    from dualpath.cluster.servers import CPU_ARGS, TINY_MODEL, flush_cache
+    from dualpath.cluster.servers import CPU_ARGS, TINY_MODEL, flush_cache, post_generate
     from dualpath.srt.config import BACKEND
 
     extra = json.dumps({**BACKEND, "node": "solo", "store_root": str(tmp_path / "store"), "prefetch_threshold": 64})
@@ -54,9 +54,8 @@ def test_stock_sglang_launcher_runs_dualpath_from_the_extra_config_with_metrics(
         assert (report.role, report.node, report.page_size) == ("null", "solo", 64)
         ids = _prompt(9)
         for _ in range(2):  # the second time the prefix is read back from the store
-            out: dict = {}
-            _post(url, {"input_ids": ids, "sampling_params": SAMPLING}, out, "r")
-            assert len(out["r"]["output_ids"]) == SAMPLING["max_new_tokens"]
+            out = post_generate(url, {"input_ids": ids, "sampling_params": SAMPLING}, timeout_s=120)
+            assert len(out["output_ids"]) == SAMPLING["max_new_tokens"]
             deadline = time.monotonic() + 30
             while StoreIndex(tmp_path / "store").stored_prefix(block_keys(ids, 64)[:4], report.store_namespace) < 4:
                 assert time.monotonic() < deadline, "the server did not write the prompt's blocks"

@@ -8,7 +8,9 @@ tiny dummy-weight Llama shipped with the package on SGLang's torch-native CPU pa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -193,6 +196,30 @@ def flush_cache(url: str, timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} kept refusing /flush_cache for {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def post_generate(url: str, body: dict, timeout_s: float = 300.0) -> dict:
+    """SGLang's ``/generate`` at ``url``: the response, or an error with what the server said."""
+    request = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}/generate: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+
+
+def pd_generate(prefill: Server, decode: Server, body: dict, routing_key: str | None = None,
+                timeout_s: float = 300.0) -> tuple[dict, dict]:
+    """One request on a prefill/decode pair, posted to both at once with the bootstrap fields as SGLang's router
+    does (``routing_key``: a DualPath route hint); the prefill's and the decode's responses."""
+    body = {**body, "bootstrap_host": prefill.spec.host, "bootstrap_port": prefill.spec.bootstrap_port,
+            "bootstrap_room": secrets.randbits(63)}
+    if routing_key is not None:
+        body["routing_key"] = routing_key
+    with ThreadPoolExecutor(2) as legs:
+        prefilled = legs.submit(post_generate, prefill.url, body, timeout_s)
+        decoded = legs.submit(post_generate, decode.url, body, timeout_s)
+        return prefilled.result(), decoded.result()
 
 
 class ServerStartError(RuntimeError):

@@ -86,6 +86,7 @@ class NodeReport(msgspec.Struct, frozen=True, kw_only=True):
     bytes_forwarded: int = 0
     fallbacks: int = 0  # prefill: a DE's part read through its own NIC after the DE path failed
     transfer_timeouts: int = 0
+    pages_layerwise: int = 0  # prefill: DE pages its forward took layer by layer (admitted before they all landed)
 
     @property
     def ready(self) -> bool:

@@ -42,6 +42,14 @@ class BlockSlots:
         with self._cond:
             return self._take(count)
 
+    def pin(self, slots: Sequence[int]) -> None:
+        """Pin slots the caller holds pinned once more (each pin is released on its own)."""
+        with self._cond:
+            for slot in slots:
+                if self._pins[slot] == 0:
+                    raise ValueError(f"slot {slot} is not pinned")
+                self._pins[slot] += 1
+
     def release(self, slots: Sequence[int]) -> None:
         with self._cond:
             self._unpin(slots)

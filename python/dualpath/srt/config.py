@@ -55,6 +55,15 @@ class SrtConfig:
     kv_host: str = ""
     kv_port: int = 0
     nic_gbps: float | None = None
+    # Emulated compute NIC (single-host runs): the servers naming the same one share its cap; SGLang's PD
+    # transfer goes first, the DE->PE KV takes the rest. Empty: the node.
+    compute_nic: str = ""
+    compute_gbps: float | None = None
+    # The KV channel's fabric class where the fabric has one: InfiniBand service level, RoCE DSCP.
+    kv_ib_sl: int | None = None
+    kv_dscp: int | None = None
+    # The prefill's forward of layer i waits for the DE's layer i only; False: for every layer (ablation).
+    layerwise: bool = True
     staging_blocks: int = 512
     timeout_s: float = 10.0
     # PE compute quota per prefill batch (0: SGLang's own token budgets) and the attention cost model
@@ -83,6 +92,14 @@ class SrtConfig:
             raise ValueError("staging_blocks and timeout_s must be positive")
         if self.nic_gbps is not None and self.nic_gbps < 0:
             raise ValueError(f"nic_gbps must be >= 0, got {self.nic_gbps}")
+        if self.compute_gbps is not None and self.compute_gbps <= 0:
+            raise ValueError(f"compute_gbps must be positive, got {self.compute_gbps}")
+        if self.kv_ib_sl is not None and not 0 <= self.kv_ib_sl <= 15:
+            raise ValueError(f"kv_ib_sl must be in 0..15, got {self.kv_ib_sl}")
+        if self.kv_dscp is not None and not 0 <= self.kv_dscp <= 63:
+            raise ValueError(f"kv_dscp must be in 0..63, got {self.kv_dscp}")
+        if "/" in self.compute_nic or self.compute_nic.startswith("."):
+            raise ValueError(f"compute_nic must be a plain name, got {self.compute_nic!r}")
         if self.prefill_quota_ms < 0 or len(self.cost_model) not in (0, 3) or any(c < 0 for c in self.cost_model):
             raise ValueError(f"prefill_quota_ms must be >= 0 and cost_model 3 non-negative numbers, got "
                              f"{self.prefill_quota_ms}, {self.cost_model}")

@@ -37,6 +37,18 @@ def dualpath_parser() -> argparse.ArgumentParser:
     group.add_argument("--dualpath-kv-port", type=int, default=0, help="KV channel port (0: a free one)")
     group.add_argument("--dualpath-staging-blocks", type=int, default=512, help="block slots of the KV staging area")
     group.add_argument("--dualpath-timeout", type=float, default=10.0, help="KV transfer timeout in seconds")
+    group.add_argument("--dualpath-wait-all-layers", action="store_true",
+                       help="prefill: wait for every layer a DE forwards before admitting the request (ablation; "
+                       "default: the forward of layer i waits for layer i only)")
+    group.add_argument("--dualpath-compute-gbps", type=float, default=None,
+                       help="emulated compute-NIC cap in Gb/s (single-host runs): SGLang's PD KV transfer at high "
+                       "priority, the DE->PE KV at low priority")
+    group.add_argument("--dualpath-compute-nic", help="emulated compute NIC shared by the servers naming it "
+                       "(default: the node)")
+    group.add_argument("--dualpath-kv-ib-sl", type=int, help="InfiniBand service level of the DE->PE KV (the "
+                       "fabric's low-priority lane)")
+    group.add_argument("--dualpath-kv-dscp", type=int, help="RoCE DSCP of the DE->PE KV (the fabric's low-priority "
+                       "traffic class)")
     group.add_argument("--dualpath-prefill-quota-ms", type=float, default=0.0,
                        help="PE compute quota per prefill batch in ms (paper: 300); 0 keeps SGLang's token budgets")
     group.add_argument("--dualpath-cost-model", type=_cost_model, default=(),
@@ -81,8 +93,11 @@ def extra_config(args: argparse.Namespace, given: str | None) -> str:
     settings: dict[str, Any] = {"store_root": args.dualpath_store_root, "kv_port": args.dualpath_kv_port,
                                 "staging_blocks": args.dualpath_staging_blocks, "timeout_s": args.dualpath_timeout,
                                 "prefill_quota_ms": args.dualpath_prefill_quota_ms,
-                                "cost_model": list(args.dualpath_cost_model)}
-    optional = {"node": args.dualpath_node, "kv_host": args.dualpath_kv_host, "nic_gbps": args.dualpath_nic_gbps}
+                                "cost_model": list(args.dualpath_cost_model),
+                                "layerwise": not args.dualpath_wait_all_layers}
+    optional = {"node": args.dualpath_node, "kv_host": args.dualpath_kv_host, "nic_gbps": args.dualpath_nic_gbps,
+                "compute_nic": args.dualpath_compute_nic, "compute_gbps": args.dualpath_compute_gbps,
+                "kv_ib_sl": args.dualpath_kv_ib_sl, "kv_dscp": args.dualpath_kv_dscp}
     settings |= {key: value for key, value in optional.items() if value is not None}
     return json.dumps({**(json.loads(given) if given else {}), **BACKEND, **settings})
 

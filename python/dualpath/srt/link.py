@@ -3,7 +3,8 @@
 The PE drives: when its HiCache prefetch of a DE-side request needs blocks, it expects them from the
 request's DE (``KVChannel.expect`` with the page keys as ``meta``). The DE reads those blocks through
 its own storage NIC into its block slots (a block it read for its own decode comes from the cache) and
-writes them into the PE's slots with NIXL, one layer at a time at the KV traffic class: the K plane of
+writes them into the PE's slots with NIXL, one layer at a time at the low-priority KV traffic class
+(``traffic.py``): the K plane of
 layer 0, its V plane, then layer 1, ... Either side failing fails the request on both; the PE then
 reads the blocks itself (see ``storage.py``), so nothing is lost.
 """
@@ -22,8 +23,10 @@ from dualpath.kv import KVGeometry
 from dualpath.scheduler.report import KVChannelAddress
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
+from dualpath.srt.traffic import compute_nic, kv_qos
 from dualpath.store import BlockStore
-from dualpath.transfer import KVChannel, TransferConfig, TransferFailed, grid_for_buffer
+from dualpath.transfer import KVChannel, TrafficClass, TransferConfig, TransferFailed, grid_for_buffer
+from dualpath.transfer.flows import Inbound
 from dualpath.transfer.messages import Expect
 
 log = logging.getLogger(__name__)
@@ -34,15 +37,21 @@ GRID = "blocks"
 class Fetched(NamedTuple):
     ok: bool
     reason: str
+    landing: Inbound | None = None  # a layer-by-layer fetch still under way (every block is at the DE)
+
+
+def layer_planes(geometry: KVGeometry) -> list[list[int]]:
+    """The planes of each model layer in an SGLang page: MHA pages hold all K planes, then all V planes, so
+    layer i is planes i and layers + i (K, V); MLA pages hold one latent plane per layer."""
+    if geometry.attention == "mla":
+        return [[layer] for layer in range(geometry.layers)]
+    layers = geometry.layers // 2
+    return [[layer, layers + layer] for layer in range(layers)]
 
 
 def layer_by_layer(geometry: KVGeometry) -> list[int]:
-    """The planes of an SGLang page in model-layer order: MHA pages hold all K planes, then all V planes, so
-    layer i is planes i and layers + i; MLA pages hold one latent plane per layer."""
-    if geometry.attention == "mla":
-        return list(range(geometry.layers))
-    layers = geometry.layers // 2
-    return [plane for layer in range(layers) for plane in (layer, layers + layer)]
+    """The planes of an SGLang page in model-layer order: the order a DE sends them in."""
+    return [plane for planes in layer_planes(geometry) for plane in planes]
 
 
 class KVLink:
@@ -60,8 +69,8 @@ class KVLink:
         self._connect_lock = threading.Lock()
         self._ids = itertools.count()
         self.channel = KVChannel(
-            TransferConfig(config.kv_channel.agent, host=config.kv_host, port=config.kv_channel.port,
-                           timeout_s=config.timeout_s),
+            TransferConfig(config.kv_channel.agent, TrafficClass.KV, kv_qos(config), compute_nic(config),
+                           host=config.kv_host, port=config.kv_channel.port, timeout_s=config.timeout_s),
             on_expect=self._on_expect,
         )
         self.channel.register(grid_for_buffer(GRID, slots.buffer))
@@ -72,14 +81,21 @@ class KVLink:
                 self.channel.connect(peer.agent, peer.endpoint)
 
     # -- PE side ------------------------------------------------------------------------------------------
-    def fetch(self, de_channel: KVChannelAddress, keys: list[str], slots: list[int]) -> Fetched:
+    def fetch(self, de_channel: KVChannelAddress, keys: list[str], slots: list[int],
+              layerwise: bool = False) -> Fetched:
         """Blocks ``keys`` from the DE whose KV channel is ``de_channel`` (its rank 0), written into ``slots``; with
-        tensor parallelism each rank fetches from the DE's rank of the same number, which holds the same shard."""
+        tensor parallelism each rank fetches from the DE's rank of the same number, which holds the same shard.
+
+        ``layerwise``: return once the first plane landed (the DE sends only when it holds every block), with the
+        transfer still landing; otherwise once every plane did."""
         peer = de_channel.for_rank(self.config.tp_rank)
         try:
             self._connected(peer)
             inbound = self.channel.expect(f"{next(self._ids)}:{keys[0][:16]}", peer.agent, GRID, slots,
                                           meta=msgspec.msgpack.encode(keys))
+            if layerwise:
+                inbound.wait_layer(self._plane_order[0])
+                return Fetched(True, "", inbound)
             inbound.wait_all()
             return Fetched(True, "")
         except TimeoutError as exc:

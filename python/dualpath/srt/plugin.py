@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from dualpath.scheduler.batcher import AttentionCostModel
-from dualpath.srt import cpu, requests, surface
+from dualpath.srt import cpu, layers, requests, surface, traffic
 from dualpath.srt.batching import QuotaHook
 from dualpath.srt.config import CPU_ENV, SrtConfig
 
@@ -31,10 +31,17 @@ REQUEST_HOOKS = (
     ("page_transfer", requests.on_operation),
     ("decode_prefix_match", requests.on_prefix_match),
 )
+# Hooks of a prefill that takes the DE's KV layer by layer (layers.py).
+LAYER_HOOKS = (
+    ("host_load_layer", layers.on_load),
+    ("mla_host_load_layer", layers.on_load),
+    ("host_free", layers.on_free),
+)
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
-SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS), "storage_base", "prefill_batch", "controller_reset",
-                     "storage_metrics", "scheduler", "req", "radix_cache", "controller", "prefetch_operation",
-                     "decode_queue", "host_pool", "mla_host_pool", "mla_device_pool", "storage_config")
+SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS + LAYER_HOOKS), "storage_base", "prefill_batch",
+                     "controller_reset", "storage_metrics", "pd_send", "pd_manager", "scheduler", "req", "radix_cache",
+                     "controller", "prefetch_operation", "decode_queue", "host_pool", "device_pool", "mla_host_pool",
+                     "mla_device_pool", "storage_config")
 CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool", "mla_host_pool",
                                                                    "mla_device_pool"}))
 
@@ -56,6 +63,10 @@ def register() -> None:
         log.critical("%s", exc)
         raise SystemExit(f"DualPath cannot start: {exc}") from exc  # load_plugins() swallows Exceptions
     hooks: list[tuple[str, Any]] = []
+    if on_cpu:  # first: SGLang wraps later hooks around earlier ones, and DualPath's layer hooks call these
+        cpu.install_rotary_standin()
+        hooks += [(surface.TARGETS[name] + (f".{method}" if method else ""), hook)
+                  for name, method, hook in cpu.hooks()]
     if config is not None:
         from dualpath.srt.storage import DualPathStorage  # imports SGLang's storage base: scheduler processes only
 
@@ -64,10 +75,10 @@ def register() -> None:
         if config.role == "prefill" and config.prefill_quota_ms > 0:
             cost = AttentionCostModel(*config.cost_model) if config.cost_model else AttentionCostModel()
             hooks.append((surface.TARGETS["prefill_batch"], QuotaHook(config.prefill_quota_ms / 1e3, cost)))
-    if on_cpu:
-        cpu.install_rotary_standin()
-        hooks += [(surface.TARGETS[name] + (f".{method}" if method else ""), hook)
-                  for name, method, hook in cpu.hooks()]
+        if config.role == "prefill" and (link := traffic.compute_nic(config)) is not None:
+            hooks.append((surface.TARGETS["pd_send"], traffic.PdTransferPacing(link)))
+        if config.role == "prefill" and config.layerwise:
+            hooks += [(surface.TARGETS[name], hook) for name, hook in LAYER_HOOKS]
     for path, hook in hooks:
         registry.register(path, hook, around)
     log.info("DualPath plugin: %s (CPU support: %s)",

@@ -31,6 +31,7 @@ class ServerState(msgspec.Struct, kw_only=True):
     bytes_forwarded: int = 0
     fallbacks: int = 0
     transfer_timeouts: int = 0
+    pages_layerwise: int = 0
 
 
 COUNTERS = tuple(f for f in ServerState.__struct_fields__ if f != "store_namespace")
@@ -42,6 +43,8 @@ _METRICS = {
     "bytes_forwarded": ("dualpath_bytes_forwarded", "", "bytes of KV forwarded DE -> PE"),
     "fallbacks": ("dualpath_fallbacks", "", "a decode server's part read on the prefill's NIC after a failure"),
     "transfer_timeouts": ("dualpath_transfer_timeouts", "", "DE -> PE KV transfers that timed out"),
+    "pages_layerwise": ("dualpath_blocks_layerwise", "", "KV blocks from a decode server that the prefill's forward "
+                        "took layer by layer, admitted before their last layer landed"),
 }
 
 

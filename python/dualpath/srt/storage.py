@@ -35,7 +35,8 @@ from dualpath.srt import surface
 from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
-from dualpath.srt.link import KVLink
+from dualpath.srt.layers import Landing, LayerGate
+from dualpath.srt.link import KVLink, layer_planes
 from dualpath.srt.requests import CAPACITY, RequestRoutes, Route
 from dualpath.srt.state import StatePublisher
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
@@ -78,6 +79,7 @@ class DualPathStorage(surface.resolve("storage_base")):
         self.shape: surface.PoolShape | None = None
         self.store: BlockStore | None = None
         self.link: KVLink | None = None
+        self.gate: LayerGate | None = None  # a prefill's layer-by-layer landing of DE pages (layers.py)
         self._early = EarlyReads(CAPACITY)
         self.routes = RequestRoutes(config.page_size, self._on_arrival)
         self._pages_moved: dict[str, list[int]] = {"prefetch": [], "backup": []}  # since get_stats() was last called
@@ -93,6 +95,11 @@ class DualPathStorage(surface.resolve("storage_base")):
                                             nic_gbps=self.config.nic_gbps))
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store, self.state.count)
+        if self.config.role == "prefill" and self.config.layerwise:
+            device_pool = surface.device_pool_of(mem_pool_host)
+            self.gate = LayerGate(surface.layer_counter(device_pool), mem_pool_host, self._flat,
+                                  layer_planes(geometry), self.slots.release, self.slots.pin)
+            surface.set_layer_counter(device_pool, self.gate)
         self.state.set_namespace(self.store.config.namespace)
         log.info("DualPath storage: %s node %s, store %s, KV channel %s", self.config.role, self.config.node,
                  self.store.directory, self.config.kv_channel)
@@ -110,12 +117,23 @@ class DualPathStorage(surface.resolve("storage_base")):
         return self._store().prefix_length([key]) == 1
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        return self._guarded(keys, lambda: self._read(keys, lambda i, flat: surface.set_host_page(
-            self.pool, int(host_indices[i * self.shape.page_size]), flat)))
+        held = []
+
+        def place(i: int, slot: int) -> None:
+            index = int(host_indices[i * self.shape.page_size])
+            if self.gate is not None and self.gate.hold(slot, index):  # a page still landing enters layer by layer
+                held.append(index)
+            else:
+                surface.set_host_page(self.pool, index, self._flat(slot))
+
+        found = self._guarded(keys, lambda: self._read(keys, place))
+        if held:
+            self.state.count(pages_layerwise=len(held))
+        return found
 
     def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[Any]:
         targets = list(target_locations)
-        ok = self._read(keys, lambda i, flat: targets[i].view(-1).copy_(flat))
+        ok = self._read(keys, lambda i, slot: targets[i].view(-1).copy_(self._landed(slot)))
         return [t if hit else None for t, hit in zip(targets, ok, strict=True)]
 
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
@@ -189,7 +207,12 @@ class DualPathStorage(surface.resolve("storage_base")):
                 if reader := route.reader(key):
                     remote.setdefault(reader, []).append(i)
             for reader, indices in remote.items():
-                fetched = self.link.fetch(reader, [keys[i] for i in indices], [slots[i] for i in indices])
+                keys_from, slots_from = [keys[i] for i in indices], [slots[i] for i in indices]
+                fetched = self.link.fetch(reader, keys_from, slots_from, layerwise=self.gate is not None)
+                if fetched.landing is not None:
+                    self.slots.pin(slots_from)  # the gate's, until the last plane is in the host pool
+                    self.gate.track(Landing(route.rid, fetched.landing, slots_from, self.gate.layer_planes,
+                                            lambda k=keys_from, s=slots_from: self._recover(k, s)))
                 if fetched.ok:
                     self.state.count(pages_from_peers=len(indices))
                     for i in indices:
@@ -207,6 +230,12 @@ class DualPathStorage(surface.resolve("storage_base")):
 
         return source
 
+    def _recover(self, keys: list[str], slots: list[int]) -> bool:
+        """Read blocks a DE failed to finish forwarding from the store into their slots."""
+        self.state.count(fallbacks=len(keys))
+        statuses = self._store().read(keys, self.slots.buffer.blocks(slots))
+        return all(status is BlockStatus.OK for status in statuses)
+
     def _pinned(self, route: Route, keys: list[str]) -> list[int]:
         """Pinned slots holding the leading ``keys``: on a prefill, from the request's DE for the pages the DE
         reads; otherwise from this node's store (the slot cache serves either when it has the page)."""
@@ -214,7 +243,7 @@ class DualPathStorage(surface.resolve("storage_base")):
             return self.slots.fill(keys, self._from_readers(route))
         return self.slots.read(self._store(), keys)
 
-    def _read(self, keys: list[str], place: Callable[[int, torch.Tensor], None]) -> list[bool]:
+    def _read(self, keys: list[str], place: Callable[[int, int], None]) -> list[bool]:
         route, started = self.routes.current(), time.monotonic()
         self._early.wait(route.rid)
         slots = self._pinned(route, keys)
@@ -223,7 +252,7 @@ class DualPathStorage(surface.resolve("storage_base")):
                      time.monotonic() - started, len(keys), route.side.name)
         try:
             for i, slot in enumerate(slots):
-                place(i, self._flat(slot))
+                place(i, slot)
         finally:
             self.slots.release(slots)
         self._pages_moved["prefetch"].append(len(slots))
@@ -246,6 +275,11 @@ class DualPathStorage(surface.resolve("storage_base")):
     def _flat(self, slot: int) -> torch.Tensor:
         return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.shape.dtype)
 
+    def _landed(self, slot: int) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate.landed(slot)
+        return self._flat(slot)
+
     @staticmethod
     def on_controller_reset(original: Callable[..., Any], controller: Any, *args: Any, **kwargs: Any) -> Any:
         """A cache flush empties the host pool; the slot cache holds store reads in the same DRAM, so it is
@@ -263,6 +297,8 @@ class DualPathStorage(surface.resolve("storage_base")):
 
     def close(self) -> None:
         self._early.close()
+        if self.gate is not None:
+            self.gate.close()
         self.state.close()
         if self.link is not None:
             self.link.close()

@@ -41,6 +41,14 @@ TARGETS: dict[str, str] = {
     "decode_prefix_match": (
         "sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin._build_decode_prefix_match"
     ),
+    # Layer by layer (layers.py): the host pool's per-layer load into the device pool (also a CPU stand-in
+    # below) and its release of host pages.
+    "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
+    "mla_host_load_layer": f"{MLA_HOST_POOL}.load_to_device_per_layer",
+    "host_free": "sglang.srt.mem_cache.pool_host.base.HostKVCache.free",
+    # SGLang's own PD KV transfer (NIXL connector), paced on an emulated compute NIC (traffic.py).
+    "pd_send": "sglang.srt.disaggregation.nixl.conn.NixlKVManager.send_kvcache",
+    "pd_manager": "sglang.srt.disaggregation.nixl.conn.NixlKVManager",
     # The base class the `dynamic` backend loader requires.
     "storage_base": "sglang.srt.mem_cache.hicache_storage.HiCacheStorage",
     # The server's main process: its HTTP app (GET /dualpath/info) and launch (DualPath decided from server_args).
@@ -59,9 +67,7 @@ TARGETS: dict[str, str] = {
     "add_cli_args": f"{SERVER_ARGS}.add_cli_args",
     "config_merger": "sglang.srt.server_args_config_parser.ConfigArgumentMerger",
     # CPU support (hooked only without CUDA).
-    "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
     "host_backup_all": f"{HOST_POOL}.backup_from_device_all_layer",
-    "mla_host_load_layer": f"{MLA_HOST_POOL}.load_to_device_per_layer",
     "mla_host_backup_all": f"{MLA_HOST_POOL}.backup_from_device_all_layer",
     "cuda_host_register": "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
     "nixl_agent": "nixl._api.nixl_agent",
@@ -109,11 +115,12 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "prefetch_operation": ("request_id",),
     "decode_queue": ("tree_cache",),
     "host_pool": ("layout", "dtype", "layer_num", "head_num", "head_dim", "page_size", "k_buffer", "v_buffer",
-                  "set_from_flat_data_page", "get_data_page"),
-    "device_pool": ("k_buffer", "v_buffer"),
+                  "set_from_flat_data_page", "get_data_page", "device_pool"),
+    "device_pool": ("k_buffer", "v_buffer", "layer_transfer_counter", "register_layer_transfer_counter"),
     "mla_host_pool": ("layout", "dtype", "layer_num", "kv_lora_rank", "kv_cache_dim", "page_size", "kv_buffer",
-                      "set_from_flat_data_page", "get_data_page"),
-    "mla_device_pool": ("kv_lora_rank", "kv_buffer"),
+                      "set_from_flat_data_page", "get_data_page", "device_pool"),
+    "mla_device_pool": ("kv_lora_rank", "kv_buffer", "layer_transfer_counter", "register_layer_transfer_counter"),
+    "pd_manager": ("kv_args",),
     "storage_config": ("tp_rank", "tp_size", "pp_size", "model_name"),
     "server_args": ("disaggregation_mode", "tp_size", "hicache_storage_backend", "hicache_storage_backend_extra_config",
                     "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
@@ -287,6 +294,24 @@ def layer_buffers(pool: Any, layer: int) -> tuple[Any, ...]:
     if _is_mla(pool):
         return (pool.kv_buffer[layer],)
     return pool.k_buffer[layer], pool.v_buffer[layer]
+
+
+def device_pool_of(host_pool: Any) -> Any:
+    return host_pool.device_pool
+
+
+def layer_counter(device_pool: Any) -> Any:
+    """What the device pool waits on before a layer's KV is read (SGLang's ``LayerDoneCounter``, or DualPath's gate)."""
+    return device_pool.layer_transfer_counter
+
+
+def set_layer_counter(device_pool: Any, counter: Any) -> None:
+    device_pool.register_layer_transfer_counter(counter)
+
+
+def pd_transfer_bytes(manager: Any, page_indices: Any) -> int:
+    """Bytes of one PD KV transfer of SGLang's NIXL connector: a page of every layer buffer per page sent."""
+    return len(page_indices) * sum(manager.kv_args.kv_item_lens)
 
 
 def set_host_page(pool: Any, index: int, flat: Any) -> None:

@@ -28,7 +28,7 @@ from dualpath.interprocess import FileLock
 from dualpath.transfer.config import LimiterConfig, TrafficClass
 
 # Slots of the shared state (float64).
-_RATE, _FREE_AT, _MODEL_ACTIVE_UNTIL, _MODEL_BYTES, _KV_BYTES, _PROMOTIONS = range(6)
+_RATE, _FREE_AT, _MODEL_ACTIVE_UNTIL, _MODEL_BYTES, _KV_BYTES, _PROMOTIONS, _MODEL_WAITED, _MODEL_BUSY = range(8)
 _SLOTS = 8
 # Model grants closer together than this count as one busy period (time to post the next transfer).
 MODEL_GRACE_S = 0.001
@@ -39,6 +39,14 @@ class LimiterStats(NamedTuple):
     model_bytes: int
     kv_bytes: int
     promotions: int
+    model_waited_s: float  # model grants' time between asking and starting, summed
+    model_busy_s: float  # model grants' time on the link, summed
+
+    @property
+    def model_share(self) -> float:
+        """Model traffic's throughput relative to an idle link: 1.0 when no model grant ever waited."""
+        spent = self.model_busy_s + self.model_waited_s
+        return self.model_busy_s / spent if spent else 1.0
 
 
 class PriorityLimiter:
@@ -84,6 +92,8 @@ class PriorityLimiter:
             if traffic is TrafficClass.MODEL:
                 state[_MODEL_ACTIVE_UNTIL] = state[_FREE_AT] + MODEL_GRACE_S
                 state[_MODEL_BYTES] += nbytes
+                state[_MODEL_WAITED] += start - now
+                state[_MODEL_BUSY] += nbytes / state[_RATE]
             else:
                 state[_KV_BYTES] += nbytes
             return float(start)
@@ -110,7 +120,8 @@ class PriorityLimiter:
     def stats(self) -> LimiterStats:
         with self._locked:
             s = self._state
-            return LimiterStats(float(s[_RATE]), int(s[_MODEL_BYTES]), int(s[_KV_BYTES]), int(s[_PROMOTIONS]))
+            return LimiterStats(float(s[_RATE]), int(s[_MODEL_BYTES]), int(s[_KV_BYTES]), int(s[_PROMOTIONS]),
+                                float(s[_MODEL_WAITED]), float(s[_MODEL_BUSY]))
 
     def close(self) -> None:
         del self._state

@@ -1,0 +1,209 @@
+"""Layer by layer into the prefill's forward: the DE's KV enters the forward one layer at a time.
+
+A DE sends a request's hit pages plane by plane in model-layer order (``link.layer_by_layer``). The
+prefill admits the request as soon as the DE holds every page (its first plane landed) instead of when
+the last plane lands, and leaves the pages' host-pool entries to the :class:`LayerGate`:
+- SGLang loads a batch's host pages into the device pool layer by layer before the forward
+  (``load_to_device_per_layer``); the gate loads the pages that have landed and defers the others.
+- The forward of layer i asks the device pool for its KV, which asks its layer counter (SGLang's
+  ``LayerDoneCounter.wait_until``); the gate stands in that place: it waits for layer i's planes only,
+  places them in the host pool, loads the deferred pages of that layer and then defers to SGLang's counter.
+- When all planes of a fetch have landed, the gate places every layer still missing in the host pool
+  (where the radix tree expects the pages) and releases the slots. Freeing host pages still landing
+  waits for that first, so a page is never reused under a transfer.
+If the DE fails mid-way, the prefill reads the fetch's pages from the store itself (``Landing``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import torch
+from dualpath.srt import surface
+from dualpath.transfer import TransferFailed
+from dualpath.transfer.flows import Inbound
+
+log = logging.getLogger(__name__)
+
+
+class Landing:
+    """One fetch from a DE still landing in block slots (pinned until it is settled)."""
+
+    def __init__(self, rid: str, inbound: Inbound, slots: Sequence[int], layer_planes: Sequence[Sequence[int]],
+                 recover: Callable[[], bool]) -> None:
+        """``recover()`` reads the fetch's blocks from the store into ``slots`` (True: all of them)."""
+        self.rid, self.slots = rid, list(slots)
+        self._inbound, self.layer_planes, self._recover = inbound, layer_planes, recover
+        self._lock = threading.Lock()
+        self._recovered: bool | None = None
+
+    def wait_layer(self, layer: int) -> bool:
+        """Wait until ``layer`` is in the slots; False when neither the DE nor the store could deliver it."""
+        return self._wait(lambda: [self._inbound.wait_layer(plane) for plane in self.layer_planes[layer]])
+
+    def wait_all(self) -> bool:
+        return self._wait(self._inbound.wait_all)
+
+    def _wait(self, wait: Callable[[], object]) -> bool:
+        try:
+            wait()
+            return True
+        except (TransferFailed, TimeoutError) as exc:
+            with self._lock:
+                if self._recovered is None:
+                    log.warning("request %s: the DE failed mid-transfer (%s); reading its pages on the PE side",
+                                self.rid, exc)
+                    self._recovered = self._recover()
+                return self._recovered
+
+
+class _Held(NamedTuple):
+    landing: Landing
+    slot: int
+
+
+class _Deferred(NamedTuple):
+    pages: list[int]
+    load: Callable[[], None]
+
+
+class LayerGate:
+    """The prefill device pool's layer counter while DE pages land; SGLang's own counter does the rest."""
+
+    def __init__(self, counter: Any, host_pool: Any, flat: Callable[[int], torch.Tensor],
+                 layer_planes: Sequence[Sequence[int]], release: Callable[[Sequence[int]], None],
+                 pin: Callable[[Sequence[int]], None]) -> None:
+        """``flat(slot)`` is a slot's block as one tensor of the pool's dtype; ``pin``/``release`` hold slots."""
+        self._counter, self._pool, self._flat = counter, host_pool, flat
+        self.layer_planes, self._release, self._pin = layer_planes, release, pin
+        shape = surface.pool_shape(host_pool)
+        self._page = shape.page_size
+        self._plane_elems = self._page * shape.heads * shape.head_dim
+        self._cond = threading.Condition()
+        self._landing_of_slot: dict[int, Landing] = {}
+        self._held: dict[int, _Held] = {}  # host page number -> where its planes land
+        self._deferred: dict[int, list[_Deferred]] = defaultdict(list)
+        self._settling = ThreadPoolExecutor(2, thread_name_prefix="dualpath-landing")
+
+    # -- the storage backend --------------------------------------------------------------------------------
+    def track(self, landing: Landing) -> None:
+        """Take over ``landing`` (its slots pinned once for it) until its last plane is in the host pool."""
+        with self._cond:
+            self._landing_of_slot.update(dict.fromkeys(landing.slots, landing))
+        self._settling.submit(self._settle, landing)
+
+    def hold(self, slot: int, host_index: int) -> bool:
+        """Let the page of ``slot`` enter the host pool at ``host_index`` layer by layer; False when the slot is
+        not landing (copy it whole)."""
+        with self._cond:
+            landing = self._landing_of_slot.get(slot)
+            if landing is None:
+                return False
+            self._pin([slot])
+            self._held[host_index // self._page] = _Held(landing, slot)
+            return True
+
+    def landed(self, slot: int) -> None:
+        """Wait until the block of ``slot`` has landed whole."""
+        with self._cond:
+            self._cond.wait_for(lambda: slot not in self._landing_of_slot)
+
+    # -- SGLang's calls ---------------------------------------------------------------------------------------
+    def load(self, original: Callable[..., None], host_pool: Any, device_pool: Any, host_indices: torch.Tensor,
+             device_indices: torch.Tensor, layer: int, io_backend: str) -> None:
+        """``load_to_device_per_layer``: now for the pages in the host pool, at ``wait_until(layer)`` for the others."""
+        with self._cond:
+            held = torch.tensor(list(self._held), dtype=host_indices.dtype) if self._held else None
+        if held is None:
+            return original(host_pool, device_pool, host_indices, device_indices, layer, io_backend)
+        landing = torch.isin(torch.div(host_indices.cpu(), self._page, rounding_mode="floor"), held)
+        if not landing.any():
+            return original(host_pool, device_pool, host_indices, device_indices, layer, io_backend)
+        mask = landing.to(host_indices.device)
+        if not mask.all():
+            original(host_pool, device_pool, host_indices[~mask], device_indices[~mask.to(device_indices.device)],
+                     layer, io_backend)
+        later_host, later_device = host_indices[mask], device_indices[mask.to(device_indices.device)]
+        pages = _pages(later_host, self._page)
+        with self._cond:
+            self._deferred[layer].append(_Deferred(pages, lambda: original(
+                host_pool, device_pool, later_host, later_device, layer, io_backend)))
+
+    def wait_until(self, layer: int) -> None:
+        """The forward is about to read ``layer``: place and load what of it is still landing, then SGLang's wait."""
+        with self._cond:
+            deferred = self._deferred.pop(layer, [])
+        for entry in deferred:
+            for page in entry.pages:
+                self._place(page, layer)
+            entry.load()
+        if self._counter is not None:  # a device pool without HiCache's loads has none
+            self._counter.wait_until(layer)
+
+    def settle(self, host_indices: torch.Tensor) -> None:
+        """Wait until no page of ``host_indices`` is landing (before SGLang frees them)."""
+        pages = set(_pages(host_indices, self._page))
+        with self._cond:
+            self._cond.wait_for(lambda: pages.isdisjoint(self._held))
+
+    # -- placing ----------------------------------------------------------------------------------------------
+    def _place(self, page: int, layer: int) -> None:
+        with self._cond:
+            held = self._held.get(page)
+        if held is None or not held.landing.wait_layer(layer):
+            return  # settled meanwhile (the host pool has it), or lost (see _settle)
+        with self._cond:
+            if self._held.get(page) is held:
+                self._copy(held.slot, page, layer)
+
+    def _copy(self, slot: int, page: int, layer: int) -> None:
+        flat, start = self._flat(slot), page * self._page
+        for plane, buffer in zip(self.layer_planes[layer], surface.layer_buffers(self._pool, layer), strict=True):
+            source = flat[plane * self._plane_elems:(plane + 1) * self._plane_elems]
+            buffer[start:start + self._page].view(-1).copy_(source)
+
+    def _settle(self, landing: Landing) -> None:
+        ok = landing.wait_all()
+        with self._cond:
+            pages = [page for page, held in self._held.items() if held.landing is landing]
+            held_slots = [self._held.pop(page).slot for page in pages]
+            if ok:
+                for page, slot in zip(pages, held_slots, strict=True):
+                    for layer in range(len(self.layer_planes)):
+                        self._copy(slot, page, layer)
+            for slot in landing.slots:
+                self._landing_of_slot.pop(slot, None)
+            self._cond.notify_all()
+        if not ok:
+            log.error("request %s: the DE failed mid-transfer and the store no longer has %d of its pages; they "
+                      "were not placed", landing.rid, len(pages))
+        self._release(landing.slots + held_slots)
+
+    def close(self) -> None:
+        self._settling.shutdown(wait=True)
+
+
+def _pages(host_indices: torch.Tensor, page_size: int) -> list[int]:
+    return torch.unique(torch.div(host_indices.cpu(), page_size, rounding_mode="floor")).tolist()
+
+
+def on_load(original: Callable[..., None], host_pool: Any, device_pool: Any, host_indices: torch.Tensor,
+            device_indices: torch.Tensor, layer: int, io_backend: str) -> None:
+    """AROUND ``load_to_device_per_layer`` of SGLang's host pools."""
+    gate = surface.layer_counter(device_pool)
+    if isinstance(gate, LayerGate):
+        return gate.load(original, host_pool, device_pool, host_indices, device_indices, layer, io_backend)
+    return original(host_pool, device_pool, host_indices, device_indices, layer, io_backend)
+
+
+def on_free(original: Callable[..., Any], host_pool: Any, indices: torch.Tensor) -> Any:
+    """AROUND ``HostKVCache.free``."""
+    gate = surface.layer_counter(surface.device_pool_of(host_pool))
+    if isinstance(gate, LayerGate):
+        gate.settle(indices)
+    return original(host_pool, indices)
