@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -29,18 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dualpath.cluster.local import ClusterConfig, LocalCluster
-from dualpath.cluster.servers import TINY_MODEL, pd_generate
+from dualpath.cluster.servers import pd_generate, tiny_model_with_layers
 from dualpath.scheduler import ReadSide, RouteHint
 
 RESULTS = Path(__file__).parent / "results" / "layerwise_bench.json"
 ARMS = {"layer_by_layer": (), "wait_for_all": ("--dualpath-wait-all-layers",)}
-
-
-def model_with_layers(target: Path, layers: int) -> Path:
-    shutil.copytree(TINY_MODEL, target)
-    config = json.loads((target / "config.json").read_text())
-    (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
-    return target
 
 
 def run_arm(work: Path, model: Path, server_args: tuple[str, ...], args: argparse.Namespace) -> list[float]:
@@ -97,7 +89,7 @@ def main() -> int:
         parser.error("--hit must be a multiple of the page size, 64")
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
-        model = model_with_layers(Path(root) / "model", args.layers)
+        model = tiny_model_with_layers(Path(root) / "model", args.layers)
         for arm, server_args in ARMS.items():
             print(f"{arm}:", flush=True)
             results[arm] = run_arm(Path(root) / arm, model, server_args, args)

@@ -252,6 +252,47 @@ def test_prefill_budget_follows_the_compute_quota() -> None:
     assert prefill_budget(batcher, [Chunk(1, 0, 0)], 16) is None
 
 
+def test_the_cost_model_is_fitted_to_the_servers_own_prefill_batches() -> None:
+    from types import SimpleNamespace
+
+    from dualpath.scheduler import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
+    from dualpath.srt.batching import MIN_BATCHES, RESAMPLE_EVERY, BatchTimer, CostProfile, QuotaHook, prefill_budget
+
+    truth = AttentionCostModel(0.002, 1e-4, 2e-8)
+    profile, clock = CostProfile(), [0.0]
+    timer, quota = BatchTimer(profile, clock=lambda: clock[0]), QuotaHook(0.1, profile)
+    budgets: list[object] = []
+    scheduler = SimpleNamespace(chunked_req=None, waiting_queue=[], page_size=16, max_prefill_tokens=16384,
+                                chunked_prefill_size=2048, tree_cache=None)
+    quota(lambda s: budgets.append(s.max_prefill_tokens), scheduler)
+    assert budgets == [16384]  # no model yet: SGLang's own budgets
+
+    def run(scheduler: object, batch: SimpleNamespace) -> None:  # the "forward" takes what the true model says
+        clock[0] += truth.predict(list(zip(batch.prefix_lens, batch.extend_lens, strict=True)))
+
+    extend = SimpleNamespace(is_extend=lambda: True)
+    rng = random.Random(0)
+    timed = 0
+    for i in range(MIN_BATCHES + 2 * RESAMPLE_EVERY):
+        pairs = [(rng.randrange(0, 4000), rng.randrange(1, 2000)) for _ in range(rng.randrange(1, 4))]
+        batch = SimpleNamespace(forward_mode=extend, prefix_lens=[c for c, _ in pairs],
+                                extend_lens=[n for _, n in pairs])
+        before = len(profile._batches)
+        timer(run, scheduler, batch)
+        timed += len(profile._batches) - before
+        if i + 1 == MIN_BATCHES - 1:
+            assert profile.model is None
+    assert timed == MIN_BATCHES + 2  # the first batches, then one in RESAMPLE_EVERY
+    decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), prefix_lens=[], extend_lens=[])
+    timer(lambda s, b: None, scheduler, decode)  # decode batches are never timed
+    assert len(profile._batches) == timed
+    queue = [Chunk(1, 3000, 1500)]
+    fitted_budget = prefill_budget(ComputeQuotaBatcher(profile, BatcherConfig(0.1)), queue, 16)
+    true_budget = prefill_budget(ComputeQuotaBatcher(truth, BatcherConfig(0.1)), queue, 16)
+    assert fitted_budget is not None and abs(fitted_budget - true_budget) <= 32  # the quota chunks as the truth does
+    assert CostProfile(truth).model is truth and not CostProfile(truth).wants_timing()  # a given model stays
+
+
 # -- block slots ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def store(tmp_path: Path) -> BlockStore:

@@ -69,6 +69,16 @@ class ServerOptions:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def tiny_model_with_layers(target: Path, layers: int) -> Path:
+    """The tiny Llama's config with ``layers`` layers (dummy weights), written to ``target``."""
+    target.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json"):
+        (target / name).write_text((TINY_MODEL / name).read_text())
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    return target
+
+
 def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     module = "dualpath.launch_server"
     cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", spec.host,

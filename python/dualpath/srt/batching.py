@@ -5,15 +5,28 @@ and ``chunked_prefill_size``) and chunks the request that overflows them. Around
 selection the hook below sets both budgets, for that selection only, to the new tokens the DualPath
 batcher packs under the attention-time quota: whole requests while the predicted time fits, then the
 largest chunk of the next one. Long-context requests thus get small chunks and short ones share a batch.
+
+The quota prices a batch with an attention cost model (``base + per_token x new + per_pair x attended
+pairs``): given on the command line, or fitted by least squares to the server's own prefill batches
+(:class:`CostProfile`): the first ``MIN_BATCHES`` are timed, then one in ``RESAMPLE_EVERY``, over a window of
+the last ``WINDOW``. Until the first fit the scheduler keeps SGLang's own budgets. Time a batch spends
+waiting for a DE's layers (``layers.LayerGate``) is not compute and is left out.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from dualpath.scheduler.batcher import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
 from dualpath.srt import surface
+
+log = logging.getLogger(__name__)
+MIN_BATCHES, RESAMPLE_EVERY, WINDOW = 8, 16, 256
 
 
 def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_size: int) -> int | None:
@@ -25,13 +38,76 @@ def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_si
     return -(-tokens // page_size) * page_size
 
 
+class CostProfile:
+    """The prefill's attention cost model (a ``BatchCost``): the given one, or the latest fit to timed batches."""
+
+    def __init__(self, given: AttentionCostModel | None = None) -> None:
+        self.model, self.fitting = given, given is None
+        self._batches: deque[list[tuple[int, int]]] = deque(maxlen=WINDOW)
+        self._seconds: deque[float] = deque(maxlen=WINDOW)
+        self._seen = 0
+
+    def wants_timing(self) -> bool:
+        """Whether to time the next prefill batch."""
+        self._seen += 1
+        return self.fitting and (len(self._batches) < MIN_BATCHES or self._seen % RESAMPLE_EVERY == 0)
+
+    def observe(self, pairs: list[tuple[int, int]], seconds: float) -> None:
+        """One timed prefill batch: its (cached, new) pairs and the seconds it computed."""
+        self._batches.append(pairs)
+        self._seconds.append(seconds)
+        if len(self._batches) >= MIN_BATCHES:
+            first = self.model is None
+            self.model = AttentionCostModel.fit(list(self._batches), list(self._seconds))
+            if first:
+                log.info("DualPath: prefill cost model fitted to %d batches: %s", len(self._batches), self.model)
+
+    def empty(self) -> Any:
+        return self._model().empty()
+
+    def add(self, acc: Any, cached: int, new: int) -> Any:
+        return self._model().add(acc, cached, new)
+
+    def seconds(self, acc: Any) -> float:
+        return self._model().seconds(acc)
+
+    def _model(self) -> AttentionCostModel:
+        if self.model is None:
+            raise RuntimeError("no cost model yet: the quota is not applied before the first fit")
+        return self.model
+
+
+class BatchTimer:
+    """AROUND hook of ``Scheduler.run_batch``: times the prefill batches the profile asks for."""
+
+    def __init__(self, profile: CostProfile, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.profile, self._clock = profile, clock
+
+    def __call__(self, original: Callable[..., Any], scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        pairs = surface.prefill_pairs(batch)
+        if not pairs or not self.profile.wants_timing():
+            return original(scheduler, batch, *args, **kwargs)
+        gate = getattr(surface.storage_backend(scheduler), "gate", None)  # waits for a DE's layers are not compute
+        waited = gate.waited_s if gate is not None else 0.0
+        started = self._clock()
+        result = original(scheduler, batch, *args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the forward runs asynchronously; sampled batches only
+        waited = (gate.waited_s if gate is not None else 0.0) - waited
+        self.profile.observe(pairs, max(self._clock() - started - waited, 0.0))
+        return result
+
+
 class QuotaHook:
     """AROUND hook of ``Scheduler.get_new_batch_prefill``."""
 
-    def __init__(self, quota_s: float, cost: AttentionCostModel) -> None:
-        self.batcher = ComputeQuotaBatcher(cost.predict, BatcherConfig(quota_s=quota_s))
+    def __init__(self, quota_s: float, profile: CostProfile) -> None:
+        self.profile = profile
+        self.batcher = ComputeQuotaBatcher(profile, BatcherConfig(quota_s=quota_s))
 
     def __call__(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.profile.model is None:  # not fitted yet: SGLang's own budgets
+            return original(scheduler, *args, **kwargs)
         queue = [Chunk(*queued) for queued in surface.queued_prefills(scheduler)]
         budget = prefill_budget(self.batcher, queue, surface.scheduler_page_size(scheduler))
         if budget is None:

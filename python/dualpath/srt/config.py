@@ -66,9 +66,9 @@ class SrtConfig:
     layerwise: bool = True
     staging_blocks: int = 512
     timeout_s: float = 10.0
-    # PE compute quota per prefill batch (0: SGLang's own token budgets) and the attention cost model
-    # (base_s, per_token_s, per_pair_s) it predicts with; empty: AttentionCostModel's defaults.
-    prefill_quota_ms: float = 0.0
+    # PE compute quota per prefill batch (paper: 300 ms; 0: SGLang's own token budgets) and the attention cost
+    # model (base_s, per_token_s, per_pair_s) it predicts with; empty: fitted to the server's own batches.
+    prefill_quota_ms: float = 300.0
     cost_model: tuple[float, ...] = ()
     model: str = "model"
     page_size: int = 64

@@ -49,10 +49,11 @@ def dualpath_parser() -> argparse.ArgumentParser:
                        "fabric's low-priority lane)")
     group.add_argument("--dualpath-kv-dscp", type=int, help="RoCE DSCP of the DE->PE KV (the fabric's low-priority "
                        "traffic class)")
-    group.add_argument("--dualpath-prefill-quota-ms", type=float, default=0.0,
+    group.add_argument("--dualpath-prefill-quota-ms", type=float, default=300.0,
                        help="PE compute quota per prefill batch in ms (paper: 300); 0 keeps SGLang's token budgets")
     group.add_argument("--dualpath-cost-model", type=_cost_model, default=(),
-                       help="attention cost model BASE_S,PER_TOKEN_S,PER_PAIR_S for the quota (profiled)")
+                       help="attention cost model BASE_S,PER_TOKEN_S,PER_PAIR_S for the quota (default: fitted to "
+                       "the server's own prefill batches)")
     return parser
 
 

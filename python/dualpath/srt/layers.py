@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,7 @@ class LayerGate:
         self._held: dict[int, _Held] = {}  # host page number -> where its planes land
         self._deferred: dict[int, list[_Deferred]] = defaultdict(list)
         self._settling = ThreadPoolExecutor(2, thread_name_prefix="dualpath-landing")
+        self.waited_s = 0.0  # the forward's time waiting for layers to land (not compute: see batching.py)
 
     # -- the storage backend --------------------------------------------------------------------------------
     def track(self, landing: Landing) -> None:
@@ -155,8 +157,13 @@ class LayerGate:
     def _place(self, page: int, layer: int) -> None:
         with self._cond:
             held = self._held.get(page)
-        if held is None or not held.landing.wait_layer(layer):
-            return  # settled meanwhile (the host pool has it), or lost (see _settle)
+        if held is None:
+            return  # settled meanwhile: the host pool has it
+        started = time.perf_counter()
+        landed = held.landing.wait_layer(layer)
+        self.waited_s += time.perf_counter() - started
+        if not landed:
+            return  # lost (see _settle)
         with self._cond:
             if self._held.get(page) is held:
                 self._copy(held.slot, page, layer)

@@ -19,7 +19,7 @@ from typing import Any
 
 from dualpath.scheduler.batcher import AttentionCostModel
 from dualpath.srt import cpu, layers, requests, surface, traffic
-from dualpath.srt.batching import QuotaHook
+from dualpath.srt.batching import BatchTimer, CostProfile, QuotaHook
 from dualpath.srt.config import CPU_ENV, SrtConfig
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,9 @@ LAYER_HOOKS = (
 )
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
 SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS + LAYER_HOOKS), "storage_base", "prefill_batch",
-                     "controller_reset", "storage_metrics", "pd_send", "pd_manager", "scheduler", "req", "radix_cache",
-                     "controller", "prefetch_operation", "decode_queue", "host_pool", "device_pool", "mla_host_pool",
-                     "mla_device_pool", "storage_config")
+                     "run_batch", "controller_reset", "storage_metrics", "pd_send", "pd_manager", "schedule_batch",
+                     "scheduler", "req", "radix_cache", "controller", "prefetch_operation", "decode_queue", "host_pool",
+                     "device_pool", "mla_host_pool", "mla_device_pool", "storage_config")
 CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool", "mla_host_pool",
                                                                    "mla_device_pool"}))
 
@@ -73,8 +73,9 @@ def register() -> None:
         hooks += [(surface.TARGETS[name], hook) for name, hook in REQUEST_HOOKS]
         hooks.append((surface.TARGETS["controller_reset"], DualPathStorage.on_controller_reset))
         if config.role == "prefill" and config.prefill_quota_ms > 0:
-            cost = AttentionCostModel(*config.cost_model) if config.cost_model else AttentionCostModel()
-            hooks.append((surface.TARGETS["prefill_batch"], QuotaHook(config.prefill_quota_ms / 1e3, cost)))
+            profile = CostProfile(AttentionCostModel(*config.cost_model) if config.cost_model else None)
+            hooks += [(surface.TARGETS["prefill_batch"], QuotaHook(config.prefill_quota_ms / 1e3, profile)),
+                      (surface.TARGETS["run_batch"], BatchTimer(profile))]
         if config.role == "prefill" and (link := traffic.compute_nic(config)) is not None:
             hooks.append((surface.TARGETS["pd_send"], traffic.PdTransferPacing(link)))
         if config.role == "prefill" and config.layerwise:

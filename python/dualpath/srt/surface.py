@@ -31,8 +31,10 @@ TARGETS: dict[str, str] = {
     "hook_type": "sglang.srt.plugins.hook_registry.HookType",
     # Request arrival (all modes): the request's RouteHint is recorded by rid.
     "add_request": f"{SCHEDULER}._add_request_to_queue",
-    # Prefill batch selection (the PE compute quota).
+    # Prefill batch selection (the PE compute quota) and running (its cost model's timings).
     "prefill_batch": f"{SCHEDULER}.get_new_batch_prefill",
+    "run_batch": f"{SCHEDULER}.run_batch",
+    "schedule_batch": "sglang.srt.managers.schedule_batch.ScheduleBatch",
     # Threads and calls in which the storage backend runs on behalf of one request.
     "storage_hit_query": f"{CONTROLLER}._storage_hit_query",
     "page_transfer": f"{CONTROLLER}._page_transfer",
@@ -121,6 +123,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                       "set_from_flat_data_page", "get_data_page", "device_pool"),
     "mla_device_pool": ("kv_lora_rank", "kv_buffer", "layer_transfer_counter", "register_layer_transfer_counter"),
     "pd_manager": ("kv_args",),
+    "schedule_batch": ("forward_mode", "prefix_lens", "extend_lens"),
     "storage_config": ("tp_rank", "tp_size", "pp_size", "model_name"),
     "server_args": ("disaggregation_mode", "tp_size", "hicache_storage_backend", "hicache_storage_backend_extra_config",
                     "served_model_name", "page_size", "host", *REQUIRED, *DECODE_REQUIRED, *CPU_REQUIRED),
@@ -263,6 +266,13 @@ def queued_prefills(scheduler: Any) -> list[QueuedPrefill]:
         cached = len(req.prefix_indices) + req.host_hit_length + req.storage_hit_length
         prefills.append(QueuedPrefill(id(req), cached, len(req.origin_input_ids) - cached))
     return prefills
+
+
+def prefill_pairs(batch: Any) -> list[tuple[int, int]]:
+    """(cached, new) tokens of each request of a prefill (extend) batch; empty for other batches."""
+    if batch is None or batch.forward_mode is None or not batch.forward_mode.is_extend():
+        return []
+    return list(zip(batch.prefix_lens, batch.extend_lens, strict=True))
 
 
 def scheduler_page_size(scheduler: Any) -> int:
