@@ -118,8 +118,9 @@ def main() -> int:
                 print("warning: the DE-side turns ran out before the loaded phase ended; raise --turns")
         link.close()
     for name, result in (("solo", solo), ("loaded", loaded)):
-        print(f"{name:7} PD KV {result['pd_mib']:7.1f} MiB at {result['pd_share']:.3f} of the link's rate; DE->PE "
-              f"KV {result['kv_mib']:7.1f} MiB = {result['kv_link_share']:.0%} of the link over {result['seconds']:.1f} s")
+        print(f"{name:7} PD KV {result['pd_mib']:7.1f} MiB at {result['pd_share']:.3f} of the link's rate; "
+              f"DE->PE KV {result['kv_mib']:7.1f} MiB = {result['kv_link_share']:.0%} of the link over "
+              f"{result['seconds']:.1f} s")
     ratio = loaded["pd_share"] / solo["pd_share"]
     print(f"PD KV throughput loaded / solo: {ratio:.3f} (target >= 0.95)")
     record = {"metric": "pd_kv_throughput_under_dualpath_kv", "value": loaded["pd_share"],

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dualpath.cluster.local import ClusterConfig, LocalCluster
-from dualpath.cluster.servers import pd_generate, tiny_model_with_layers
+from dualpath.cluster.servers import TINY_MLA_MODEL, TINY_MODEL, pd_generate, tiny_model_with_layers
 from dualpath.scheduler import ReadSide, RouteHint
 
 RESULTS = Path(__file__).parent / "results" / "layerwise_bench.json"
@@ -38,8 +38,9 @@ ARMS = {"layer_by_layer": (), "wait_for_all": ("--dualpath-wait-all-layers",)}
 def run_arm(work: Path, model: Path, server_args: tuple[str, ...], args: argparse.Namespace) -> list[float]:
     """TTFTs (s) of ``args.rounds`` DE-side turns on a fresh pair started with ``server_args``."""
     config = ClusterConfig(work, 1, 1, nic_gbps=args.nic_gbps, base_port=args.base_port, model=model,
-                           max_total_tokens=4 * (args.hit + args.new) * (args.rounds + 1),
-                           server_args=("--dualpath-compute-gbps", str(args.compute_gbps), *server_args))
+                           cpu=args.device == "cpu", max_total_tokens=4 * (args.hit + args.new) * (args.rounds + 1),
+                           server_args=("--dualpath-compute-gbps", str(args.compute_gbps), *server_args,
+                                        *args.server_args.split()))
     rng = random.Random(args.seed)
     one_token = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
     ttfts = []
@@ -65,12 +66,19 @@ def run_arm(work: Path, model: Path, server_args: tuple[str, ...], args: argpars
     return ttfts
 
 
+def torch_device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def record(metric: str, value: float, unit: str, baseline_value: float, target: str, argv: list[str]) -> dict:
     return {"metric": metric, "value": value, "unit": unit,
             "baseline": "the same pair with --dualpath-wait-all-layers, same run", "baseline_value": baseline_value,
             "ratio": value / baseline_value, "target": target,
             "command": "python benchmark/layerwise_bench.py " + " ".join(argv),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+                       + (f", {torch_device()}" if "--device" in argv else ""),
             "date": datetime.now(UTC).date().isoformat()}
 
 
@@ -84,27 +92,30 @@ def main() -> int:
     parser.add_argument("--nic-gbps", type=float, default=40.0, help="emulated storage NICs")
     parser.add_argument("--base-port", type=int, default=23000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mla", action="store_true", help="the tiny DeepSeek-V2 (MLA) instead of the tiny Llama")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--server-args", default="", help="more SGLang flags for both servers (GPU runs)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the records go")
     args = parser.parse_args()
     if args.hit % 64:
         parser.error("--hit must be a multiple of the page size, 64")
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
-        model = tiny_model_with_layers(Path(root) / "model", args.layers)
+        model = tiny_model_with_layers(Path(root) / "model", args.layers, TINY_MLA_MODEL if args.mla else TINY_MODEL)
         for arm, server_args in ARMS.items():
             print(f"{arm}:", flush=True)
             results[arm] = run_arm(Path(root) / arm, model, server_args, args)
     median = {arm: statistics.median(ttfts) for arm, ttfts in results.items()}
-    kv_mib = args.hit * args.layers * 2 * 2 * 64 * 4 / 2**20
-    print(f"\n{args.layers} layers, {args.hit} hit + {args.new} new tokens ({kv_mib:.0f} MiB of hit KV from the DE at "
-          f"{args.compute_gbps} Gb/s), {args.rounds} rounds, median TTFT")
+    print(f"\n{args.layers} layers ({'MLA' if args.mla else 'GQA'}, {args.device}), {args.hit} hit + {args.new} new "
+          f"tokens, the DE's KV at {args.compute_gbps} Gb/s, {args.rounds} rounds, median TTFT")
     for arm, value in median.items():
         print(f"{arm:15} {value * 1e3:8.1f} ms")
     ratio = median["layer_by_layer"] / median["wait_for_all"]
     print(f"layer by layer / wait for all: {ratio:.3f} (target < 0.9)")
     records = [record("de_side_ttft_layer_by_layer", median["layer_by_layer"], "s (median TTFT)",
                       median["wait_for_all"], "ratio < 0.9 (paper: 0.828 of Basic's JCT)", sys.argv[1:])]
-    RESULTS.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"records in {RESULTS}")
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"records in {args.out}")
     return 0
 
 

@@ -416,6 +416,7 @@ from dualpath.cluster.servers import (  # noqa: E402
 from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
 
 BOOTSTRAP = 18998
+COMPUTE_GBPS, COMPUTE_NIC = 0.01, f"test-srt-{os.getpid()}"
 QUOTA_TOKENS = 128
 SAMPLING = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 # Paths are compared by the top-k logprobs of every output token, not by greedy ids alone.
@@ -458,8 +459,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
                             env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
     # The prefill runs the PE compute quota: 1 ms per new token under a 100 ms quota, 128 tokens a batch.
     quota = ("--dualpath-prefill-quota-ms", "100", "--dualpath-cost-model", "0,0.001,0")
-    specs = [ServerSpec("prefill", 31100, "pe0", bootstrap_port=BOOTSTRAP, extra_args=quota),
-             ServerSpec("decode", 31200, "de0"), ServerSpec("null", 31300, dualpath=False)]
+    # Both share one emulated compute NIC of 10 Mb/s: a DE's pages take about 0.1 s a page to land, so the prefill
+    # admits a DE-side request while most of its layers are still on the way.
+    link = ("--dualpath-compute-gbps", str(COMPUTE_GBPS), "--dualpath-compute-nic", COMPUTE_NIC)
+    specs = [ServerSpec("prefill", 31100, "pe0", bootstrap_port=BOOTSTRAP, extra_args=quota + link),
+             ServerSpec("decode", 31200, "de0", extra_args=link), ServerSpec("null", 31300, dualpath=False)]
     started = start_servers(specs, options, timeout_s=400)
     yield {s.spec.role: s for s in started} | {"store": root / "store"}
     stop_servers(started)
@@ -550,6 +554,31 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert read == {"pe0": hit - de_tokens, "de0": de_tokens}
     # The DE's pages entered the prefill's forward layer by layer (admitted before their last layer landed).
     assert _report_reaches(servers["prefill"], "pages_layerwise", layerwise + de_tokens // 64)
+
+
+def test_pd_and_de_kv_share_the_emulated_compute_nic_by_priority(servers: dict) -> None:
+    from dualpath.srt.traffic import compute_nic
+    from dualpath.transfer import PriorityLimiter
+
+    ids = _prompt(10)
+    link = PriorityLimiter(compute_nic(SrtConfig("prefill", compute_nic=COMPUTE_NIC, compute_gbps=COMPUTE_GBPS)))
+    try:
+        before = link.stats()
+        expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+        pe_side = link.stats()
+        hit = 64 * len(_stored(servers, ids))
+        _flush(servers)
+        out, _ = _pd_generate(servers, ids, RouteHint(ReadSide.DE, *_channels(servers)))
+        de_side = link.stats()
+    finally:
+        link.close()
+    assert same_logprobs(out, expected)
+    page_bytes = 64 * 2 * 2 * 2 * 64 * 4  # 64 tokens x 2 layers x K, V x 2 heads x 64 dims x fp32
+    # SGLang's PD transfer (the whole prompt's KV, high priority) ...
+    assert pe_side.model_bytes - before.model_bytes >= hit // 64 * page_bytes
+    assert pe_side.kv_bytes == before.kv_bytes
+    # ... and the DE's forwarding of the hit (low priority) went over the same link.
+    assert de_side.kv_bytes - pe_side.kv_bytes == hit // 64 * page_bytes
 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:

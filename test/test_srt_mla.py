@@ -8,6 +8,8 @@ token; a page with a valid checksum but the wrong content must change them (the 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import test_srt as srt
 from dualpath.scheduler import ReadSide, RouteHint
@@ -28,8 +30,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     options = ServerOptions(root / "store", root / "logs", model=model, transfer_timeout_s=5.0,
                             extra_args=("--load-format", "safetensors"),
                             env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60"})
-    specs = [ServerSpec("prefill", 31700, "pe0", bootstrap_port=BOOTSTRAP), ServerSpec("decode", 31750, "de0"),
-             ServerSpec("null", 31780, dualpath=False)]
+    # One emulated compute NIC of 2.5 Mb/s: a DE's 4 pages (40 KiB each) land over about half a second, so the
+    # prefill's forward takes them layer by layer.
+    link = ("--dualpath-compute-gbps", "0.0025", "--dualpath-compute-nic", f"test-mla-{os.getpid()}")
+    specs = [ServerSpec("prefill", 31700, "pe0", bootstrap_port=BOOTSTRAP, extra_args=link),
+             ServerSpec("decode", 31750, "de0", extra_args=link), ServerSpec("null", 31780, dualpath=False)]
     started = start_servers(specs, options, timeout_s=400)
     yield {s.spec.role: s for s in started} | {"store": root / "store"}
     stop_servers(started)
@@ -48,11 +53,13 @@ def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
                             (RouteHint(ReadSide.SPLIT, pe, de, 128), 128)):
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
+        layerwise = servers["prefill"].report().pages_layerwise
         top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
         read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
         assert read == {"pe0": hit - de_tokens, "de0": de_tokens}, hint.side
+        assert srt._report_reaches(servers["prefill"], "pages_layerwise", layerwise + de_tokens // 64), hint.side
 
 
 def test_a_page_with_a_valid_checksum_but_wrong_content_changes_the_logprobs(servers: dict) -> None:

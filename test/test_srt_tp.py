@@ -7,6 +7,7 @@ listens on the server's KV port + r); the logprobs of every output token must be
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -42,8 +43,11 @@ def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         expected = srt._stock({"null": stock[0]}, PROMPT)
     finally:
         stop_servers(stock)
-    specs = [ServerSpec("prefill", 31810, "pe0", bootstrap_port=BOOTSTRAP, extra_args=TP),
-             ServerSpec("decode", 31850, "de0", extra_args=TP)]
+    # One emulated compute NIC of 2.5 Mb/s for both servers' ranks: the DE's pages land over a second or so,
+    # so each prefill rank's forward takes its shard layer by layer.
+    link = ("--dualpath-compute-gbps", "0.0025", "--dualpath-compute-nic", f"test-tp-{os.getpid()}")
+    specs = [ServerSpec("prefill", 31810, "pe0", bootstrap_port=BOOTSTRAP, extra_args=TP + link),
+             ServerSpec("decode", 31850, "de0", extra_args=TP + link)]
     started = start_servers(specs, options, timeout_s=500)
     yield {s.spec.role: s for s in started} | {"store": root / "store", "stock": expected, "model": request.param}
     stop_servers(started)
@@ -60,6 +64,7 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
         forwarded = servers["decode"].report().pages_forwarded
+        layerwise = servers["prefill"].report().pages_layerwise
         top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
@@ -71,3 +76,4 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
                 assert time.monotonic() < deadline, "the decode's ranks did not count what they forwarded"
                 time.sleep(0.2)
             assert servers["decode"].report().pages_forwarded - forwarded == 2 * hit // 64
+            assert srt._report_reaches(servers["prefill"], "pages_layerwise", layerwise + 2 * hit // 64)

@@ -26,6 +26,7 @@ from typing import Literal
 from dualpath.scheduler.report import REPORT_ROUTE, NodeReport
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "srt" / "tiny_llama"
+TINY_MLA_MODEL = TINY_MODEL.parent / "tiny_deepseek_v2"
 # What SGLang needs to serve the tiny model on CPU (reference: docs/srt.md).
 CPU_ARGS = ("--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu", "--attention-backend",
             "torch_native", "--dtype", "float32")
@@ -69,11 +70,11 @@ class ServerOptions:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def tiny_model_with_layers(target: Path, layers: int) -> Path:
-    """The tiny Llama's config with ``layers`` layers (dummy weights), written to ``target``."""
+def tiny_model_with_layers(target: Path, layers: int, base: Path = TINY_MODEL) -> Path:
+    """A tiny model's config (the tiny Llama's, or ``base``) with ``layers`` layers (dummy weights), in ``target``."""
     target.mkdir(parents=True)
     for name in ("config.json", "generation_config.json"):
-        (target / name).write_text((TINY_MODEL / name).read_text())
+        (target / name).write_text((base / name).read_text())
     config = json.loads((target / "config.json").read_text())
     (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
     return target
