@@ -71,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         model = tiny_model_with_layers(Path(root) / "model", args.layers)
         config = ClusterConfig(Path(root) / "cluster", 1, 1, nic_gbps=40.0, base_port=args.base_port, model=model,
-                               max_total_tokens=200_000, server_args=link_flags)
+                               max_total_tokens=40_000, server_args=link_flags)
         link = PriorityLimiter(compute_nic(SrtConfig("prefill", compute_nic=nic, compute_gbps=args.compute_gbps)))
         with LocalCluster(config) as cluster:
             prefill, decode = cluster.servers

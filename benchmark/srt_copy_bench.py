@@ -66,6 +66,8 @@ def measure(prefill: object, decode: object, hint: RouteHint, rid: str, keys: li
     cpu, wall = cpu_seconds(), time.perf_counter()
     prefill.routes.arrive(rid, None, hint.encode(), ids)
     placed = sum(prefill.routes.serving(rid, lambda: prefill.batch_get_v1(keys, indices)))
+    if prefill.gate is not None:
+        prefill.gate.settle(indices)  # DE pages enter the host pool layer by layer, after batch_get_v1 returned
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     if placed != len(keys):
         raise RuntimeError(f"{rid}: {placed} of {len(keys)} pages placed")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from dualpath.scheduler import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
 from hypothesis import given, settings
@@ -63,6 +64,19 @@ def test_fit_recovers_profiled_coefficients():
     fitted = AttentionCostModel.fit(batches, [truth.predict(b) for b in batches], topk=2048)
     for b in batches:
         assert fitted.predict(b) == pytest.approx(truth.predict(b), rel=1e-6)
+
+
+def test_fit_on_few_batch_shapes_keeps_every_coefficient_non_negative():
+    # Two shapes of fresh prompts (a server's first batches) with timing noise: the per-token cost must not be
+    # inflated to make up for a negative per-pair one (as an unconstrained fit clipped at zero did).
+    rng = np.random.default_rng(0)
+    truth = AttentionCostModel(0.02, 4e-4, 1e-8)
+    batches = [[(0, n)] for n in (64, 64, 2048, 2048, 2048, 2048, 2048, 2048)]
+    seconds = [truth.predict(b) * (1 + 0.05 * rng.standard_normal()) for b in batches]
+    fitted = AttentionCostModel.fit(batches, seconds)
+    assert min(fitted.base_s, fitted.per_token_s, fitted.per_pair_s) >= 0
+    for b in batches:
+        assert fitted.predict(b) == pytest.approx(truth.predict(b), rel=0.1)
 
 
 def test_bad_input_is_rejected():

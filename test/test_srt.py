@@ -256,7 +256,15 @@ def test_the_cost_model_is_fitted_to_the_servers_own_prefill_batches() -> None:
     from types import SimpleNamespace
 
     from dualpath.scheduler import AttentionCostModel, BatcherConfig, Chunk, ComputeQuotaBatcher
-    from dualpath.srt.batching import MIN_BATCHES, RESAMPLE_EVERY, BatchTimer, CostProfile, QuotaHook, prefill_budget
+    from dualpath.srt.batching import (
+        MIN_BATCHES,
+        RESAMPLE_EVERY,
+        WARMUP_BATCHES,
+        BatchTimer,
+        CostProfile,
+        QuotaHook,
+        prefill_budget,
+    )
 
     truth = AttentionCostModel(0.002, 1e-4, 2e-8)
     profile, clock = CostProfile(), [0.0]
@@ -273,16 +281,16 @@ def test_the_cost_model_is_fitted_to_the_servers_own_prefill_batches() -> None:
     extend = SimpleNamespace(is_extend=lambda: True)
     rng = random.Random(0)
     timed = 0
-    for i in range(MIN_BATCHES + 2 * RESAMPLE_EVERY):
+    for i in range(WARMUP_BATCHES + MIN_BATCHES + 2 * RESAMPLE_EVERY):
         pairs = [(rng.randrange(0, 4000), rng.randrange(1, 2000)) for _ in range(rng.randrange(1, 4))]
         batch = SimpleNamespace(forward_mode=extend, prefix_lens=[c for c, _ in pairs],
                                 extend_lens=[n for _, n in pairs])
         before = len(profile._batches)
         timer(run, scheduler, batch)
         timed += len(profile._batches) - before
-        if i + 1 == MIN_BATCHES - 1:
+        if i + 1 == WARMUP_BATCHES + MIN_BATCHES - 1:
             assert profile.model is None
-    assert timed == MIN_BATCHES + 2  # the first batches, then one in RESAMPLE_EVERY
+    assert timed == MIN_BATCHES + 2  # after the warm-up the first batches, then one in RESAMPLE_EVERY
     decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), prefix_lens=[], extend_lens=[])
     timer(lambda s, b: None, scheduler, decode)  # decode batches are never timed
     assert len(profile._batches) == timed

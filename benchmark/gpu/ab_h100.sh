@@ -7,8 +7,11 @@
 #   device call 1 (carry .gpu-kit-1):  bash benchmark/gpu/ab_h100.sh unpack .gpu-kit-1
 #   device call 2 (carry .gpu-kit-2):  bash benchmark/gpu/ab_h100.sh unpack .gpu-kit-2
 #   device call 3 (carry .gpu-kit-3):  bash benchmark/gpu/ab_h100.sh unpack .gpu-kit-3 && bash benchmark/gpu/ab_h100.sh run
+#   device call 4 (same warm machine):  bash benchmark/gpu/ab_h100.sh models
 #
-# `run` writes $OUT/cluster_ab_h100.json (benchmark records) and .png; copy them to benchmark/results/.
+# `run` writes $OUT/cluster_ab_h100.json (benchmark records) and .png; `models` the layerwise ablation on the
+# GPU for a GQA and an MLA (DeepSeek-V2 architecture) tiny model, $OUT/layerwise_bench_{gqa,mla}_h100.json;
+# copy them to benchmark/results/.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
 SITE=/tmp/site
@@ -26,20 +29,29 @@ build)
   echo "add .gpu-kit-1 .gpu-kit-2 .gpu-kit-3 to .git/info/exclude (they are not committed)";;
 unpack)
   python3 "$2/unpack_kit.py" "$2" "$SITE";;
-run)
+run|models)
   export PYTHONPATH=$SITE:$HERE/python:$HERE/sgl-kernel/python
   # SGLang discovers its plugins through installed distributions: declare DualPath's entry point.
   mkdir -p "$SITE/sglang_dualpath-0.1.0.dist-info"
   printf 'Metadata-Version: 2.1\nName: sglang-dualpath\nVersion: 0.1.0\n' > "$SITE/sglang_dualpath-0.1.0.dist-info/METADATA"
   printf '[sglang.srt.plugins]\ndualpath = dualpath.srt.plugin:register\n' > "$SITE/sglang_dualpath-0.1.0.dist-info/entry_points.txt"
+  GPU_ARGS="--load-format dummy --skip-tokenizer-init --attention-backend triton --sampling-backend pytorch \
+--grammar-backend none --disable-cuda-graph --mem-fraction-static 0.3"
+  if [ "$1" = models ]; then
+    # Layer by layer vs wait-for-all on the GPU: GQA, then MLA (SGLang's MLA pools, one latent plane per layer).
+    python3 "$HERE/benchmark/layerwise_bench.py" --device cuda --rounds 4 --compute-gbps "${COMPUTE_GBPS:-8}" \
+      --server-args "$GPU_ARGS" --out "${OUT:-/tmp/out}/layerwise_bench_gqa_h100.json"
+    python3 "$HERE/benchmark/layerwise_bench.py" --device cuda --rounds 4 --compute-gbps "${COMPUTE_GBPS:-8}" --mla \
+      --server-args "$GPU_ARGS" --out "${OUT:-/tmp/out}/layerwise_bench_mla_h100.json"
+    exit 0
+  fi
   MODEL=/tmp/tiny8; mkdir -p $MODEL
   cp "$HERE/benchmark/gpu/tiny8-config.json" $MODEL/config.json
   echo '{"bos_token_id": 1, "eos_token_id": 2}' > $MODEL/generation_config.json
   # One GPU holds both servers: a third of its memory each. Per-node caps make the PE NIC the bottleneck.
   python3 -m dualpath.cli ab --device cuda --model $MODEL --prefill 1 --decode 1 --nic-gbps "${NIC_GBPS:-2}" \
     --kv-bytes-per-token 16384 --scale 1 --agents 8 --turns 4 --max-gen 64 --max-context 60000 --out "${OUT:-/tmp/out}" --name cluster_ab_h100 \
-    --server-args "--load-format dummy --skip-tokenizer-init --attention-backend triton --sampling-backend pytorch \
---grammar-backend none --disable-cuda-graph --mem-fraction-static 0.3";;
+    --server-args "$GPU_ARGS";;
 *)
-  echo "usage: $0 build | unpack KIT_DIR | run" >&2; exit 2;;
+  echo "usage: $0 build | unpack KIT_DIR | run | models" >&2; exit 2;;
 esac

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+from scipy.optimize import nnls
 
 PairsCost = Callable[[Sequence[tuple[int, int]]], float]
 
@@ -105,12 +106,15 @@ class AttentionCostModel:
     @staticmethod
     def fit(batches: Sequence[Sequence[tuple[int, int]]], seconds: Sequence[float],
             topk: int | None = None) -> AttentionCostModel:
-        """Least-squares coefficients from profiled batches (each a list of (cached, new)) and their times."""
+        """Non-negative least-squares coefficients from profiled batches (each a list of (cached, new)) and their
+        times. Unconstrained coefficients clipped at zero would not fit: with few distinct batch shapes the
+        solution can trade a negative per-pair cost against an inflated per-token one."""
         if len(batches) != len(seconds) or len(batches) < 3:
             raise ValueError(f"need >= 3 profiled batches with one time each, got {len(batches)} and {len(seconds)}")
-        rows = [(1.0, *AttentionCostModel.features(b, topk)) for b in batches]
-        coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(seconds, dtype=float), rcond=None)
-        base, per_token, per_pair = (max(float(c), 0.0) for c in coef)
+        rows = np.asarray([(1.0, *AttentionCostModel.features(b, topk)) for b in batches])
+        scale = np.maximum(rows.max(axis=0), 1e-30)  # features span 1 to ~1e9: solve on comparable columns
+        coef, _ = nnls(rows / scale, np.asarray(seconds, dtype=float))
+        base, per_token, per_pair = (float(c) for c in coef / scale)
         return AttentionCostModel(base, per_token, per_pair, topk)
 
 

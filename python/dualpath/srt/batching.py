@@ -7,10 +7,11 @@ batcher packs under the attention-time quota: whole requests while the predicted
 largest chunk of the next one. Long-context requests thus get small chunks and short ones share a batch.
 
 The quota prices a batch with an attention cost model (``base + per_token x new + per_pair x attended
-pairs``): given on the command line, or fitted by least squares to the server's own prefill batches
-(:class:`CostProfile`): the first ``MIN_BATCHES`` are timed, then one in ``RESAMPLE_EVERY``, over a window of
-the last ``WINDOW``. Until the first fit the scheduler keeps SGLang's own budgets. Time a batch spends
-waiting for a DE's layers (``layers.LayerGate``) is not compute and is left out.
+pairs``): given on the command line, or fitted by non-negative least squares to the server's own prefill
+batches (:class:`CostProfile`): after ``WARMUP_BATCHES`` the first ``MIN_BATCHES`` are timed, then one in
+``RESAMPLE_EVERY``, over a window of the last ``WINDOW``. Until the first fit the scheduler keeps SGLang's
+own budgets. Time a batch spends waiting for a DE's layers (``layers.LayerGate``) is not compute and is
+left out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dualpath.scheduler.batcher import AttentionCostModel, BatcherConfig, Chunk,
 from dualpath.srt import surface
 
 log = logging.getLogger(__name__)
-MIN_BATCHES, RESAMPLE_EVERY, WINDOW = 8, 16, 256
+# The first batches (SGLang's warm-up request, first-touch costs) are not timed.
+WARMUP_BATCHES, MIN_BATCHES, RESAMPLE_EVERY, WINDOW = 2, 8, 16, 256
 
 
 def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_size: int) -> int | None:
@@ -50,7 +52,9 @@ class CostProfile:
     def wants_timing(self) -> bool:
         """Whether to time the next prefill batch."""
         self._seen += 1
-        return self.fitting and (len(self._batches) < MIN_BATCHES or self._seen % RESAMPLE_EVERY == 0)
+        if not self.fitting or self._seen <= WARMUP_BATCHES:
+            return False
+        return len(self._batches) < MIN_BATCHES or self._seen % RESAMPLE_EVERY == 0
 
     def observe(self, pairs: list[tuple[int, int]], seconds: float) -> None:
         """One timed prefill batch: its (cached, new) pairs and the seconds it computed."""
