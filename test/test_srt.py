@@ -270,7 +270,9 @@ def test_the_cost_model_is_fitted_to_the_servers_own_prefill_batches() -> None:
     profile, clock = CostProfile(), [0.0]
     timer, quota = BatchTimer(profile, clock=lambda: clock[0]), QuotaHook(0.1, profile)
     budgets: list[object] = []
-    scheduler = SimpleNamespace(chunked_req=None, waiting_queue=[], page_size=16, max_prefill_tokens=16384,
+    waiting = SimpleNamespace(prefix_indices=[], host_hit_length=0, storage_hit_length=0,
+                              origin_input_ids=list(range(3000)))
+    scheduler = SimpleNamespace(chunked_req=None, waiting_queue=[waiting], page_size=16, max_prefill_tokens=16384,
                                 chunked_prefill_size=2048, tree_cache=None)
     quota(lambda s: budgets.append(s.max_prefill_tokens), scheduler)
     assert budgets == [16384]  # no model yet: SGLang's own budgets
@@ -299,6 +301,21 @@ def test_the_cost_model_is_fitted_to_the_servers_own_prefill_batches() -> None:
     true_budget = prefill_budget(ComputeQuotaBatcher(truth, BatcherConfig(0.1)), queue, 16)
     assert fitted_budget is not None and abs(fitted_budget - true_budget) <= 32  # the quota chunks as the truth does
     assert CostProfile(truth).model is truth and not CostProfile(truth).wants_timing()  # a given model stays
+
+    # Batches of one size only (fresh 2048-token prompts): no fit, SGLang's budgets.
+    same_size = CostProfile()
+    for _ in range(WARMUP_BATCHES + MIN_BATCHES + 4):
+        batch = SimpleNamespace(forward_mode=extend, prefix_lens=[0], extend_lens=[2048])
+        BatchTimer(same_size, clock=lambda: clock[0])(run, scheduler, batch)
+    assert same_size.model is None
+    # The fitted quota chunks the waiting 3000-token prompt; a fixed cost over the quota would only shrink chunks
+    # to a page without meeting it, so SGLang's budgets stay.
+    budgets.clear()
+    quota(lambda s: budgets.append(s.max_prefill_tokens), scheduler)
+    over = QuotaHook(0.1, CostProfile(AttentionCostModel(0.2, 1e-4, 0.0)))
+    over(lambda s: budgets.append(s.max_prefill_tokens), scheduler)
+    expected = prefill_budget(ComputeQuotaBatcher(truth, BatcherConfig(0.1)), [Chunk(0, 0, 3000)], 16)
+    assert abs(budgets[0] - expected) <= 32 and expected < 3000 and budgets[1] == 16384
 
 
 # -- block slots ---------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ largest chunk of the next one. Long-context requests thus get small chunks and s
 The quota prices a batch with an attention cost model (``base + per_token x new + per_pair x attended
 pairs``): given on the command line, or fitted by non-negative least squares to the server's own prefill
 batches (:class:`CostProfile`): after ``WARMUP_BATCHES`` the first ``MIN_BATCHES`` are timed, then one in
-``RESAMPLE_EVERY``, over a window of the last ``WINDOW``. Until the first fit the scheduler keeps SGLang's
-own budgets. Time a batch spends waiting for a DE's layers (``layers.LayerGate``) is not compute and is
-left out.
+``RESAMPLE_EVERY``, over a window of the last ``WINDOW``, fitted once their sizes differ enough to tell a
+fixed cost from a per-token one. Until the first fit, and while the fixed cost alone exceeds the quota,
+the scheduler keeps SGLang's own budgets. Time a batch spends waiting for a DE's layers
+(``layers.LayerGate``) is not compute and is left out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dualpath.srt import surface
 log = logging.getLogger(__name__)
 # The first batches (SGLang's warm-up request, first-touch costs) are not timed.
 WARMUP_BATCHES, MIN_BATCHES, RESAMPLE_EVERY, WINDOW = 2, 8, 16, 256
+# A fit needs batches of different sizes: the largest at least this many times the smallest (new tokens).
+SIZE_SPREAD = 4
 
 
 def prefill_budget(batcher: ComputeQuotaBatcher, queue: Sequence[Chunk], page_size: int) -> int | None:
@@ -60,7 +63,9 @@ class CostProfile:
         """One timed prefill batch: its (cached, new) pairs and the seconds it computed."""
         self._batches.append(pairs)
         self._seconds.append(seconds)
-        if len(self._batches) >= MIN_BATCHES:
+        sizes = [sum(new for _, new in batch) for batch in self._batches]
+        # Batches of one size tell a fixed cost from a per-token one no better than a guess.
+        if len(sizes) >= MIN_BATCHES and max(sizes) >= SIZE_SPREAD * max(min(sizes), 1):
             first = self.model is None
             self.model = AttentionCostModel.fit(list(self._batches), list(self._seconds))
             if first:
@@ -110,7 +115,9 @@ class QuotaHook:
         self.batcher = ComputeQuotaBatcher(profile, BatcherConfig(quota_s=quota_s))
 
     def __call__(self, original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.profile.model is None:  # not fitted yet: SGLang's own budgets
+        model = self.profile.model
+        if model is None or model.base_s >= self.batcher.config.quota_s:
+            # Not fitted yet, or no batch can meet the quota (chunks would only shrink to a page): SGLang's budgets.
             return original(scheduler, *args, **kwargs)
         queue = [Chunk(*queued) for queued in surface.queued_prefills(scheduler)]
         budget = prefill_budget(self.batcher, queue, surface.scheduler_page_size(scheduler))

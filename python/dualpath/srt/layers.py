@@ -4,10 +4,12 @@ A DE sends a request's hit pages plane by plane in model-layer order (``link.lay
 prefill admits the request as soon as the DE holds every page (its first plane landed) instead of when
 the last plane lands, and leaves the pages' host-pool entries to the :class:`LayerGate`:
 - SGLang loads a batch's host pages into the device pool layer by layer before the forward
-  (``load_to_device_per_layer``); the gate loads the pages that have landed and defers the others.
+  (``load_to_device_per_layer``); the gate loads the pages that have landed and defers the others, filed
+  under the load batch SGLang's counter is producing (a few may be in flight).
 - The forward of layer i asks the device pool for its KV, which asks its layer counter (SGLang's
   ``LayerDoneCounter.wait_until``); the gate stands in that place: it waits for layer i's planes only,
-  places them in the host pool, loads the deferred pages of that layer and then defers to SGLang's counter.
+  places them in the host pool, loads the deferred pages of that layer of the load batch the forward
+  consumes and then defers to SGLang's counter.
 - When all planes of a fetch have landed, the gate places every layer still missing in the host pool
   (where the radix tree expects the pages) and releases the slots. Freeing host pages still landing
   waits for that first, so a page is never reused under a transfer.
@@ -88,7 +90,8 @@ class LayerGate:
         self._cond = threading.Condition()
         self._landing_of_slot: dict[int, Landing] = {}
         self._held: dict[int, _Held] = {}  # host page number -> where its planes land
-        self._deferred: dict[int, list[_Deferred]] = defaultdict(list)
+        # (SGLang's load producer, layer) -> deferred loads: a batch's forward consumes its own producer's loads
+        self._deferred: dict[tuple[int, int], list[_Deferred]] = defaultdict(list)
         self._settling = ThreadPoolExecutor(2, thread_name_prefix="dualpath-landing")
         self.waited_s = 0.0  # the forward's time waiting for layers to land (not compute: see batching.py)
 
@@ -133,13 +136,13 @@ class LayerGate:
         later_host, later_device = host_indices[mask], device_indices[mask.to(device_indices.device)]
         pages = _pages(later_host, self._page)
         with self._cond:
-            self._deferred[layer].append(_Deferred(pages, lambda: original(
+            self._deferred[surface.load_producer(self._counter), layer].append(_Deferred(pages, lambda: original(
                 host_pool, device_pool, later_host, later_device, layer, io_backend)))
 
     def wait_until(self, layer: int) -> None:
         """The forward is about to read ``layer``: place and load what of it is still landing, then SGLang's wait."""
         with self._cond:
-            deferred = self._deferred.pop(layer, [])
+            deferred = self._deferred.pop((surface.load_consumer(self._counter), layer), [])
         for entry in deferred:
             for page in entry.pages:
                 self._place(page, layer)

@@ -44,10 +44,11 @@ TARGETS: dict[str, str] = {
         "sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin._build_decode_prefix_match"
     ),
     # Layer by layer (layers.py): the host pool's per-layer load into the device pool (also a CPU stand-in
-    # below) and its release of host pages.
+    # below), its release of host pages, and the counter the device pool waits on per layer.
     "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
     "mla_host_load_layer": f"{MLA_HOST_POOL}.load_to_device_per_layer",
     "host_free": "sglang.srt.mem_cache.pool_host.base.HostKVCache.free",
+    "layer_done_counter": "sglang.srt.managers.cache_controller.LayerDoneCounter",
     # SGLang's own PD KV transfer (NIXL connector), paced on an emulated compute NIC (traffic.py).
     "pd_send": "sglang.srt.disaggregation.nixl.conn.NixlKVManager.send_kvcache",
     "pd_manager": "sglang.srt.disaggregation.nixl.conn.NixlKVManager",
@@ -123,6 +124,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                       "set_from_flat_data_page", "get_data_page", "device_pool"),
     "mla_device_pool": ("kv_lora_rank", "kv_buffer", "layer_transfer_counter", "register_layer_transfer_counter"),
     "pd_manager": ("kv_args",),
+    "layer_done_counter": ("producer_index", "consumer_index", "wait_until"),
     "schedule_batch": ("forward_mode", "prefix_lens", "extend_lens"),
     "storage_config": ("tp_rank", "tp_size", "pp_size", "model_name"),
     "server_args": ("disaggregation_mode", "tp_size", "hicache_storage_backend", "hicache_storage_backend_extra_config",
@@ -313,6 +315,16 @@ def device_pool_of(host_pool: Any) -> Any:
 def layer_counter(device_pool: Any) -> Any:
     """What the device pool waits on before a layer's KV is read (SGLang's ``LayerDoneCounter``, or DualPath's gate)."""
     return device_pool.layer_transfer_counter
+
+
+def load_producer(counter: Any) -> int:
+    """The load batch a ``LayerDoneCounter`` is producing (SGLang keeps a few in flight); -1 without one."""
+    return -1 if counter is None else counter.producer_index
+
+
+def load_consumer(counter: Any) -> int:
+    """The load batch the running forward consumes; -1 without one."""
+    return -1 if counter is None else counter.consumer_index
 
 
 def set_layer_counter(device_pool: Any, counter: Any) -> None:
