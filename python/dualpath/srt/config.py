@@ -76,6 +76,9 @@ class SrtConfig:
     # the storage backend of one rank runs); rank r's KV channel listens on kv_port + r.
     tp_size: int = 1
     tp_rank: int = 0
+    # SGLang's HiCache prefetch threshold (its extra-config key ``prefetch_threshold``, as SGLang parsed it):
+    # smaller storage hits are not prefetched.
+    prefetch_threshold: int = 256
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "null"):
@@ -144,7 +147,8 @@ class SrtConfig:
         for key, needed in BACKEND.items():
             if extra.get(key) != needed and not (key == "interface_v1" and extra.get(key)):
                 raise ValueError(f"the DualPath backend needs extra-config {key}={needed!r}, got {extra.get(key)!r}")
-        settings = {f.name for f in fields(SrtConfig)} - {"role", "model", "page_size", "tp_size", "tp_rank"}
+        settings = {f.name for f in fields(SrtConfig)} - {"role", "model", "page_size", "tp_size", "tp_rank",
+                                                          "prefetch_threshold"}
         unknown = sorted(set(extra) - settings - set(BACKEND) - SGLANG_KEYS)
         if unknown:
             raise ValueError(f"unknown DualPath extra-config keys {unknown}; known: {sorted(settings)}")

@@ -68,6 +68,7 @@ class Landing:
 class _Held(NamedTuple):
     landing: Landing
     slot: int
+    placed: set[int]  # layers already in the host pool
 
 
 class _Deferred(NamedTuple):
@@ -110,7 +111,7 @@ class LayerGate:
             if landing is None:
                 return False
             self._pin([slot])
-            self._held[host_index // self._page] = _Held(landing, slot)
+            self._held[host_index // self._page] = _Held(landing, slot, set())
             return True
 
     def landed(self, slot: int) -> None:
@@ -168,8 +169,9 @@ class LayerGate:
         if not landed:
             return  # lost (see _settle)
         with self._cond:
-            if self._held.get(page) is held:
+            if self._held.get(page) is held and layer not in held.placed:
                 self._copy(held.slot, page, layer)
+                held.placed.add(layer)
 
     def _copy(self, slot: int, page: int, layer: int) -> None:
         flat, start = self._flat(slot), page * self._page
@@ -181,18 +183,18 @@ class LayerGate:
         ok = landing.wait_all()
         with self._cond:
             pages = [page for page, held in self._held.items() if held.landing is landing]
-            held_slots = [self._held.pop(page).slot for page in pages]
+            held = [self._held.pop(page) for page in pages]
             if ok:
-                for page, slot in zip(pages, held_slots, strict=True):
-                    for layer in range(len(self.layer_planes)):
-                        self._copy(slot, page, layer)
+                for page, entry in zip(pages, held, strict=True):
+                    for layer in set(range(len(self.layer_planes))) - entry.placed:
+                        self._copy(entry.slot, page, layer)
             for slot in landing.slots:
                 self._landing_of_slot.pop(slot, None)
             self._cond.notify_all()
         if not ok:
             log.error("request %s: the DE failed mid-transfer and the store no longer has %d of its pages; they "
                       "were not placed", landing.rid, len(pages))
-        self._release(landing.slots + held_slots)
+        self._release(landing.slots + [entry.slot for entry in held])
 
     def close(self) -> None:
         self._settling.shutdown(wait=True)

@@ -113,8 +113,10 @@ def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args
 
 
 def on_operation(original: Callable[..., Any], controller: Any, operation: Any, *args: Any, **kwargs: Any) -> Any:
-    return _serving(controller, lambda: surface.operation_request_id(operation),
-                    lambda: original(controller, operation, *args, **kwargs))
+    rid = surface.operation_request_id(operation)
+    if rid is None:  # an inline hit query: it serves the request its caller serves (the decode's prefix match)
+        return original(controller, operation, *args, **kwargs)
+    return _serving(controller, lambda: rid, lambda: original(controller, operation, *args, **kwargs))
 
 
 def on_prefix_match(original: Callable[..., Any], queue: Any, req: Any, *args: Any, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from dualpath.scheduler.report import REPORT_ROUTE
@@ -39,11 +40,12 @@ def config_of(server_args: Any) -> SrtConfig | None:
     if settings.storage_backend != "dynamic" or not settings.extra_config:
         return None
     surface.self_check(MAIN_TARGETS)
-    extra = surface.resolve("parse_extra_config")(settings.extra_config)[0]
+    extra, prefetch_threshold, *_ = surface.resolve("parse_extra_config")(settings.extra_config)
     config = SrtConfig.from_extra_config(extra, settings.role, settings.model or "model", settings.page_size or 1,
                                          settings.host, settings.tp_size)
     if config is None:
         return None
+    config = replace(config, prefetch_threshold=prefetch_threshold)
     wrong = [flag if needed is True else f"{flag} {needed}" for field, (flag, needed) in required(server_args).items()
              if surface.setting(server_args, field) != needed]
     if wrong:

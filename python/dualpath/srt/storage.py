@@ -108,9 +108,12 @@ class DualPathStorage(surface.resolve("storage_base")):
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
         if self.config.role == "decode":
             # The decode reads what its NIC reads for the prefill (all of a DE-side request's hit pages, the
-            # leading ones of a split read); the prefill sends the rest, as in stock PD.
+            # leading ones of a split read); the prefill sends the rest, as in stock PD. SGLang's decode counts an
+            # inline hit as its own but prefetches only hits of prefetch_threshold tokens or more: a smaller
+            # part is left to the prefill, or the decode would wait for pages it never reads.
             route = self.routes.current()
-            keys = list(itertools.takewhile(route.read_by_de, keys))
+            found = self._store().prefix_length(list(itertools.takewhile(route.read_by_de, keys)))
+            return found if found * self.config.page_size >= self.config.prefetch_threshold else 0
         return self._store().prefix_length(keys)
 
     def exists(self, key: str) -> bool:

@@ -248,8 +248,16 @@ def request_id(req: Any) -> str:
     return req.rid
 
 
-def operation_request_id(operation: Any) -> str:
-    return operation.request_id
+# The request id of the hit queries SGLang makes inline for the request being matched (the decode's prefix match):
+# not a request of its own.
+INLINE_HIT_QUERY = "__storage_hit_query__"
+
+
+def operation_request_id(operation: Any) -> str | None:
+    """The request a HiCache prefetch operation works for; None for SGLang's inline hit queries, which run on
+    behalf of the request the caller is matching."""
+    rid = operation.request_id
+    return None if rid == INLINE_HIT_QUERY else rid
 
 
 def storage_backend(owner: Any) -> Any:
