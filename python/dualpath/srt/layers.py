@@ -32,6 +32,7 @@ from dualpath.transfer import TransferFailed
 from dualpath.transfer.flows import Inbound
 
 log = logging.getLogger(__name__)
+SETTLING_THREADS = 8
 
 
 class Landing:
@@ -93,7 +94,8 @@ class LayerGate:
         self._held: dict[int, _Held] = {}  # host page number -> where its planes land
         # (SGLang's load producer, layer) -> deferred loads: a batch's forward consumes its own producer's loads
         self._deferred: dict[tuple[int, int], list[_Deferred]] = defaultdict(list)
-        self._settling = ThreadPoolExecutor(2, thread_name_prefix="dualpath-landing")
+        # One thread per fetch in flight: a stalled DE's fetch must not hold back another's settling.
+        self._settling = ThreadPoolExecutor(SETTLING_THREADS, thread_name_prefix="dualpath-landing")
         self.waited_s = 0.0  # the forward's time waiting for layers to land (not compute: see batching.py)
 
     # -- the storage backend --------------------------------------------------------------------------------
@@ -130,11 +132,10 @@ class LayerGate:
         landing = torch.isin(torch.div(host_indices.cpu(), self._page, rounding_mode="floor"), held)
         if not landing.any():
             return original(host_pool, device_pool, host_indices, device_indices, layer, io_backend)
-        mask = landing.to(host_indices.device)
-        if not mask.all():
-            original(host_pool, device_pool, host_indices[~mask], device_indices[~mask.to(device_indices.device)],
-                     layer, io_backend)
-        later_host, later_device = host_indices[mask], device_indices[mask.to(device_indices.device)]
+        host_mask, device_mask = landing.to(host_indices.device), landing.to(device_indices.device)
+        if not landing.all():
+            original(host_pool, device_pool, host_indices[~host_mask], device_indices[~device_mask], layer, io_backend)
+        later_host, later_device = host_indices[host_mask], device_indices[device_mask]
         pages = _pages(later_host, self._page)
         with self._cond:
             self._deferred[surface.load_producer(self._counter), layer].append(_Deferred(pages, lambda: original(
