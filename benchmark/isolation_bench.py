@@ -8,8 +8,10 @@ low-priority traffic. Two phases on the same servers:
 - solo: ``--pd-requests`` fresh prompts on the PE side, one after another: PD KV alone on the link;
 - loaded: the same number of fresh prompts while ``--streams`` clients keep sending DE-side turns whose hit
   (``--hit`` tokens, written to the store beforehand) the decode forwards to the prefill.
-The PD transfer's throughput is measured on the emulated link itself: the time its grants spent on the link over
-the time from asking to finishing (1.0: never waited). Prints both phases and the DE->PE KV's share of the link,
+The PD transfer's throughput is measured on the emulated link itself, relative to the same link without DE->PE KV:
+the time its grants spent on the link over that time plus the time they waited behind KV grants (1.0: never
+waited for KV; waits behind other PD transfers are the link's own). Prints both phases, the DE->PE KV's share of
+the link and the PD grants' throughput relative to an idle link (waits behind each other counted too),
 and writes ``benchmark/results/isolation_bench.json`` (target: loaded / solo >= 0.95 while the KV fills the link).
 """
 
@@ -46,11 +48,9 @@ class Phase:
 
     def end(self) -> dict[str, float]:
         after, seconds = self._link.stats(), time.monotonic() - self._started
-        pd = LimiterStats(after.bytes_per_s, after.model_bytes - self._before.model_bytes,
-                          after.kv_bytes - self._before.kv_bytes, after.promotions - self._before.promotions,
-                          after.model_waited_s - self._before.model_waited_s,
-                          after.model_busy_s - self._before.model_busy_s)
-        return {"pd_share": pd.model_share, "pd_mib": pd.model_bytes / 2**20, "kv_mib": pd.kv_bytes / 2**20,
+        pd = LimiterStats(after.bytes_per_s, *(a - b for a, b in zip(after[1:], self._before[1:], strict=True)))
+        return {"pd_share": pd.model_share_left_by_kv, "pd_link_share": pd.model_share,
+                "pd_mib": pd.model_bytes / 2**20, "kv_mib": pd.kv_bytes / 2**20,
                 "kv_link_share": pd.kv_bytes / (after.bytes_per_s * seconds), "seconds": seconds}
 
 
@@ -118,13 +118,14 @@ def main() -> int:
                 print("warning: the DE-side turns ran out before the loaded phase ended; raise --turns")
         link.close()
     for name, result in (("solo", solo), ("loaded", loaded)):
-        print(f"{name:7} PD KV {result['pd_mib']:7.1f} MiB at {result['pd_share']:.3f} of the link's rate; "
-              f"DE->PE KV {result['kv_mib']:7.1f} MiB = {result['kv_link_share']:.0%} of the link over "
-              f"{result['seconds']:.1f} s")
+        print(f"{name:7} PD KV {result['pd_mib']:7.1f} MiB at {result['pd_share']:.3f} of its rate without DE->PE KV "
+              f"({result['pd_link_share']:.3f} of an idle link's); DE->PE KV {result['kv_mib']:7.1f} MiB = "
+              f"{result['kv_link_share']:.0%} of the link over {result['seconds']:.1f} s")
     ratio = loaded["pd_share"] / solo["pd_share"]
     print(f"PD KV throughput loaded / solo: {ratio:.3f} (target >= 0.95)")
     record = {"metric": "pd_kv_throughput_under_dualpath_kv", "value": loaded["pd_share"],
-              "unit": "PD KV throughput / link rate", "baseline": "the same PD requests with no DE->PE KV, same run",
+              "unit": "PD KV throughput / its throughput without DE->PE KV on the link",
+              "baseline": "the same PD requests with no DE->PE KV, same run",
               "baseline_value": solo["pd_share"], "ratio": ratio,
               "target": f">= 0.95 while the DE->PE KV fills the link (here {loaded['kv_link_share']:.0%} of it)",
               "command": "python benchmark/isolation_bench.py " + " ".join(sys.argv[1:]),

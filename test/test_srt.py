@@ -605,7 +605,8 @@ def test_pd_and_de_kv_share_the_emulated_compute_nic_by_priority(servers: dict) 
     # ... and the DE's forwarding of the hit (low priority) went over the same link.
     assert de_side.kv_bytes - pe_side.kv_bytes == hit // 64 * page_bytes
     # The decode kept the hit it read: the prefill sent back only the pages past it.
-    assert de_side.model_bytes - pe_side.model_bytes == (pe_side.model_bytes - before.model_bytes) - hit // 64 * page_bytes
+    pe_side_pd = pe_side.model_bytes - before.model_bytes
+    assert de_side.model_bytes - pe_side.model_bytes == pe_side_pd - hit // 64 * page_bytes
 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:

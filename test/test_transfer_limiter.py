@@ -53,6 +53,22 @@ def test_kv_waits_behind_model_traffic_then_is_promoted(tmp_path: Path) -> None:
     assert lim.stats().promotions == 1
 
 
+def test_model_waits_are_told_apart_by_what_they_waited_for(tmp_path: Path) -> None:
+    clock = FakeClock()
+    lim = limiter(tmp_path, clock)
+    lim.reserve(1_000_000, KV)  # the link is KV's for 1 ms
+    lim.reserve(2_000_000, MODEL)  # waits 1 ms behind KV, then 2 ms on the link
+    lim.reserve(1_000_000, MODEL)  # waits 3 ms: 1 ms of it behind KV, 2 behind the first model grant
+    stats = lim.stats()
+    waits = (stats.model_busy_s, stats.model_waited_s, stats.model_waited_for_kv_s)
+    assert waits == pytest.approx((0.003, 0.004, 0.002))
+    assert stats.model_share == pytest.approx(3 / 7)
+    assert stats.model_share_left_by_kv == pytest.approx(3 / 5)
+    clock.now = 101.0
+    lim.reserve(1_000_000, MODEL)  # an idle link: no wait at all
+    assert lim.stats().model_waited_s == pytest.approx(0.004)
+
+
 def test_acquire_sleeps_until_model_traffic_is_idle(tmp_path: Path) -> None:
     clock = FakeClock()
     lim = limiter(tmp_path, clock, promote_after_s=1.0)

@@ -28,8 +28,9 @@ from dualpath.interprocess import FileLock
 from dualpath.transfer.config import LimiterConfig, TrafficClass
 
 # Slots of the shared state (float64).
-_RATE, _FREE_AT, _MODEL_ACTIVE_UNTIL, _MODEL_BYTES, _KV_BYTES, _PROMOTIONS, _MODEL_WAITED, _MODEL_BUSY = range(8)
-_SLOTS = 8
+(_RATE, _FREE_AT, _MODEL_ACTIVE_UNTIL, _MODEL_BYTES, _KV_BYTES, _PROMOTIONS, _MODEL_WAITED, _MODEL_BUSY, _KV_END,
+ _MODEL_WAITED_FOR_KV) = range(10)
+_SLOTS = 10
 # Model grants closer together than this count as one busy period (time to post the next transfer).
 MODEL_GRACE_S = 0.001
 
@@ -41,11 +42,19 @@ class LimiterStats(NamedTuple):
     promotions: int
     model_waited_s: float  # model grants' time between asking and starting, summed
     model_busy_s: float  # model grants' time on the link, summed
+    model_waited_for_kv_s: float  # the part of model grants' waits spent behind KV grants
 
     @property
     def model_share(self) -> float:
         """Model traffic's throughput relative to an idle link: 1.0 when no model grant ever waited."""
         spent = self.model_busy_s + self.model_waited_s
+        return self.model_busy_s / spent if spent else 1.0
+
+    @property
+    def model_share_left_by_kv(self) -> float:
+        """Model traffic's throughput relative to the same link without KV traffic (waits behind other model
+        grants count as the link's own): 1.0 when no model grant ever waited for a KV grant."""
+        spent = self.model_busy_s + self.model_waited_for_kv_s
         return self.model_busy_s / spent if spent else 1.0
 
 
@@ -93,9 +102,11 @@ class PriorityLimiter:
                 state[_MODEL_ACTIVE_UNTIL] = state[_FREE_AT] + MODEL_GRACE_S
                 state[_MODEL_BYTES] += nbytes
                 state[_MODEL_WAITED] += start - now
+                state[_MODEL_WAITED_FOR_KV] += min(max(state[_KV_END] - now, 0.0), start - now)
                 state[_MODEL_BUSY] += nbytes / state[_RATE]
             else:
                 state[_KV_BYTES] += nbytes
+                state[_KV_END] = state[_FREE_AT]
             return float(start)
 
     def acquire(self, nbytes: int, traffic: TrafficClass) -> None:
@@ -121,7 +132,7 @@ class PriorityLimiter:
         with self._locked:
             s = self._state
             return LimiterStats(float(s[_RATE]), int(s[_MODEL_BYTES]), int(s[_KV_BYTES]), int(s[_PROMOTIONS]),
-                                float(s[_MODEL_WAITED]), float(s[_MODEL_BUSY]))
+                                float(s[_MODEL_WAITED]), float(s[_MODEL_BUSY]), float(s[_MODEL_WAITED_FOR_KV]))
 
     def close(self) -> None:
         del self._state
