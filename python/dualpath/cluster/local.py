@@ -31,6 +31,7 @@ from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.store import StoreIndex, drop_all_blocks
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
+NCCL_PORT_OFFSET, KV_PORT_OFFSET = 2, 3  # from a server's HTTP port; its bootstrap port is + 1
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -89,9 +90,11 @@ class ClusterConfig:
     def specs(self) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
         prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
-                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i]) for i in range(self.prefill)]
+                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i], extra_args=_fixed_ports(self.base_port + 10 * i))
+                   for i in range(self.prefill)]
         decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps,
-                             cpus=de_cpus[i]) for i in range(self.decode)]
+                             cpus=de_cpus[i], extra_args=_fixed_ports(self.base_port + 50 + 10 * i))
+                  for i in range(self.decode)]
         return prefill + decode
 
     def cpu_shares(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -128,8 +131,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _fixed_ports(port: int) -> tuple[str, ...]:
+    """The ports a server at ``port`` would otherwise pick at random from the ephemeral range and bind later
+    (torch.distributed's store, DualPath's KV channel): servers starting at once could pick the same one."""
+    return ("--nccl-port", str(port + NCCL_PORT_OFFSET), "--dualpath-kv-port", str(port + KV_PORT_OFFSET))
+
+
 def _ports(config: ClusterConfig) -> list[int]:
-    return [p for s in config.specs() for p in (s.port, s.bootstrap_port) if p is not None] + list(config.router_ports)
+    return [p for s in config.specs()
+            for p in (s.port, s.bootstrap_port, s.port + NCCL_PORT_OFFSET, s.port + KV_PORT_OFFSET)
+            if p is not None] + list(config.router_ports)
 
 
 class LocalCluster:
