@@ -4,9 +4,8 @@ The PE drives: when its HiCache prefetch of a DE-side request needs blocks, it e
 request's DE (``KVChannel.expect`` with the page keys as ``meta``). The DE reads those blocks through
 its own storage NIC into its block slots (a block it read for its own decode comes from the cache) and
 writes them into the PE's slots with NIXL, one layer at a time at the low-priority KV traffic class
-(``traffic.py``): the K plane of
-layer 0, its V plane, then layer 1, ... Either side failing fails the request on both; the PE then
-reads the blocks itself (see ``storage.py``), so nothing is lost.
+(``traffic.py``): the K plane of layer 0, its V plane, then layer 1, ... Either side failing fails the
+request on both; the PE then reads the blocks itself (see ``storage.py``, ``layers.py``), so nothing is lost.
 """
 
 from __future__ import annotations

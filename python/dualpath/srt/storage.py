@@ -7,9 +7,10 @@ any server finds what another wrote.
 
 Per request (see ``requests.py``):
 - PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
-- DE side: the prefill asks the request's DE for the pages (``link.py``); if that fails it reads them
-  itself, and a page in neither place ends the hit, so the rest is recomputed. The decode reads the
-  prefix for itself only for DE-side requests; for PE-side ones the prefill sends it, as in stock PD.
+- DE side: the prefill asks the request's DE for the pages (``link.py``) and takes them layer by layer into its
+  forward (``layers.py``); if that fails it reads them itself, and a page in neither place ends the hit, so
+  the rest is recomputed. The decode reads the prefix for itself only for DE-side requests; for PE-side
+  ones the prefill sends it, as in stock PD.
 - Split: the DE reads the leading pages (for itself and the prefill), a helper DE (optional) the next
   ones, the prefill the rest; the prefill fetches the DEs' pages as above and sends the DE what follows its own.
 - Write-back: the decode writes every full page; the prefill never writes.
@@ -120,7 +121,7 @@ class DualPathStorage(surface.resolve("storage_base")):
         return self._store().prefix_length([key]) == 1
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        held = []
+        held: list[int] = []
 
         def place(i: int, slot: int) -> None:
             index = int(host_indices[i * self.shape.page_size])
