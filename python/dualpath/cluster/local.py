@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualpath.cluster.servers import (
+    NCCL_PORT_OFFSET,
     TINY_MODEL,
     Server,
     ServerOptions,
@@ -31,7 +32,7 @@ from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.store import StoreIndex, drop_all_blocks
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
-NCCL_PORT_OFFSET, KV_PORT_OFFSET = 2, 3  # from a server's HTTP port; its bootstrap port is + 1
+KV_PORT_OFFSET = 3  # from a server's HTTP port: + 1 is its bootstrap port, + 2 torch.distributed's
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -132,9 +133,10 @@ def _port_free(port: int) -> bool:
 
 
 def _fixed_ports(port: int) -> tuple[str, ...]:
-    """The ports a server at ``port`` would otherwise pick at random from the ephemeral range and bind later
-    (torch.distributed's store, DualPath's KV channel): servers starting at once could pick the same one."""
-    return ("--nccl-port", str(port + NCCL_PORT_OFFSET), "--dualpath-kv-port", str(port + KV_PORT_OFFSET))
+    """DualPath's KV channel port, which a server at ``port`` would otherwise pick at random from the ephemeral
+    range and bind later: servers starting at once could pick the same one (torch.distributed's port likewise,
+    fixed by ``server_command``)."""
+    return ("--dualpath-kv-port", str(port + KV_PORT_OFFSET))
 
 
 def _ports(config: ClusterConfig) -> list[int]:

@@ -31,6 +31,7 @@ TINY_MLA_MODEL = TINY_MODEL.parent / "tiny_deepseek_v2"
 CPU_ARGS = ("--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu", "--attention-backend",
             "torch_native", "--dtype", "float32")
 CPU_ENV = {"OMP_NUM_THREADS": "1"}
+NCCL_PORT_OFFSET = 2  # from a server's HTTP port (its bootstrap port, where it has one, is usually + 1)
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ def tiny_model_with_layers(target: Path, layers: int, base: Path = TINY_MODEL) -
 
 def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     module = "dualpath.launch_server"
+    # torch.distributed's store port, fixed: SGLang would pick a free one at random and bind it later, and
+    # servers starting at once can pick the same (EADDRINUSE).
     cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", spec.host,
-           "--port", str(spec.port), "--max-total-tokens", str(options.max_total_tokens)]
+           "--port", str(spec.port), "--nccl-port", str(spec.port + NCCL_PORT_OFFSET),
+           "--max-total-tokens", str(options.max_total_tokens)]
     if options.cpu:
         cmd += CPU_ARGS
     if spec.role != "null":
