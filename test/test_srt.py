@@ -720,3 +720,23 @@ def test_launch_fails_loudly_on_a_wrong_hook_target(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "'page_transfer'" in result.stderr and "HiCacheController.gone" in result.stderr
 
+
+
+def test_traffic_flags_reach_the_kv_channel_and_the_emulated_nic() -> None:
+    from dualpath.srt.launch import dualpath_parser, extra_config
+    from dualpath.srt.traffic import KV_GRANT_BYTES, compute_nic, kv_qos
+
+    args = dualpath_parser().parse_args(["--dualpath-kv-ib-sl", "2", "--dualpath-kv-dscp", "10",
+                                         "--dualpath-compute-gbps", "1.5", "--dualpath-wait-all-layers"])
+    extra = json.loads(extra_config(args, None))
+    assert (extra["kv_ib_sl"], extra["kv_dscp"], extra["compute_gbps"], extra["layerwise"]) == (2, 10, 1.5, False)
+    config = SrtConfig.from_extra_config(extra, "decode", "m", 64, "127.0.0.1")
+    # The KV channel's UCX agent: its own IB service level and RoCE traffic class (DSCP 10 << 2).
+    assert kv_qos(config).ucx_env() == {"UCX_IB_SL": "2", "UCX_IB_TRAFFIC_CLASS": "40"}
+    link = compute_nic(config)
+    assert link is not None and link.path.name == config.node and link.gbps == 1.5
+    assert link.max_grant_bytes == KV_GRANT_BYTES
+    assert compute_nic(SrtConfig("prefill")) is None  # not emulated unless asked
+    for bad in ({"kv_ib_sl": 16}, {"kv_dscp": 64}, {"compute_gbps": 0}, {"compute_nic": "../x"}):
+        with pytest.raises(ValueError):
+            SrtConfig.from_extra_config({**extra, **bad}, "decode", "m", 64, "127.0.0.1")
