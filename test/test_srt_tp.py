@@ -8,7 +8,6 @@ listens on the server's KV port + r); the logprobs of every output token must be
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import test_srt as srt
@@ -71,9 +70,6 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
         read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
         assert read == {"pe0": 2 * (hit - de_tokens), "de0": 2 * de_tokens}, hint.side  # every rank reads
         if hint.side is ReadSide.DE:  # each DE rank forwarded its shard (counters published a few times a second)
-            deadline = time.monotonic() + 5
-            while servers["decode"].report().pages_forwarded - forwarded < 2 * hit // 64:
-                assert time.monotonic() < deadline, "the decode's ranks did not count what they forwarded"
-                time.sleep(0.2)
-            assert servers["decode"].report().pages_forwarded - forwarded == 2 * hit // 64
+            assert srt._report_reaches(servers["decode"], "pages_forwarded", forwarded + 2 * hit // 64), \
+                "the decode's ranks did not count what they forwarded"
             assert srt._report_reaches(servers["prefill"], "pages_layerwise", layerwise + 2 * hit // 64)

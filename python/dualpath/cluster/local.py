@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualpath.cluster.servers import (
+    KV_PORT_OFFSET,
     NCCL_PORT_OFFSET,
     TINY_MODEL,
     Server,
@@ -32,7 +33,6 @@ from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.store import StoreIndex, drop_all_blocks
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
-KV_PORT_OFFSET = 3  # from a server's HTTP port: + 1 is its bootstrap port, + 2 torch.distributed's
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -91,11 +91,9 @@ class ClusterConfig:
     def specs(self) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
         prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
-                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i], extra_args=_fixed_ports(self.base_port + 10 * i))
-                   for i in range(self.prefill)]
+                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i]) for i in range(self.prefill)]
         decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps,
-                             cpus=de_cpus[i], extra_args=_fixed_ports(self.base_port + 50 + 10 * i))
-                  for i in range(self.decode)]
+                             cpus=de_cpus[i]) for i in range(self.decode)]
         return prefill + decode
 
     def cpu_shares(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -130,13 +128,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _fixed_ports(port: int) -> tuple[str, ...]:
-    """DualPath's KV channel port, which a server at ``port`` would otherwise pick at random from the ephemeral
-    range and bind later: servers starting at once could pick the same one (torch.distributed's port likewise,
-    fixed by ``server_command``)."""
-    return ("--dualpath-kv-port", str(port + KV_PORT_OFFSET))
 
 
 def _ports(config: ClusterConfig) -> list[int]:

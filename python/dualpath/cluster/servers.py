@@ -31,7 +31,10 @@ TINY_MLA_MODEL = TINY_MODEL.parent / "tiny_deepseek_v2"
 CPU_ARGS = ("--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu", "--attention-backend",
             "torch_native", "--dtype", "float32")
 CPU_ENV = {"OMP_NUM_THREADS": "1"}
-NCCL_PORT_OFFSET = 2  # from a server's HTTP port (its bootstrap port, where it has one, is usually + 1)
+# Ports fixed from a server's HTTP port (+ 1 is usually its bootstrap port): torch.distributed's store and the
+# DualPath KV channel (rank r: + r). SGLang and DualPath would pick free ones at random and bind them later, and
+# servers starting at once could pick the same (EADDRINUSE).
+NCCL_PORT_OFFSET, KV_PORT_OFFSET = 2, 3
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,6 @@ def tiny_model_with_layers(target: Path, layers: int, base: Path = TINY_MODEL) -
 
 def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     module = "dualpath.launch_server"
-    # torch.distributed's store port, fixed: SGLang would pick a free one at random and bind it later, and
-    # servers starting at once can pick the same (EADDRINUSE).
     cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", spec.host,
            "--port", str(spec.port), "--nccl-port", str(spec.port + NCCL_PORT_OFFSET),
            "--max-total-tokens", str(options.max_total_tokens)]
@@ -96,7 +97,8 @@ def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
         cmd += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
     if spec.dualpath:
         cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", str(spec.store_root or options.store_root),
-                "--dualpath-timeout", str(options.transfer_timeout_s)]
+                "--dualpath-timeout", str(options.transfer_timeout_s),
+                "--dualpath-kv-port", str(spec.port + KV_PORT_OFFSET)]
         if spec.nic_gbps is not None:
             cmd += ["--dualpath-nic-gbps", str(spec.nic_gbps)]
     else:

@@ -97,12 +97,11 @@ class BatchTimer:
         if not pairs or not self.profile.wants_timing():
             return original(scheduler, batch, *args, **kwargs)
         gate = getattr(surface.storage_backend(scheduler), "gate", None)  # waits for a DE's layers are not compute
-        waited = gate.waited_s if gate is not None else 0.0
-        started = self._clock()
+        waited_before, started = getattr(gate, "waited_s", 0.0), self._clock()
         result = original(scheduler, batch, *args, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the forward runs asynchronously; sampled batches only
-        waited = (gate.waited_s if gate is not None else 0.0) - waited
+        waited = getattr(gate, "waited_s", 0.0) - waited_before
         self.profile.observe(pairs, max(self._clock() - started - waited, 0.0))
         return result
 
