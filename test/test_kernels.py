@@ -27,6 +27,7 @@ with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
         gather_blocks,
         resolve_backend,
         scatter_blocks,
+        staged_view,
     )
     from dualpath_kernel.triton_copy import Launch, plan_copy
 
@@ -181,6 +182,61 @@ def test_block_buffer_ranges_with_padded_stride_round_trip():
     assert (target.region[3 * target.stride :] == POISON).all()
 
 
+def layer_first_pages(count: int, geo: KVGeometry, page_size: int) -> torch.Tensor:
+    """Random SGLang ``layer_first`` host pages ``[count, planes, tokens, row_bytes]``: MHA all K planes, then all
+    V planes; MLA one latent plane per layer."""
+    components = 2 if geo.attention == "mha" else 1
+    row = geo.bytes_per_token_per_layer // components
+    return torch.randint(0, 256, (count, components * geo.layers, page_size, row), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_one_layer_of_layer_first_pages_goes_from_named_slots_to_pool_pages(attention, backend):
+    # The prefill places a layer of the DE's pages straight from its staging slots (layers.py).
+    geo = geometry(attention, "bfloat16")
+    pool = poisoned_pool(geo, 16)
+    planes = layer_first_pages(5, geo, 16)
+    staged = planes.unflatten(1, (pool.components, geo.layers))
+    scatter_blocks(staged[:, :, 1:2], pool, [6, 2], slots=[3, 0], first_layer=1, backend=backend)
+    for slot, page in ((3, 6), (0, 2)):
+        for component in range(pool.components):
+            assert torch.equal(pool.page_rows(1, component)[page], planes[slot, component * geo.layers + 1])
+    assert_untouched(pool, [6, 2], range(1, 2))
+    back = torch.full_like(planes, POISON)
+    gather_blocks(pool, [6, 2], back.unflatten(1, (pool.components, geo.layers))[:, :, 1:2], slots=[4, 1],
+                  first_layer=1, backend=backend)
+    written = torch.zeros(back.shape[:2], dtype=torch.bool)
+    for target, source in ((4, 3), (1, 0)):
+        for component in range(pool.components):
+            plane = component * geo.layers + 1
+            assert torch.equal(back[target, plane], planes[source, plane])
+            written[target, plane] = True
+    assert bool((back[~written] == POISON).all()), "a plane of another layer or slot was written"
+
+
+
+@pytest.mark.parametrize(("op", "slots", "message"), [
+    ("scatter", [0, 5], r"slot index 5 at position 1 is outside the staged blocks \[0, 5\)"),
+    ("scatter", [-1, 0], "slot index -1 at position 0"),
+    ("scatter", [0], "expected 1 page indices"),
+    ("gather", [2, 2], r"slots \[2\] are targeted more than once"),
+])
+def test_bad_slots_are_rejected_before_launch(op, slots, message):
+    geo = geometry("mla", "bfloat16")
+    pool = poisoned_pool(geo, 16)
+    planes = layer_first_pages(5, geo, 16)
+    staged, before = planes.unflatten(1, (1, geo.layers)), pool_bytes(pool)
+    kept = planes.clone()
+    with pytest.raises(ValueError, match=message):
+        if op == "scatter":
+            scatter_blocks(staged, pool, [1, 2], slots=slots, backend="triton")
+        else:
+            gather_blocks(pool, [1, 2], staged, slots=slots, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(before, pool_bytes(pool), strict=True))
+    assert torch.equal(planes, kept)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     attention=st.sampled_from(["mha", "mla"]),
@@ -290,14 +346,22 @@ def hopper_memory_instructions(launch: Launch, tmp_path: Path) -> set[str]:
 
 
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this triton wheel carries no CUDA tools (ptxas, cuobjdump)")
-@pytest.mark.parametrize(("name", "to_pool"), [("llama-3-8b", True), ("deepseek-v3", False), ("deepseek-v3.2", True)])
-def test_hopper_build_moves_16_byte_vectors(name, to_pool, tmp_path):
+@pytest.mark.parametrize(("name", "to_pool", "staging"), [
+    ("llama-3-8b", True, "full"), ("deepseek-v3", False, "full"), ("deepseek-v3.2", True, "full"),
+    ("llama-3-8b", True, "layer_first"), ("deepseek-v3", True, "layer_first"),
+])
+def test_hopper_build_moves_16_byte_vectors(name, to_pool, staging, tmp_path):
     # The copy is bandwidth-bound: every data access must be a 16-byte vector (HOPPER.md), nothing spilled.
     layout = BlockLayout(get_geometry(name), 64)
     pool = PagedKVPool.allocate(layout.geometry, 2, 64)
-    blocks = torch.empty((2, *layout.shape), dtype=torch.uint8)
-    launch = plan_copy(blocks, pool, torch.tensor([1, 0]), 0, to_pool, *CopyConfig())
+    blocks, first_layer = torch.empty((2, *layout.shape), dtype=torch.uint8), 0
+    if staging == "layer_first":  # one layer of the prefill's staging slots, SGLang's host pages (layers.py)
+        blocks = torch.empty((2, pool.components * pool.layers, 64, pool.row_bytes), dtype=torch.uint8)
+        blocks, first_layer = blocks.unflatten(1, (pool.components, pool.layers))[:, :, 3:4], 3
+    slots, pages = torch.tensor([0, 1]), torch.tensor([1, 0])
+    launch = plan_copy(staged_view(blocks, pool, first_layer), pool, slots, pages, first_layer, to_pool,
+                       *CopyConfig())
     instructions = hopper_memory_instructions(launch, tmp_path)
-    # Evict-first loads are the copied data; the plain 8-byte loads fetch a page index and a buffer address.
+    # Evict-first loads are the copied data; the plain 8-byte loads fetch indices and a buffer address.
     assert {i for i in instructions if i.startswith(("LDG.E.EF", "STG"))} == {"LDG.E.EF.128", "STG.E.128"}
     assert not {i for i in instructions if i.startswith(("LDL", "STL"))}

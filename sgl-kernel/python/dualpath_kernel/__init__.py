@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dualpath_kernel.ops import Backend, CopyConfig, gather_blocks, resolve_backend, scatter_blocks
+from dualpath_kernel.ops import Backend, CopyConfig, gather_blocks, resolve_backend, scatter_blocks, staged_view
 from dualpath_kernel.pool import TORCH_DTYPES, PagedKVPool, block_range
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "gather_blocks",
     "resolve_backend",
     "scatter_blocks",
+    "staged_view",
 ]

@@ -53,45 +53,71 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["triton",
     return "torch"
 
 
-def _check_blocks(blocks: torch.Tensor, pool: PagedKVPool, first_layer: int) -> None:
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8 or blocks.dim() != 4:
+def staged_view(blocks: torch.Tensor, pool: PagedKVPool, first_layer: int = 0) -> torch.Tensor:
+    """Validated ``[n, components, layers, tokens, row_bytes]`` view of staged blocks (no copy).
+
+    ``blocks`` are Full Blocks ``[n, layers, tokens, bytes]`` (a token's component rows side by side) or already
+    such a five-dimensional view, e.g. SGLang's ``layer_first`` host pages (all K planes, then all V planes)
+    ``[n, planes, tokens, row_bytes]`` unflattened to ``[n, components, planes // components, tokens, row_bytes]``.
+    """
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8 or blocks.dim() not in (4, 5):
         described = f"{blocks.dtype} {tuple(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks)
-        raise ValueError(f"blocks must be a uint8 tensor [n, layers, tokens, bytes], got {described}")
-    _, layers, tokens, token_bytes = blocks.shape
+        raise ValueError(
+            "blocks must be a uint8 tensor [n, layers, tokens, bytes] or [n, components, layers, tokens, "
+            f"row_bytes], got {described}"
+        )
+    if blocks.dim() == 4:
+        if blocks.shape[3] != pool.token_bytes:
+            raise ValueError(f"blocks hold {blocks.shape[3]} bytes per token and layer, the pool {pool.token_bytes}")
+        if blocks.stride(3) != 1 or blocks.stride(2) != pool.token_bytes:
+            raise ValueError(f"each Layer Block must be contiguous [tokens, bytes]; strides are {blocks.stride()}")
+        blocks = blocks.unflatten(3, (pool.components, pool.row_bytes)).permute(0, 3, 1, 2, 4)
+    _, components, layers, tokens, row_bytes = blocks.shape
+    if components != pool.components or row_bytes != pool.row_bytes:
+        raise ValueError(f"blocks hold {components} components of {row_bytes} bytes per token, the pool "
+                         f"{pool.components} of {pool.row_bytes}")
     if tokens != pool.page_size:
         raise ValueError(f"blocks hold {tokens} tokens but a pool page holds {pool.page_size}")
-    if token_bytes != pool.token_bytes:
-        raise ValueError(f"blocks hold {token_bytes} bytes per token and layer, the pool {pool.token_bytes}")
     if first_layer < 0 or first_layer + layers > pool.layers or layers == 0:
         raise ValueError(f"layers [{first_layer}, {first_layer + layers}) are not inside the pool's {pool.layers}")
-    if blocks.stride(3) != 1 or blocks.stride(2) != token_bytes:
-        raise ValueError(f"each Layer Block must be contiguous [tokens, bytes]; strides are {blocks.stride()}")
+    if blocks.stride(4) != 1:
+        raise ValueError(f"each token's row must be contiguous; strides are {blocks.stride()}")
     if blocks.device != pool.device and not (
         blocks.device.type == "cpu" and pool.device.type == "cuda" and blocks.is_pinned()
     ):
         raise ValueError(f"blocks on {blocks.device} cannot reach a pool on {pool.device} (host memory must be pinned)")
+    return blocks
 
 
-def _check_pages(pages: PageIndices, count: int, pool: PagedKVPool, distinct: bool) -> torch.Tensor:
-    """Validated page indices as an int64 tensor on the pool's device."""
-    host = torch.as_tensor(pages).cpu()
+def _check_indices(indices: PageIndices, count: int, limit: int, what: str, distinct: str) -> torch.Tensor:
+    """Validated indices in ``[0, limit)`` as an int64 CPU tensor; ``distinct``: why they must not repeat (or "")."""
+    host = torch.as_tensor(indices).cpu()
     if host.dim() != 1 or host.numel() != count:
-        raise ValueError(f"expected {count} page indices (one per block), got shape {tuple(host.shape)}")
+        raise ValueError(f"expected {count} {what} indices (one per copy), got shape {tuple(host.shape)}")
     if host.is_floating_point() or host.is_complex() or host.dtype == torch.bool:
-        raise ValueError(f"page indices must be integers, got {host.dtype}")
+        raise ValueError(f"{what} indices must be integers, got {host.dtype}")
     host = host.to(torch.int64)
-    outside = ((host < 0) | (host >= pool.pages)).nonzero()
+    outside = ((host < 0) | (host >= limit)).nonzero()
     if outside.numel():
         position = int(outside[0])
-        raise ValueError(
-            f"page index {int(host[position])} at position {position} is outside the pool's pages [0, {pool.pages})"
-        )
+        kind = "the pool's pages" if what == "page" else "the staged blocks"
+        raise ValueError(f"{what} index {int(host[position])} at position {position} is outside {kind} [0, {limit})")
     if distinct:
         values, counts = host.unique(return_counts=True)
         if (counts > 1).any():
-            repeated = values[counts > 1].tolist()
-            raise ValueError(f"pages {repeated} are targeted more than once; a scatter needs distinct pages")
-    return host.to(pool.device)
+            raise ValueError(f"{what}s {values[counts > 1].tolist()} are targeted more than once; {distinct}")
+    return host
+
+
+def _copies(staged: torch.Tensor, pool: PagedKVPool, pages: PageIndices, slots: PageIndices | None,
+            to_pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, pages)`` of each copy, validated, on the pool's device: staged block ``slots[i]`` <-> ``pages[i]``."""
+    count = staged.shape[0] if slots is None else torch.as_tensor(slots).numel()
+    races = "the copies would race"
+    page_tensor = _check_indices(pages, count, pool.pages, "page", races if to_pool else "")
+    slot_tensor = (torch.arange(count) if slots is None
+                   else _check_indices(slots, count, staged.shape[0], "slot", "" if to_pool else races))
+    return slot_tensor.to(pool.device), page_tensor.to(pool.device)
 
 
 def scatter_blocks(
@@ -99,17 +125,18 @@ def scatter_blocks(
     pool: PagedKVPool,
     pages: PageIndices,
     *,
+    slots: PageIndices | None = None,
     first_layer: int = 0,
     backend: Backend = "auto",
     config: CopyConfig = DEFAULT_CONFIG,
 ) -> None:
-    """Copy staged block ``i`` into pool page ``pages[i]``, for every staged layer and component."""
-    _check_blocks(blocks, pool, first_layer)
-    page_tensor = _check_pages(pages, blocks.shape[0], pool, distinct=True)
+    """Copy staged block ``slots[i]`` (default ``i``) into pool page ``pages[i]``, every staged layer and component."""
+    staged = staged_view(blocks, pool, first_layer)
+    slot_tensor, page_tensor = _copies(staged, pool, pages, slots, to_pool=True)
     if resolve_backend(backend, pool.device) == "torch":
-        scatter_reference(blocks, pool, page_tensor, first_layer)
+        scatter_reference(staged, pool, slot_tensor, page_tensor, first_layer)
     else:
-        triton_copy.copy_pages(blocks, pool, page_tensor, first_layer, True, *config)
+        triton_copy.copy_pages(staged, pool, slot_tensor, page_tensor, first_layer, True, *config)
 
 
 def gather_blocks(
@@ -117,14 +144,16 @@ def gather_blocks(
     pages: PageIndices,
     blocks: torch.Tensor,
     *,
+    slots: PageIndices | None = None,
     first_layer: int = 0,
     backend: Backend = "auto",
     config: CopyConfig = DEFAULT_CONFIG,
 ) -> None:
-    """Copy pool page ``pages[i]`` into staged block ``i`` (pages may repeat), for every staged layer."""
-    _check_blocks(blocks, pool, first_layer)
-    page_tensor = _check_pages(pages, blocks.shape[0], pool, distinct=False)
+    """Copy pool page ``pages[i]`` (pages may repeat) into staged block ``slots[i]`` (default ``i``), every staged
+    layer and component."""
+    staged = staged_view(blocks, pool, first_layer)
+    slot_tensor, page_tensor = _copies(staged, pool, pages, slots, to_pool=False)
     if resolve_backend(backend, pool.device) == "torch":
-        gather_reference(pool, page_tensor, blocks, first_layer)
+        gather_reference(pool, page_tensor, staged, slot_tensor, first_layer)
     else:
-        triton_copy.copy_pages(blocks, pool, page_tensor, first_layer, False, *config)
+        triton_copy.copy_pages(staged, pool, slot_tensor, page_tensor, first_layer, False, *config)

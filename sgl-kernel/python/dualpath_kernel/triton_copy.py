@@ -1,10 +1,12 @@
 """One Triton kernel that moves pages between staged Full Blocks and the paged pool, either way.
 
 Each program copies a tile of tokens of one (block, layer, component): on the staging side that is a
-strided ``[tokens, row]`` slice of a Layer Block (K rows sit next to V rows), on the pool side
-``page_size`` consecutive slots of one buffer. Bytes move as the widest integer word every stride and
-address allows, with alignment hints so loads and stores become 16-byte vectors; nothing is converted,
-so bf16, fp16, fp8 and packed caches are all the same copy.
+strided ``[tokens, row]`` slice of a staged block (in a Full Block K rows sit next to V rows, in an SGLang
+``layer_first`` page they are planes apart), on the pool side ``page_size`` consecutive slots of one
+buffer. Each copy names its staged block and its pool page, so one launch places any set of blocks of a
+staging region. Bytes move as the widest integer word every stride and address allows, with alignment
+hints so loads and stores become 16-byte vectors; nothing is converted, so bf16, fp16, fp8 and packed
+caches are all the same copy.
 
 Under ``TRITON_INTERPRET=1`` (read by Triton when this module is imported) the same kernel runs on CPU
 tensors, which is how the tests check it without a GPU.
@@ -29,13 +31,16 @@ _MIN_TILE_ROW_BYTES = 128
 
 @triton.jit
 def _copy_pages_kernel(
-    blocks_ptr,  # staged blocks [n, layers, tokens, COMPONENTS * row_words], as words
+    staged_ptr,  # staged blocks as words: row (block, component, layer, token) at the strides below
+    slots_ptr,  # int64 staged block of each copy
     pool_table_ptr,  # int64 address of pool buffer [layer][component]
-    pages_ptr,  # int64 pool page of each staged block
+    pages_ptr,  # int64 pool page of each copy
     first_layer,
     layers,
     block_stride,
+    component_stride,
     layer_stride,
+    token_stride,
     page_size,
     row_words,
     COMPONENTS: tl.constexpr,
@@ -52,19 +57,20 @@ def _copy_pages_kernel(
     program = tl.program_id(0)
     component = program % COMPONENTS
     layer = (program // COMPONENTS) % layers
-    block = (program // (COMPONENTS * layers)).to(tl.int64)
-    page = tl.load(pages_ptr + block)
+    copy = (program // (COMPONENTS * layers)).to(tl.int64)
+    page = tl.load(pages_ptr + copy)
+    block = tl.load(slots_ptr + copy)
     address = tl.load(pool_table_ptr + (first_layer + layer) * COMPONENTS + component)
-    pool_ptr = tl.multiple_of(address.to(tl.pointer_type(blocks_ptr.dtype.element_ty)), ADDRESS_ALIGN)
+    pool_ptr = tl.multiple_of(address.to(tl.pointer_type(staged_ptr.dtype.element_ty)), ADDRESS_ALIGN)
 
     tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    staged_rows = block * block_stride + layer * layer_stride + (tokens * COMPONENTS + component) * row_words
+    staged_rows = block * block_stride + component * component_stride + layer * layer_stride + tokens * token_stride
     pool_rows = (page * page_size + tokens) * row_words
     staged_rows = tl.multiple_of(staged_rows, VEC)
     pool_rows = tl.multiple_of(pool_rows, VEC)
     for start in range(0, row_words, BLOCK_C):
         columns = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
-        staged = blocks_ptr + staged_rows[:, None] + columns[None, :]
+        staged = staged_ptr + staged_rows[:, None] + columns[None, :]
         pooled = pool_ptr + pool_rows[:, None] + columns[None, :]
         if TO_POOL:
             source, target = staged, pooled
@@ -102,31 +108,38 @@ class Launch(NamedTuple):
 
 
 def plan_copy(
-    blocks: torch.Tensor,
+    staged: torch.Tensor,
     pool: PagedKVPool,
+    slots: torch.Tensor,
     pages: torch.Tensor,
     first_layer: int,
     to_pool: bool,
     tile_bytes: int,
     num_warps: int,
 ) -> Launch:
-    """Word size, vector hints and tile shape for copying ``blocks`` to or from ``pool``."""
+    """Word size, vector hints and tile shape for copying staged blocks ``slots`` to or from pool ``pages``.
+
+    ``staged`` is ``[n, components, layers, tokens, row_bytes]`` uint8 with contiguous rows (``ops.staged_view``).
+    """
     row_bytes = pool.row_bytes
-    alignment = power_of_two_dividing(
-        row_bytes, blocks.stride(0), blocks.stride(1), blocks.data_ptr(), pool.address_alignment
-    )
+    strides = [staged.stride(dim) for dim in range(4)]
+    alignment = power_of_two_dividing(row_bytes, *strides, staged.data_ptr(), pool.address_alignment)
     word = min(alignment, 8)
     row_words = row_bytes // word
     block_t, block_c = _tile(row_words, pool.page_size, word, tile_bytes)
-    count, layers = blocks.shape[0], blocks.shape[1]
+    layers = staged.shape[2]
+    block_stride, component_stride, layer_stride, token_stride = (stride // word for stride in strides)
     args = (
-        blocks.view(_WORD_DTYPES[word]),
+        staged.view(_WORD_DTYPES[word]),
+        slots,
         pool.address_table,
         pages,
         first_layer,
         layers,
-        blocks.stride(0) // word,
-        blocks.stride(1) // word,
+        block_stride,
+        component_stride,
+        layer_stride,
+        token_stride,
         pool.page_size,
         row_words,
     )
@@ -139,13 +152,14 @@ def plan_copy(
         "EVEN": row_words % block_c == 0 and pool.page_size % block_t == 0,
         "TO_POOL": to_pool,
     }
-    grid = (count * layers * pool.components, triton.cdiv(pool.page_size, block_t))
+    grid = (pages.numel() * layers * pool.components, triton.cdiv(pool.page_size, block_t))
     return Launch(grid, args, constants, num_warps)
 
 
 def copy_pages(
-    blocks: torch.Tensor,
+    staged: torch.Tensor,
     pool: PagedKVPool,
+    slots: torch.Tensor,
     pages: torch.Tensor,
     first_layer: int,
     to_pool: bool,
@@ -153,6 +167,6 @@ def copy_pages(
     num_warps: int,
 ) -> None:
     """Launch the kernel on validated arguments (see ``dualpath_kernel.ops``)."""
-    launch = plan_copy(blocks, pool, pages, first_layer, to_pool, tile_bytes, num_warps)
+    launch = plan_copy(staged, pool, slots, pages, first_layer, to_pool, tile_bytes, num_warps)
     with torch.cuda.device(pool.device) if pool.device.type == "cuda" else nullcontext():
         _copy_pages_kernel[launch.grid](*launch.args, **launch.constants, num_warps=launch.num_warps)
