@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dualpath.kv import BlockBuffer, BlockLayout, block_keys, get_geometry
 from dualpath.scheduler import ReadSide, RouteHint
-from dualpath.scheduler.report import KVChannelAddress
+from dualpath.scheduler.report import KVChannelAddress, NodeReport
 from dualpath.srt import surface
 from dualpath.srt.blocks import BlockSlots, SlotsExhausted
 from dualpath.srt.config import ENV, SrtConfig
@@ -538,12 +539,24 @@ def _stored(servers: dict, ids: list[int]) -> list[str]:
     raise AssertionError("the decode did not write the prompt's blocks back")
 
 
-def _report_reaches(server: Server, counter: str, value: int, timeout_s: float = 5.0) -> bool:
-    """Whether the server's report shows ``counter`` at ``value`` (reports follow the counters within 0.2 s)."""
+def _report_reaches(server: Server, counter: str, value: int | Callable[[int], bool], timeout_s: float = 5.0) -> bool:
+    """Whether the server's report shows ``counter`` at ``value`` (or passing it) within ``timeout_s`` (reports
+    follow the counters within 0.2 s)."""
+    passes = value if callable(value) else value.__eq__
     deadline = time.monotonic() + timeout_s
-    while getattr(server.report(), counter) != value and time.monotonic() < deadline:
+    while not passes(getattr(server.report(), counter)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return getattr(server.report(), counter) == value
+    return passes(getattr(server.report(), counter))
+
+
+def _entered_layer_by_layer(prefill: Server, before: NodeReport, pages: int) -> bool:
+    """Whether ``pages`` DE pages entered the prefill's forward layer by layer since ``before``: admitted before their
+    last layer landed, and (any at all) with layer 0 placed from the slots into the device pool while later layers
+    were still landing."""
+    layerwise = _report_reaches(prefill, "pages_layerwise", before.pages_layerwise + pages)
+    from_slots = _report_reaches(prefill, "layers_from_slots", lambda n: n > before.layers_from_slots,
+                                 5.0 if pages else 0.5)
+    return layerwise and from_slots == bool(pages)
 
 
 def _channels(servers: dict) -> tuple[KVChannelAddress, KVChannelAddress]:
@@ -568,7 +581,7 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     _flush(servers)
     store = servers["store"]
     before = {n: _node_read_tokens(store, n) for n in ("pe0", "de0")}
-    layerwise = servers["prefill"].report().pages_layerwise
+    prefill_before = servers["prefill"].report()
     de_tokens = {ReadSide.DE: hit, ReadSide.PE: 0, ReadSide.SPLIT: 128}[side]  # split: the DE reads pages 0-1
     hint = RouteHint(side, *_channels(servers), de_tokens if side is ReadSide.SPLIT else 0) \
         if side is not ReadSide.PE else RouteHint(ReadSide.PE)
@@ -577,8 +590,7 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert prefill_meta["cached_tokens_details"]["storage"] == hit
     read = {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")}
     assert read == {"pe0": hit - de_tokens, "de0": de_tokens}
-    # The DE's pages entered the prefill's forward layer by layer (admitted before their last layer landed).
-    assert _report_reaches(servers["prefill"], "pages_layerwise", layerwise + de_tokens // 64)
+    assert _entered_layer_by_layer(servers["prefill"], prefill_before, de_tokens // 64)
 
 
 def test_pd_and_de_kv_share_the_emulated_compute_nic_by_priority(servers: dict) -> None:

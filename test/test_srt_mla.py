@@ -53,13 +53,13 @@ def test_mla_pages_on_every_path_give_stock_logprobs(servers: dict) -> None:
                             (RouteHint(ReadSide.SPLIT, pe, de, 128), 128)):
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
-        layerwise = servers["prefill"].report().pages_layerwise
+        prefill_before = servers["prefill"].report()
         top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
         read = {n: srt._node_read_tokens(servers["store"], n) - before[n] for n in ("pe0", "de0")}
         assert read == {"pe0": hit - de_tokens, "de0": de_tokens}, hint.side
-        assert srt._report_reaches(servers["prefill"], "pages_layerwise", layerwise + de_tokens // 64), hint.side
+        assert srt._entered_layer_by_layer(servers["prefill"], prefill_before, de_tokens // 64), hint.side
 
 
 def test_a_page_with_a_valid_checksum_but_wrong_content_changes_the_logprobs(servers: dict) -> None:

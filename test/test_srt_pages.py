@@ -129,8 +129,10 @@ def test_cpu_host_copies_move_every_layer_of_both_pool_kinds(attention: str) -> 
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
     """A DE page still landing: SGLang's per-layer load defers it, the device pool's wait for layer i places
-    and loads layer i once its planes landed (and not before), the host pool gets every layer, the slot is
-    released; a DE failing mid-way is recovered from the store, a lost page is not placed."""
+    layer i from the slot straight into the device pool once its planes landed (and not before, and not
+    through the host pool), the host pool gets every layer when the page has landed, a layer deferred past
+    that is loaded from the host pool, the slot is released; a DE failing mid-way is recovered from the
+    store, a lost page is not placed."""
     import functools
     import threading
 
@@ -146,7 +148,7 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
     slots = BlockSlots(BlockLayout(page_geometry(shape, "tiny"), PAGE), 4, timeout_s=5.0)
     flat = lambda slot: torch.from_numpy(slots.block(slot).reshape(-1)).view(torch.float32)  # noqa: E731
     planes = layer_planes(slots.buffer.layout.geometry)
-    gate = layers.LayerGate(None, host, flat, planes, slots.release, slots.pin)
+    gate = layers.LayerGate(host, slots, flat)
     load = functools.partial(cpu.load_to_device_per_layer, None)  # SGLang's load, as the hook chain passes it
     surface.set_layer_counter(device, gate)
     generator = torch.Generator().manual_seed(7)
@@ -179,9 +181,11 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
         for layer in range(LAYERS):  # what start_loading does before the forward
             layers.on_load(load, host, device, host_at, device_at, layer, "direct")
         assert not device_layer(0, device_at).any()  # deferred, not loaded from an empty host page
+        surface.host_page(host, PAGE).fill_(float("nan"))
         land(inbound, page, slot, 0)
         device.get_key_buffer(0)
         assert torch.equal(device_layer(0, device_at), expected_layer(page, 0))
+        assert surface.host_page(host, PAGE).isnan().all()  # from the slot, not through the host pool
 
         waiting = threading.Thread(target=device.get_key_buffer, args=(1,))
         waiting.start()
@@ -195,6 +199,9 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
             land(inbound, page, slot, layer)
         gate.settle(host_at)
         assert torch.equal(surface.host_page(host, PAGE).reshape(-1), page)
+        for layer in range(2, LAYERS):  # deferred, then settled before the forward asked: from the host pool
+            device.get_key_buffer(layer)
+            assert torch.equal(device_layer(layer, device_at), expected_layer(page, layer))
         slots.take(4)  # every slot released again
         slots.release(range(4))
 

@@ -63,7 +63,7 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
         srt._flush(servers)
         before = {n: srt._node_read_tokens(servers["store"], n) for n in ("pe0", "de0")}
         forwarded = servers["decode"].report().pages_forwarded
-        layerwise = servers["prefill"].report().pages_layerwise
+        prefill_before = servers["prefill"].report()
         top, prefill_meta = srt._pd_generate(servers, ids, hint)
         assert prefill_meta["cached_tokens_details"]["storage"] == hit, hint.side
         assert srt.same_logprobs(top, stock), hint.side
@@ -72,4 +72,4 @@ def test_every_rank_reads_its_shard_on_the_pe_and_the_de_path(servers: dict) -> 
         if hint.side is ReadSide.DE:  # each DE rank forwarded its shard (counters published a few times a second)
             assert srt._report_reaches(servers["decode"], "pages_forwarded", forwarded + 2 * hit // 64), \
                 "the decode's ranks did not count what they forwarded"
-            assert srt._report_reaches(servers["prefill"], "pages_layerwise", layerwise + 2 * hit // 64)
+            assert srt._entered_layer_by_layer(servers["prefill"], prefill_before, 2 * hit // 64)

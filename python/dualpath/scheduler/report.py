@@ -87,6 +87,7 @@ class NodeReport(msgspec.Struct, frozen=True, kw_only=True):
     fallbacks: int = 0  # prefill: a DE's part read through its own NIC after the DE path failed
     transfer_timeouts: int = 0
     pages_layerwise: int = 0  # prefill: DE pages its forward took layer by layer (admitted before they all landed)
+    layers_from_slots: int = 0  # prefill: layers of DE pages placed slot -> device pool, not through the host pool
 
     @property
     def ready(self) -> bool:

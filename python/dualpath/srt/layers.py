@@ -4,15 +4,17 @@ A DE sends a request's hit pages plane by plane in model-layer order (``link.lay
 prefill admits the request as soon as the DE holds every page (its first plane landed) instead of when
 the last plane lands, and leaves the pages' host-pool entries to the :class:`LayerGate`:
 - SGLang loads a batch's host pages into the device pool layer by layer before the forward
-  (``load_to_device_per_layer``); the gate loads the pages that have landed and defers the others, filed
-  under the load batch SGLang's counter is producing (a few may be in flight).
+  (``load_to_device_per_layer``); the gate loads the pages that are in the host pool and defers the
+  others, filed under the load batch SGLang's counter is producing (a few may be in flight).
 - The forward of layer i asks the device pool for its KV, which asks its layer counter (SGLang's
-  ``LayerDoneCounter.wait_until``); the gate stands in that place: it waits for layer i's planes only,
-  places them in the host pool, loads the deferred pages of that layer of the load batch the forward
-  consumes and then defers to SGLang's counter.
-- When all planes of a fetch have landed, the gate places every layer still missing in the host pool
-  (where the radix tree expects the pages) and releases the slots. Freeing host pages still landing
-  waits for that first, so a page is never reused under a transfer.
+  ``LayerDoneCounter.wait_until``); the gate stands in that place: it waits for layer i's planes only and
+  places them from the staging slots straight into the device pool's pages (``dualpath_kernel``, one
+  launch per layer: the Triton kernel on a GPU, reading the pinned slots over PCIe; torch on CPU), then
+  defers to SGLang's counter.
+- When all planes of a fetch have landed, the gate copies its pages into the host pool (where the radix
+  tree expects them), off the forward's path, and releases the slots once the device placements that
+  read them are done. Freeing host pages still landing waits for that first, so a page is never reused
+  under a transfer.
 If the DE fails mid-way, the prefill reads the fetch's pages from the store itself (``Landing``).
 """
 
@@ -28,8 +30,11 @@ from typing import Any, NamedTuple
 
 import torch
 from dualpath.srt import surface
+from dualpath.srt.blocks import BlockSlots
+from dualpath.srt.link import layer_planes
 from dualpath.transfer import TransferFailed
 from dualpath.transfer.flows import Inbound
+from dualpath_kernel import PagedKVPool, block_range, scatter_blocks
 
 log = logging.getLogger(__name__)
 SETTLING_THREADS = 8
@@ -69,31 +74,42 @@ class Landing:
 class _Held(NamedTuple):
     landing: Landing
     slot: int
-    placed: set[int]  # layers already in the host pool
+    placements: list[Any]  # CUDA events of device placements reading the slot (none on CPU: copies are done)
 
 
 class _Deferred(NamedTuple):
-    pages: list[int]
-    load: Callable[[], None]
+    host: torch.Tensor  # token indices of whole pages, on the CPU
+    device_pages: torch.Tensor
+    load: Callable[[torch.Tensor, torch.Tensor], None]  # SGLang's load of (host, device) token indices
 
 
 class LayerGate:
     """The prefill device pool's layer counter while DE pages land; SGLang's own counter does the rest."""
 
-    def __init__(self, counter: Any, host_pool: Any, flat: Callable[[int], torch.Tensor],
-                 layer_planes: Sequence[Sequence[int]], release: Callable[[Sequence[int]], None],
-                 pin: Callable[[Sequence[int]], None]) -> None:
-        """``flat(slot)`` is a slot's block as one tensor of the pool's dtype; ``pin``/``release`` hold slots."""
-        self._counter, self._pool, self._flat = counter, host_pool, flat
-        self.layer_planes, self._release, self._pin = layer_planes, release, pin
-        shape = surface.pool_shape(host_pool)
-        self._page = shape.page_size
-        self._plane_elems = self._page * shape.heads * shape.head_dim
+    def __init__(self, host_pool: Any, slots: BlockSlots, flat: Callable[[int], torch.Tensor],
+                 count: Callable[..., None] = lambda **_: None) -> None:
+        """``slots`` hold SGLang's ``layer_first`` pages as they land; ``flat(slot)`` is one as a tensor of the
+        pool's dtype; ``count(**deltas)`` tallies the server's counters (``StatePublisher.count``)."""
+        self._pool, self._slots, self._flat, self._count = host_pool, slots, flat, count
+        device_pool = surface.device_pool_of(host_pool)
+        self._counter = surface.layer_counter(device_pool)
+        self.layer_planes = layer_planes(slots.buffer.layout.geometry)
+        self._page = surface.pool_shape(host_pool).page_size
+        layers, components = len(self.layer_planes), len(self.layer_planes[0])
+        self._device = PagedKVPool(tuple(surface.layer_buffers(device_pool, layer) for layer in range(layers)),
+                                   self._page)
+        # [slot, component, layer, token, row bytes]: the slots as the kernel reads them (no copy)
+        self._staging = block_range(slots.buffer, 0, slots.buffer.capacity).unflatten(1, (components, layers))
+        self._registered = self._device.device.type == "cuda"
+        if self._registered:  # the kernel reads the slots over PCIe: page-locked for the GPU, as NIXL's are for the NIC
+            region = self._staging.untyped_storage()
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.nbytes(), 0))
         self._cond = threading.Condition()
         self._landing_of_slot: dict[int, Landing] = {}
         self._held: dict[int, _Held] = {}  # host page number -> where its planes land
         # (SGLang's load producer, layer) -> deferred loads: a batch's forward consumes its own producer's loads
         self._deferred: dict[tuple[int, int], list[_Deferred]] = defaultdict(list)
+        self._device_pages: tuple[torch.Tensor | None, torch.Tensor] = (None, torch.empty(0))
         # One thread per fetch in flight: a stalled DE's fetch must not hold back another's settling.
         self._settling = ThreadPoolExecutor(SETTLING_THREADS, thread_name_prefix="dualpath-landing")
         self.waited_s = 0.0  # the forward's time waiting for layers to land (not compute: see batching.py)
@@ -106,14 +122,14 @@ class LayerGate:
         self._settling.submit(self._settle, landing)
 
     def hold(self, slot: int, host_index: int) -> bool:
-        """Let the page of ``slot`` enter the host pool at ``host_index`` layer by layer; False when the slot is
-        not landing (copy it whole)."""
+        """Let the page of ``slot`` enter the forward at host index ``host_index`` layer by layer; False when the
+        slot is not landing (copy it whole)."""
         with self._cond:
             landing = self._landing_of_slot.get(slot)
             if landing is None:
                 return False
-            self._pin([slot])
-            self._held[host_index // self._page] = _Held(landing, slot, set())
+            self._slots.pin([slot])
+            self._held[host_index // self._page] = _Held(landing, slot, [])
             return True
 
     def landed(self, slot: int) -> None:
@@ -135,20 +151,17 @@ class LayerGate:
         host_mask, device_mask = landing.to(host_indices.device), landing.to(device_indices.device)
         if not landing.all():
             original(host_pool, device_pool, host_indices[~host_mask], device_indices[~device_mask], layer, io_backend)
-        later_host, later_device = host_indices[host_mask], device_indices[device_mask]
-        pages = _pages(later_host, self._page)
+        deferred = _Deferred(host_indices[host_mask].cpu(), self._pages_of(device_indices)[landing[::self._page]],
+                             lambda host, device: original(host_pool, device_pool, host, device, layer, io_backend))
         with self._cond:
-            self._deferred[surface.load_producer(self._counter), layer].append(_Deferred(pages, lambda: original(
-                host_pool, device_pool, later_host, later_device, layer, io_backend)))
+            self._deferred[surface.load_producer(self._counter), layer].append(deferred)
 
     def wait_until(self, layer: int) -> None:
-        """The forward is about to read ``layer``: place and load what of it is still landing, then SGLang's wait."""
+        """The forward is about to read ``layer``: place what of it is still landing, then SGLang's wait."""
         with self._cond:
             deferred = self._deferred.pop((surface.load_consumer(self._counter), layer), [])
         for entry in deferred:
-            for page in entry.pages:
-                self._place(page, layer)
-            entry.load()
+            self._place(entry, layer)
         if self._counter is not None:  # a device pool without HiCache's loads has none
             self._counter.wait_until(layer)
 
@@ -159,26 +172,39 @@ class LayerGate:
             self._cond.wait_for(lambda: pages.isdisjoint(self._held))
 
     # -- placing ----------------------------------------------------------------------------------------------
-    def _place(self, page: int, layer: int) -> None:
-        with self._cond:
-            held = self._held.get(page)
-        if held is None:
-            return  # settled meanwhile: the host pool has it
-        started = time.perf_counter()
-        landed = held.landing.wait_layer(layer)
-        self.waited_s += time.perf_counter() - started
-        if not landed:
-            return  # lost (see _settle)
-        with self._cond:
-            if self._held.get(page) is held and layer not in held.placed:
-                self._copy(held.slot, page, layer)
-                held.placed.add(layer)
+    def _pages_of(self, device_indices: torch.Tensor) -> torch.Tensor:
+        """Device page of each page of token indices; SGLang passes the same tensor for every layer, read once."""
+        if self._device_pages[0] is not device_indices:
+            self._device_pages = (device_indices, device_indices.cpu()[::self._page] // self._page)
+        return self._device_pages[1]
 
-    def _copy(self, slot: int, page: int, layer: int) -> None:
-        flat, start = self._flat(slot), page * self._page
-        for plane, buffer in zip(self.layer_planes[layer], surface.layer_buffers(self._pool, layer), strict=True):
-            source = flat[plane * self._plane_elems:(plane + 1) * self._plane_elems]
-            buffer[start:start + self._page].view(-1).copy_(source)
+    def _place(self, entry: _Deferred, layer: int) -> None:
+        host_pages = entry.host[::self._page] // self._page
+        with self._cond:
+            landings = {held.landing for page in host_pages.tolist() if (held := self._held.get(page)) is not None}
+        started = time.perf_counter()
+        landed = {landing for landing in landings if landing.wait_layer(layer)}
+        self.waited_s += time.perf_counter() - started
+        with self._cond:
+            held = [self._held.get(page) for page in host_pages.tolist()]
+            placing = [i for i, one in enumerate(held) if one is not None and one.landing in landed]
+            if placing:
+                scatter_blocks(self._staging[:, :, layer:layer + 1], self._device, entry.device_pages[placing],
+                               slots=[held[i].slot for i in placing], first_layer=layer)
+                self._count(layers_from_slots=len(placing))
+                if self._registered:
+                    event = torch.cuda.Event()
+                    event.record()
+                    for i in placing:
+                        held[i].placements.append(event)
+        settled = torch.tensor([one is None for one in held])  # settled meanwhile: the host pool has them
+        if settled.any():
+            tokens = settled.repeat_interleave(self._page)
+            entry.load(entry.host[tokens], self._device_tokens(entry.device_pages[settled]))
+
+    def _device_tokens(self, pages: torch.Tensor) -> torch.Tensor:
+        tokens = (pages[:, None] * self._page + torch.arange(self._page)).reshape(-1)
+        return tokens.to(self._device.device)
 
     def _settle(self, landing: Landing) -> None:
         ok = landing.wait_all()
@@ -187,18 +213,22 @@ class LayerGate:
             held = [self._held.pop(page) for page in pages]
             if ok:
                 for page, entry in zip(pages, held, strict=True):
-                    for layer in set(range(len(self.layer_planes))) - entry.placed:
-                        self._copy(entry.slot, page, layer)
+                    surface.set_host_page(self._pool, page * self._page, self._flat(entry.slot))
             for slot in landing.slots:
                 self._landing_of_slot.pop(slot, None)
             self._cond.notify_all()
         if not ok:
             log.error("request %s: the DE failed mid-transfer and the store no longer has %d of its pages; they "
                       "were not placed", landing.rid, len(pages))
-        self._release(landing.slots + [entry.slot for entry in held])
+        for entry in held:
+            for event in entry.placements:
+                event.synchronize()
+        self._slots.release(landing.slots + [entry.slot for entry in held])
 
     def close(self) -> None:
         self._settling.shutdown(wait=True)
+        if self._registered:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self._staging.untyped_storage().data_ptr()))
 
 
 def _pages(host_indices: torch.Tensor, page_size: int) -> list[int]:

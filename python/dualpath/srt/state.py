@@ -32,6 +32,7 @@ class ServerState(msgspec.Struct, kw_only=True):
     fallbacks: int = 0
     transfer_timeouts: int = 0
     pages_layerwise: int = 0
+    layers_from_slots: int = 0
 
 
 COUNTERS = tuple(f for f in ServerState.__struct_fields__ if f != "store_namespace")
@@ -45,6 +46,8 @@ _METRICS = {
     "transfer_timeouts": ("dualpath_transfer_timeouts", "", "DE -> PE KV transfers that timed out"),
     "pages_layerwise": ("dualpath_blocks_layerwise", "", "KV blocks from a decode server that the prefill's forward "
                         "took layer by layer, admitted before their last layer landed"),
+    "layers_from_slots": ("dualpath_block_layers_from_slots", "", "layers of KV blocks from a decode server that the "
+                          "prefill placed from its staging slots straight into the device pool, still landing"),
 }
 
 

@@ -37,7 +37,7 @@ from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
 from dualpath.srt.layers import Landing, LayerGate
-from dualpath.srt.link import KVLink, layer_planes
+from dualpath.srt.link import KVLink
 from dualpath.srt.requests import CAPACITY, RequestRoutes, Route
 from dualpath.srt.state import StatePublisher
 from dualpath.store import BlockStatus, BlockStore, StoreConfig
@@ -97,10 +97,8 @@ class DualPathStorage(surface.resolve("storage_base")):
         self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store, self.state.count)
         if self.config.role == "prefill" and self.config.layerwise:
-            device_pool = surface.device_pool_of(mem_pool_host)
-            self.gate = LayerGate(surface.layer_counter(device_pool), mem_pool_host, self._flat,
-                                  layer_planes(geometry), self.slots.release, self.slots.pin)
-            surface.set_layer_counter(device_pool, self.gate)
+            self.gate = LayerGate(mem_pool_host, self.slots, self._flat, self.state.count)
+            surface.set_layer_counter(surface.device_pool_of(mem_pool_host), self.gate)
         self.state.set_namespace(self.store.config.namespace)
         log.info("DualPath storage: %s node %s, store %s, KV channel %s", self.config.role, self.config.node,
                  self.store.directory, self.config.kv_channel)
