@@ -109,6 +109,7 @@ def run_case(name: str, page_size: int, target_bytes: int, headline: bool) -> li
     ]
     if headline:
         rows += block_buffer_rows(layout, count, pool, pages, tag, h2d)
+        rows += layer_first_rows(count, pool, pages, tag)
         for tile, warps in SWEEP:
             config = CopyConfig(tile, warps)
             shape_tag = f"[{name},page{page_size},tile{tile},warps{warps}]"
@@ -139,6 +140,27 @@ def block_buffer_rows(
     finally:
         torch.cuda.check_error(cudart.cudaHostUnregister(region.data_ptr()))
     return [Row(f"kv_scatter_block_buffer_to_pool{tag}", value, "pinned H2D copy, same bytes", h2d, ">= 0.90")]
+
+
+def layer_first_rows(count: int, pool: PagedKVPool, pages: torch.Tensor, tag: str) -> list[Row]:
+    """The prefill's launch per layer (``srt/layers.py``): one layer of SGLang ``layer_first`` pages, read from
+    staging slots in any order in pinned memory, into scattered pool pages."""
+    planes = torch.randint(0, 256, (count, pool.components * pool.layers, pool.page_size, pool.row_bytes),
+                           dtype=torch.uint8).pin_memory()
+    layer, slots = pool.layers // 2, torch.randperm(count)
+    one_layer = planes.unflatten(1, (pool.components, pool.layers))[:, :, layer : layer + 1]
+    scatter_blocks(one_layer, pool, pages, slots=slots, first_layer=layer)
+    for component in range(pool.components):
+        placed = pool.page_rows(layer, component)[pages.to(pool.device)].cpu()
+        if not torch.equal(placed, planes[slots, component * pool.layers + layer]):
+            raise SystemExit("kernel scatter of layer_first slots does not match the staged planes")
+    nbytes = count * pool.page_size * pool.token_bytes
+    source = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d = gbps(nbytes, lambda: target.copy_(source, non_blocking=True))
+    value = gbps(nbytes, lambda: scatter_blocks(one_layer, pool, pages, slots=slots, first_layer=layer))
+    return [Row(f"kv_scatter_layer_first_slots_to_pool{tag}", value, "pinned H2D copy of one layer's bytes", h2d,
+                ">= 0.80")]
 
 
 def check_round_trip(pool: PagedKVPool, pages: torch.Tensor, *staged_blocks: torch.Tensor) -> None:

@@ -22,17 +22,17 @@ pytest.importorskip("sglang", reason="the SGLang pool tests need `pip install sg
 PAGE, LAYERS, PAGES = 16, 3, 6
 
 
-def _pools(attention: str) -> tuple[object, object]:
-    """A device pool and its layer_first host pool, as SGLang builds them (float32, CPU, not pinned)."""
+def _pools(attention: str, device: str = "cpu") -> tuple[object, object]:
+    """A device pool and its layer_first host pool, as SGLang builds them (float32; pinned for a CUDA pool)."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
     if attention == "mla":  # kv_lora_rank 32 + qk_rope_head_dim 16: one 48-wide latent per token and layer
-        device = MLATokenToKVPool(256, PAGE, torch.float32, 32, 16, LAYERS, "cpu", False)
-        return device, MLATokenToKVPoolHost(device, 2.0, 0, PAGE, "layer_first", pin_memory=False, device="cpu")
-    device = MHATokenToKVPool(256, PAGE, torch.float32, 2, 8, LAYERS, "cpu", False)
-    return device, MHATokenToKVPoolHost(device, 2.0, 0, PAGE, "layer_first", pin_memory=False, device="cpu")
+        pool = MLATokenToKVPool(256, PAGE, torch.float32, 32, 16, LAYERS, device, False)
+        return pool, MLATokenToKVPoolHost(pool, 2.0, 0, PAGE, "layer_first", pin_memory=device == "cuda", device="cpu")
+    pool = MHATokenToKVPool(256, PAGE, torch.float32, 2, 8, LAYERS, device, False)
+    return pool, MHATokenToKVPoolHost(pool, 2.0, 0, PAGE, "layer_first", pin_memory=device == "cuda", device="cpu")
 
 
 def _backend(monkeypatch: pytest.MonkeyPatch, role: str, node: str, root: Path, host_pool: object) -> object:
@@ -126,30 +126,38 @@ def test_cpu_host_copies_move_every_layer_of_both_pool_kinds(attention: str) -> 
             assert torch.equal(dev[back], dev[device_slots])
 
 
+def _torch_load(host_pool: object, device_pool: object, host_indices: torch.Tensor, device_indices: torch.Tensor,
+                layer: int, io_backend: str) -> None:
+    """SGLang's per-layer host -> device load, as the hook chain passes it, on either device."""
+    for host, device in zip(surface.layer_buffers(host_pool, layer), surface.layer_buffers(device_pool, layer),
+                            strict=True):
+        device[device_indices.to(device.device)] = host[host_indices].to(device.device)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the slot -> GPU placement (Triton kernel, pinned slots) needs CUDA"))])
 @pytest.mark.parametrize("attention", ["mha", "mla"])
-def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
+def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str, device_type: str) -> None:
     """A DE page still landing: SGLang's per-layer load defers it, the device pool's wait for layer i places
     layer i from the slot straight into the device pool once its planes landed (and not before, and not
     through the host pool), the host pool gets every layer when the page has landed, a layer deferred past
     that is loaded from the host pool, the slot is released; a DE failing mid-way is recovered from the
     store, a lost page is not placed."""
-    import functools
     import threading
 
     from dualpath.kv import BlockLayout
-    from dualpath.srt import cpu, layers
+    from dualpath.srt import layers
     from dualpath.srt.blocks import BlockSlots
     from dualpath.srt.link import layer_planes
     from dualpath.srt.storage import page_geometry
     from dualpath.transfer.flows import Inbound
 
-    device, host = _pools(attention)
+    device, host = _pools(attention, device_type)
     shape = surface.pool_shape(host)
     slots = BlockSlots(BlockLayout(page_geometry(shape, "tiny"), PAGE), 4, timeout_s=5.0)
     flat = lambda slot: torch.from_numpy(slots.block(slot).reshape(-1)).view(torch.float32)  # noqa: E731
     planes = layer_planes(slots.buffer.layout.geometry)
     gate = layers.LayerGate(host, slots, flat)
-    load = functools.partial(cpu.load_to_device_per_layer, None)  # SGLang's load, as the hook chain passes it
     surface.set_layer_counter(device, gate)
     generator = torch.Generator().manual_seed(7)
 
@@ -168,7 +176,8 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
             inbound.landed(plane)
 
     def device_layer(layer: int, at: torch.Tensor) -> torch.Tensor:
-        return torch.cat([buffer[at].reshape(-1) for buffer in surface.layer_buffers(device, layer)])
+        return torch.cat([buffer[at.to(buffer.device)].reshape(-1).cpu()
+                          for buffer in surface.layer_buffers(device, layer)])
 
     def expected_layer(page: torch.Tensor, layer: int) -> torch.Tensor:
         size = page.numel() // shape.planes
@@ -177,9 +186,9 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
     try:
         inbound, page, slot = landing()
         assert gate.hold(slot, PAGE) and not gate.hold((slot + 1) % 4, 2 * PAGE)  # not landing: copied whole
-        host_at, device_at = torch.arange(PAGE, 2 * PAGE), torch.arange(64, 64 + PAGE)
+        host_at, device_at = torch.arange(PAGE, 2 * PAGE), torch.arange(64, 64 + PAGE, device=device_type)
         for layer in range(LAYERS):  # what start_loading does before the forward
-            layers.on_load(load, host, device, host_at, device_at, layer, "direct")
+            layers.on_load(_torch_load, host, device, host_at, device_at, layer, "direct")
         assert not device_layer(0, device_at).any()  # deferred, not loaded from an empty host page
         surface.host_page(host, PAGE).fill_(float("nan"))
         land(inbound, page, slot, 0)
@@ -210,7 +219,7 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str) -> None:
         assert gate.hold(slot, 2 * PAGE)
         host_at = torch.arange(2 * PAGE, 3 * PAGE)
         for layer in range(LAYERS):
-            layers.on_load(load, host, device, host_at, device_at, layer, "direct")
+            layers.on_load(_torch_load, host, device, host_at, device_at, layer, "direct")
         land(inbound, page, slot, 0)
         device.get_key_buffer(0)
         inbound.fail("DE died")

@@ -9,9 +9,10 @@
 #   device call 3 (carry .gpu-kit-3):  bash benchmark/gpu/ab_h100.sh unpack .gpu-kit-3 && bash benchmark/gpu/ab_h100.sh run
 #   device call 4 (same warm machine):  bash benchmark/gpu/ab_h100.sh models
 #
-# `run` writes $OUT/cluster_ab_h100.json (benchmark records) and .png; `models` the layerwise ablation on the
-# GPU for a GQA and an MLA (DeepSeek-V2 architecture) tiny model, $OUT/layerwise_bench_{gqa,mla}_h100.json;
-# copy them to benchmark/results/.
+# `run` writes $OUT/cluster_ab_h100.json (benchmark records) and .png; `models` runs the CUDA cases of the
+# layer gate's test (DE pages placed from the slots into the GPU pool) and the kernel tests, then the layerwise
+# ablation on the GPU for a GQA and an MLA (DeepSeek-V2 architecture) tiny model,
+# $OUT/layerwise_bench_{gqa,mla}_h100.json; copy them to benchmark/results/.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
 SITE=/tmp/site
@@ -21,7 +22,8 @@ build)
   W=$(mktemp -d); mkdir -p "$HERE/.gpu-kit-3"
   PLAT="--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any"
   pip download -q --no-deps $PLAT -d "$W/whl" nixl==1.5.1 nixl-cu13==1.5.1 xxhash aiohttp aiohappyeyeballs aiosignal \
-    frozenlist multidict propcache yarl idna attrs prometheus-client rich markdown-it-py mdurl pygments
+    frozenlist multidict propcache yarl idna attrs prometheus-client rich markdown-it-py mdurl pygments \
+    pytest pluggy iniconfig packaging hypothesis sortedcontainers
   pip install -q --no-deps --no-compile --target "$W/site" $PLAT "$W/whl"/*.whl
   (cd "$W/site" && tar cf - . | xz -6 -T2 > "$HERE/.gpu-kit-3/part3.tar.xz")
   cp "$HERE/../shared/gpu/unpack_kit.py" "$HERE/.gpu-kit-3/"
@@ -38,7 +40,11 @@ run|models)
   GPU_ARGS="--load-format dummy --skip-tokenizer-init --attention-backend triton --sampling-backend pytorch \
 --grammar-backend none --disable-cuda-graph --mem-fraction-static 0.3"
   if [ "$1" = models ]; then
-    # Layer by layer vs wait-for-all on the GPU: GQA, then MLA (SGLang's MLA pools, one latent plane per layer).
+    # The slot -> GPU device pool placement (Triton kernel from cudaHostRegistered slots, CUDA events) and the
+    # kernels' own tests, on the GPU; then layer by layer vs wait-for-all: GQA, then MLA.
+    (cd "$HERE" && python3 -m pytest -q -p no:cacheprovider test/test_kernels.py \
+      "test/test_srt_pages.py::test_the_forward_of_layer_i_waits_for_layer_i_only") 2>&1 | tail -15 \
+      || echo "models: the GPU tests above failed; the ablation runs anyway"
     python3 "$HERE/benchmark/layerwise_bench.py" --device cuda --rounds 4 --compute-gbps "${COMPUTE_GBPS:-8}" \
       --server-args "$GPU_ARGS" --out "${OUT:-/tmp/out}/layerwise_bench_gqa_h100.json"
     python3 "$HERE/benchmark/layerwise_bench.py" --device cuda --rounds 4 --compute-gbps "${COMPUTE_GBPS:-8}" --mla \
