@@ -34,7 +34,7 @@ from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.link import layer_planes
 from dualpath.transfer import TransferFailed
 from dualpath.transfer.flows import Inbound
-from dualpath_kernel import PagedKVPool, block_range, scatter_blocks
+from dualpath_kernel import Backend, PagedKVPool, block_range, scatter_blocks
 
 log = logging.getLogger(__name__)
 SETTLING_THREADS = 8
@@ -101,6 +101,8 @@ class LayerGate:
         # [slot, component, layer, token, row bytes]: the slots as the kernel reads them (no copy)
         self._staging = block_range(slots.buffer, 0, slots.buffer.capacity).unflatten(1, (components, layers))
         self._registered = self._device.device.type == "cuda"
+        # On CPU the torch copy: CPU servers run Triton's interpreter (cpu.py), which takes ~0.3 s a layer.
+        self._backend: Backend = "auto" if self._registered else "torch"
         if self._registered:  # the kernel reads the slots over PCIe: page-locked for the GPU, as NIXL's are for the NIC
             region = self._staging.untyped_storage()
             torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.nbytes(), 0))
@@ -190,7 +192,7 @@ class LayerGate:
             placing = [i for i, one in enumerate(held) if one is not None and one.landing in landed]
             if placing:
                 scatter_blocks(self._staging[:, :, layer:layer + 1], self._device, entry.device_pages[placing],
-                               slots=[held[i].slot for i in placing], first_layer=layer)
+                               slots=[held[i].slot for i in placing], first_layer=layer, backend=self._backend)
                 self._count(layers_from_slots=len(placing))
                 if self._registered:
                     event = torch.cuda.Event()
