@@ -211,6 +211,8 @@ def test_launcher_adds_what_dualpath_needs_and_refuses_contradictions(tmp_path: 
         launch_line("--model-path", "m", "--config", str(config))
     line, _ = launch_line("--model-path", "m", "--hicache-mem-layout", "layer_first")
     assert line.count("--hicache-mem-layout") == 1
+    with pytest.raises(ValueError, match="does not support --enable-dp-attention"):
+        launch_line("--model-path", "m", "--tp", "2", "--dp", "2", "--enable-dp-attention")
 
 
 def test_the_extra_config_is_checked_and_the_kv_host_is_routable(monkeypatch: pytest.MonkeyPatch) -> None:

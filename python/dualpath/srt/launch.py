@@ -123,6 +123,8 @@ def sglang_argv(argv: list[str], args: argparse.Namespace) -> list[str]:
     settings = surface.launch_settings(raw)
     if settings.storage_backend not in (None, "dynamic"):
         raise ValueError(f"DualPath is the storage backend; got --hicache-storage-backend {settings.storage_backend}")
+    if settings.dp_attention:  # untested: SGLang 0.5.17 cannot run it on CPU (docs/srt.md, Limits)
+        raise ValueError("DualPath does not support --enable-dp-attention in this version; use --tp without it")
     extra = forced(argv, required(raw))
     if settings.page_size is None:
         extra += ["--page-size", str(PAGE_TOKENS)]

@@ -238,6 +238,7 @@ class LaunchSettings(NamedTuple):
     model: str | None
     page_size: int | None
     host: str
+    dp_attention: bool
 
 
 def arrival(req: Any) -> Arrival:
@@ -361,7 +362,7 @@ def launch_settings(server_args: Any) -> LaunchSettings:
     """What DualPath reads of SGLang's ``ServerArgs`` (or of the argparse namespace it is built from)."""
     return LaunchSettings(server_args.disaggregation_mode, server_args.tp_size, server_args.hicache_storage_backend,
                           server_args.hicache_storage_backend_extra_config, server_args.served_model_name,
-                          server_args.page_size, server_args.host)
+                          server_args.page_size, server_args.host, bool(server_args.enable_dp_attention))
 
 
 def setting(server_args: Any, field: str) -> object:
