@@ -126,6 +126,8 @@ def build_app(config: RouterConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
     app[ROUTER] = router
     app.cleanup_ctx.append(router.lifetime)
+    if config.prometheus_port and config.prometheus_port != config.port:
+        app.cleanup_ctx.append(_prometheus_listener)
     app.add_routes([
         web.post("/generate", router.generation_route("generate")),
         web.post("/v1/completions", router.generation_route("completions")),
@@ -138,11 +140,24 @@ def build_app(config: RouterConfig) -> web.Application:
     return app
 
 
+async def _prometheus_listener(app: web.Application) -> AsyncIterator[None]:
+    """``/metrics`` on ``--prometheus-host:--prometheus-port`` too, as the stock router serves it."""
+    config, metrics = app[ROUTER].config, web.Application()
+    metrics.add_routes([web.get("/metrics", app[ROUTER].metrics_page)])
+    runner = web.AppRunner(metrics, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.prometheus_host, config.prometheus_port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def run(config: RouterConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain (see the module docstring)."""
-    if config.ignored_policy:
-        log.warning("--policy %s is ignored: the DualPath global scheduler places every request",
-                    config.ignored_policy)
+    if config.ignored:
+        log.warning("ignored (no meaning under the DualPath global scheduler, which places every request): %s",
+                    " ".join(config.ignored))
     log.info("DualPath router (%s mode) on http://%s:%d: %d prefill, %d decode", config.mode, config.host,
              config.port, len(config.prefill), len(config.decode))
     web.run_app(build_app(config), host=config.host, port=config.port, shutdown_timeout=config.shutdown_drain_s,

@@ -1,7 +1,10 @@
-"""Router configuration and its command line, compatible with ``sglang_router.launch_router --pd-disaggregation``.
+"""Router configuration and its command line: ``sglang_router.launch_router --pd-disaggregation``'s own.
 
-``--prefill URL [BOOTSTRAP_PORT]`` and ``--decode URL`` repeat, one per server; ``--policy`` and friends are
-accepted so that stock launch lines keep working, and ignored: the DualPath global scheduler places requests.
+The parser is sglang-router's (``RouterArgs.add_cli_args``, the pinned package), so every stock flag is
+accepted with its own default and meaning; DualPath's options come on top. Stock flags that mean the same
+here set the router (listening address, ``--prefill URL [PORT|none]``, timeouts, payload size, retries, log
+level, Prometheus address); the others have no meaning under the DualPath scheduler and are listed in one
+start-up warning when given.
 """
 
 from __future__ import annotations
@@ -15,14 +18,13 @@ from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
 Mode = Literal["dualpath", "split", "baseline"]
-DEFAULT_BOOTSTRAP_PORT = 8998
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*")
-STOCK_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "manual", "bucket")
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 class PrefillSpec(NamedTuple):
     url: str
-    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    bootstrap_port: int | None = None  # None: no bootstrap port in the request (as stock, ``--prefill URL none``)
 
 
 def check_url(url: str) -> str:
@@ -68,16 +70,19 @@ class RouterConfig:
     read_tokens_per_s: float = 1_250_000.0
     gpu_tokens_per_s: float = 40_000.0
     request_timeout_s: float = 1800.0
-    queue_timeout_s: float = 300.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_retries: int = 1
-    shutdown_drain_s: float = 60.0
-    ignored_policy: str | None = field(default=None, compare=False)
+    queue_timeout_s: float = 60.0
+    max_body_bytes: int = 512 * 1024 * 1024
+    max_retries: int = 5
+    shutdown_drain_s: float = 180.0
+    log_level: str = "info"
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 0  # 0: /metrics on the router's own port only
+    ignored: tuple[str, ...] = field(default=(), compare=False)  # stock flags given that mean nothing here
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:
             raise ValueError("PD mode needs at least one --prefill and one --decode server")
-        prefill = tuple(PrefillSpec(check_url(url), int(port)) for url, port in self.prefill)
+        prefill = tuple(PrefillSpec(check_url(url), None if port is None else int(port)) for url, port in self.prefill)
         decode = tuple(check_url(url) for url in self.decode)
         object.__setattr__(self, "prefill", prefill)
         object.__setattr__(self, "decode", decode)
@@ -85,8 +90,13 @@ class RouterConfig:
         if len(set(urls)) != len(urls):
             raise ValueError(f"an engine URL is listed twice: {urls}")
         for spec in prefill:
-            _check_port(spec.bootstrap_port, f"bootstrap port of {spec.url}")
+            if spec.bootstrap_port is not None:
+                _check_port(spec.bootstrap_port, f"bootstrap port of {spec.url}")
         _check_port(self.port, "--port")
+        if self.prometheus_port:
+            _check_port(self.prometheus_port, "--prometheus-port")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.mode not in ("dualpath", "split", "baseline"):
             raise ValueError(f"--dualpath-mode must be dualpath, split or baseline, got {self.mode!r}")
         if self.store_root is not None:
@@ -107,10 +117,16 @@ class RouterConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
 
-# (option, RouterConfig field, type, help) of the scalar options; one table drives parser and to_argv.
+# sglang-router's RouterArgs fields (and argparse dests) that mean the same here -> RouterConfig fields.
+STOCK_FIELDS = {"host": "host", "port": "port", "request_timeout_secs": "request_timeout_s",
+                "queue_timeout_secs": "queue_timeout_s", "max_payload_size": "max_body_bytes",
+                "retry_max_retries": "max_retries", "shutdown_grace_period_secs": "shutdown_drain_s",
+                "log_level": "log_level", "prometheus_host": "prometheus_host", "prometheus_port": "prometheus_port"}
+# Stock fields read another way: PD mode itself, the engines, retries switched off.
+_STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries"}
+
+# (option, RouterConfig field, type, help) of DualPath's own options; one table drives parser and to_argv.
 _SCALARS: tuple[tuple[str, str, type, str], ...] = (
-    ("--host", "host", str, "address to listen on"),
-    ("--port", "port", int, "port to listen on"),
     ("--dualpath-mode", "mode", str, "dualpath: the scheduler picks the read side; split: it may also split one "
      "request's reads between both sides, so that both queues drain together; baseline: always the PE side"),
     ("--store-root", "store_root", Path, "the shared block store's mount on this host (hit estimates)"),
@@ -120,50 +136,60 @@ _SCALARS: tuple[tuple[str, str, type, str], ...] = (
     ("--node-report-timeout-secs", "report_timeout_s", float, "an engine whose polls fail this long is down"),
     ("--read-tokens-per-s", "read_tokens_per_s", float, "profiled storage read rate of one node (alpha = 3 s)"),
     ("--gpu-tokens-per-s", "gpu_tokens_per_s", float, "profiled prefill rate of one GPU (beta = 5 s)"),
-    ("--request-timeout-secs", "request_timeout_s", float, "bound on one engine call, streaming included"),
-    ("--queue-timeout-secs", "queue_timeout_s", float, "bound on waiting for an engine with room (then 503)"),
-    ("--max-body-bytes", "max_body_bytes", int, "larger request bodies get 413"),
-    ("--max-retries", "max_retries", int, "retries on another pair after an engine failure (then 502)"),
-    ("--shutdown-drain-secs", "shutdown_drain_s", float, "on SIGTERM, how long in-flight requests may finish"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dualpath.launch_router", description=__doc__)
-    parser.add_argument("--pd-disaggregation", action="store_true", required=True,
-                        help="PD mode (the only mode; required for command-line compatibility)")
-    parser.add_argument("--prefill", nargs="+", action="append", required=True, metavar=("URL", "BOOTSTRAP_PORT"),
-                        help=f"a prefill server and its bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}); repeat")
-    parser.add_argument("--decode", action="append", required=True, metavar="URL", help="a decode server; repeat")
-    for flag in ("--policy", "--prefill-policy", "--decode-policy"):
-        parser.add_argument(flag, choices=STOCK_POLICIES, help="accepted for compatibility and ignored")
+    """sglang-router's own parser (every stock flag, stock defaults) with DualPath's options added."""
+    from sglang_router.router_args import RouterArgs
+
+    parser = argparse.ArgumentParser(prog="python -m dualpath.launch_router", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    RouterArgs.add_cli_args(parser)
+    group = parser.add_argument_group("DualPath", "the global scheduler's options (stock flags above keep "
+                                      "their meaning where they have one here; see docs/router.md)")
     defaults = RouterConfig((PrefillSpec("http://h:1"),), ("http://h:2",))
     for option, name, kind, text in _SCALARS:
-        parser.add_argument(option, dest=name, type=kind, default=getattr(defaults, name), help=text)
+        group.add_argument(option, dest=name, type=kind, default=getattr(defaults, name), help=text)
     return parser
 
 
 def _prefill_spec(values: Sequence[str]) -> PrefillSpec:
     if len(values) > 2:
-        raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT], got {' '.join(values)}")
-    if len(values) == 1:
+        raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT|none], got {' '.join(values)}")
+    if len(values) == 1 or values[1].lower() == "none":
         return PrefillSpec(values[0])
     try:
         return PrefillSpec(values[0], int(values[1]))
     except ValueError:
-        raise ValueError(f"bootstrap port of --prefill {values[0]} must be an integer, got {values[1]!r}") from None
+        raise ValueError(f"bootstrap port of --prefill {values[0]} must be an integer or 'none', "
+                         f"got {values[1]!r}") from None
+
+
+def _ignored(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The stock flags given (values other than their defaults) that mean nothing under the DualPath scheduler."""
+    read = {*STOCK_FIELDS, *_STOCK_READ, *(name for _, name, _, _ in _SCALARS), "help"}
+    return tuple(action.option_strings[-1] for action in parser._actions
+                 if action.dest not in read and getattr(args, action.dest) != action.default)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     """The command line as a RouterConfig; bad values exit with argparse's usage message."""
+    from sglang_router.router_args import RouterArgs
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    ignored = args.policy or args.prefill_policy or args.decode_policy
+    if not args.pd_disaggregation or not args.prefill or not args.decode:
+        parser.error("dualpath.launch_router serves PD disaggregation: pass --pd-disaggregation, one --prefill "
+                     "URL [BOOTSTRAP_PORT] per prefill server and one --decode URL per decode server")
     try:
+        prefill = tuple(_prefill_spec(values) for values in args.prefill)
+        stock = RouterArgs.from_cli_args(args)
+        taken = {ours: getattr(stock, theirs) for theirs, ours in STOCK_FIELDS.items()}
+        if stock.disable_retries:
+            taken["max_retries"] = 0
         return RouterConfig(
-            prefill=tuple(_prefill_spec(values) for values in args.prefill),
-            decode=tuple(args.decode),
-            ignored_policy=ignored,
+            prefill=prefill, decode=tuple(stock.decode_urls), **taken, ignored=_ignored(parser, args),
             **{name: getattr(args, name) for _, name, _, _ in _SCALARS},
         )
     except ValueError as exc:
@@ -174,9 +200,13 @@ def to_argv(config: RouterConfig) -> list[str]:
     """The command line that ``parse_args`` turns back into ``config`` (for launching a router subprocess)."""
     argv = ["--pd-disaggregation"]
     for spec in config.prefill:
-        argv += ["--prefill", spec.url, str(spec.bootstrap_port)]
+        argv += ["--prefill", spec.url, "none" if spec.bootstrap_port is None else str(spec.bootstrap_port)]
     for url in config.decode:
         argv += ["--decode", url]
+    for theirs, ours in STOCK_FIELDS.items():  # stock takes whole seconds and bytes
+        value = getattr(config, ours)
+        argv += [f"--{theirs.replace('_', '-')}", str(int(value) if isinstance(value, float) and value.is_integer()
+                                                      else value)]
     for option, name, _, _ in _SCALARS:
         value = getattr(config, name)
         if value is not None:

@@ -42,7 +42,7 @@ class Engine:
     engine_id: int
     role: Role
     url: str
-    bootstrap_port: int = 0
+    bootstrap_port: int | None = None  # None: the requests carry none (as the stock router)
     # From its reports; a server without them (stock SGLang) is its own node and never reads on the DE side.
     discovered: bool = False
     dualpath: bool = False

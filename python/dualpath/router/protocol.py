@@ -154,7 +154,7 @@ def new_rooms(parsed: ParsedRequest) -> int | list[int]:
     return [secrets.randbits(63) for _ in range(parsed.batch)]
 
 
-def pd_body(parsed: ParsedRequest, host: str, port: int, rooms: int | list[int], routing_key: str) -> bytes:
+def pd_body(parsed: ParsedRequest, host: str, port: int | None, rooms: int | list[int], routing_key: str) -> bytes:
     """The body both servers get: the client's, plus the bootstrap fields (and the routing key on /generate)."""
     body = dict(parsed.body)
     if isinstance(rooms, list):
