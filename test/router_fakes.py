@@ -1,8 +1,9 @@
 """Fake SGLang servers for the router tests: the HTTP surface the router uses, recording what they get.
 
 A fake answers ``/generate``, ``/v1/completions`` and ``/v1/chat/completions`` (streaming too),
-``/v1/loads``, ``/v1/models`` and (when DualPath-enabled) ``/dualpath/info``, whose node read queue is
-``queued_tokens``. Requests can be held on a
+``/v1/loads``, ``/v1/models``, ``/health``, ``/health_generate`` (503 while ``loading``), ``/get_model_info``,
+``/get_server_info``, ``POST /flush_cache`` (counted) and (when DualPath-enabled) ``/dualpath/info``, whose
+node read queue is ``queued_tokens``. Requests can be held on a
 gate to build up load. ``python router_fakes.py --role decode --name d0 --port N`` runs one as a process.
 """
 
@@ -47,6 +48,8 @@ class FakeEngine:
     extra_reqs: int = 0
     extra_tokens: int = 0
     queued_tokens: int = 0  # its node's storage read queue, as it reports it
+    loading: bool = False  # health answers 503, as SGLang's while its model loads
+    flushes: int = 0
     received: list[Received] = field(default_factory=list)
     held_reqs: int = 0
     held_tokens: int = 0
@@ -60,6 +63,11 @@ class FakeEngine:
             app.router.add_post(path, self._generate)
         app.router.add_get("/v1/loads", self._loads)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/health_generate", self._health)
+        app.router.add_get("/get_model_info", self._model_info)
+        app.router.add_get("/get_server_info", self._server_info)
+        app.router.add_post("/flush_cache", self._flush)
         if self.dualpath:
             app.router.add_get("/dualpath/info", self._info)
         return app
@@ -99,6 +107,21 @@ class FakeEngine:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if self.loading else 200)
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.models[0], "tokenizer_path": self.models[0],
+                                  "is_generation": True, "served_by": self.name})
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.models[0], "disaggregation_mode": self.role,
+                                  "served_by": self.name})
+
+    async def _flush(self, request: web.Request) -> web.Response:
+        self.flushes += 1
+        return web.Response(text="Cache flushed.")
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

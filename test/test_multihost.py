@@ -99,7 +99,7 @@ def test_prefill_decode_and_router_on_their_own_hosts_use_the_de_path(tmp_path: 
             assert report.kv_channel is not None
         assert (pe.report().kv_channel.host, de.report().kv_channel.host) == (PE_HOST, DE_HOST)
         deadline = time.monotonic() + 60
-        while not healthy(url):  # 200 once the router has every engine's report
+        while not healthy(url, "/readiness"):  # 200 once the router has a prefill and a decode up
             assert time.monotonic() < deadline and router.poll() is None, (tmp_path / "logs" / "router.log").read_text()
             time.sleep(0.5)
 

@@ -53,9 +53,11 @@ def router_config(prefill: list[FakeEngine], decode: list[FakeEngine], **overrid
 @contextlib.asynccontextmanager
 async def cluster(prefill: list[FakeEngine], decode: list[FakeEngine],
                   **overrides: Any) -> AsyncIterator[tuple[str, aiohttp.ClientSession, Router]]:
-    """Fakes and an in-process router; yields the router's URL, a client session and the Router."""
+    """Fakes and an in-process router; yields the router's URL, a client session and the Router. A fake given a
+    ``url`` already is not started (it comes up later, or never)."""
     for engine in prefill + decode:
-        await engine.start()
+        if not engine.url:
+            await engine.start()
     try:
         app = build_app(router_config(prefill, decode, **overrides))
         async with serving(app) as url, aiohttp.ClientSession() as client:
@@ -335,7 +337,7 @@ async def test_no_engine_with_room_answers_503_within_the_queue_timeout():
         await prefill[0].stop()
         await until(lambda: not router.registry.prefill[0].up, "the poller saw the prefill go")
         status, reply = await post(client, f"{url}/generate", {"text": "anyone?"})
-        async with client.get(f"{url}/health") as resp:
+        async with client.get(f"{url}/readiness") as resp:
             health = resp.status
     assert status == 503 and "no prefill/decode pair had room" in reply["error"]["message"]
     assert health == 503
@@ -457,7 +459,7 @@ async def test_sigterm_drains_every_accepted_request_then_the_router_restarts(tm
 
     async def healthy(client: aiohttp.ClientSession) -> bool:
         with contextlib.suppress(aiohttp.ClientError):
-            async with client.get(f"http://127.0.0.1:{port}/health") as resp:
+            async with client.get(f"http://127.0.0.1:{port}/readiness") as resp:
                 return resp.status == 200
         return False
 

@@ -135,7 +135,8 @@ def test_the_stock_pd_launch_lines_start_the_router(line: str, warned: str, tmp_
         while answers(f"http://127.0.0.1:{port}/health") is None and time.monotonic() < deadline:
             assert router.poll() is None, log.read_text()
             time.sleep(0.1)
-        assert answers(f"http://127.0.0.1:{port}/health") == 503  # the engines are not there
+        assert answers(f"http://127.0.0.1:{port}/health") == 200  # alive: stock's liveness
+        assert answers(f"http://127.0.0.1:{port}/readiness") == 503  # the engines are not there
         assert answers(f"http://127.0.0.1:{metrics_port}/metrics") == 200  # stock's Prometheus address
         warnings = [text.split(": ")[-1] for text in log.read_text().splitlines() if "ignored (no meaning" in text]
         assert warnings == ([warned] if warned else []), log.read_text()

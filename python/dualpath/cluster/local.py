@@ -179,7 +179,7 @@ class LocalCluster:
                 tail = (self.config.work_dir / "logs" / f"router-{mode}.log").read_text(errors="replace")[-2000:]
                 self.stop_router(mode)
                 raise RuntimeError(f"router exited with {router.returncode}:\n{tail}")
-            if healthy(url):
+            if healthy(url, "/readiness"):
                 return url
             time.sleep(0.5)
         self.stop_router(mode)

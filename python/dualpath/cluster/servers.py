@@ -188,10 +188,10 @@ class Server:
             time.sleep(0.1)
 
 
-def healthy(url: str) -> bool:
-    """Whether the server (or router) at ``url`` answers ``/health`` with 200."""
+def healthy(url: str, route: str = "/health") -> bool:
+    """Whether the server at ``url`` answers ``route`` with 200 (a router: ``/readiness``)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}{route}", timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

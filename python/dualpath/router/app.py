@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from dualpath.router.admin import Admin
 from dualpath.router.config import RouterConfig
 from dualpath.router.decide import Decider
 from dualpath.router.engines import EngineRegistry
@@ -44,6 +45,7 @@ class Router:
         self.decider = Decider(config, self.registry, self.store)
         self.metrics = RouterMetrics(self.registry, self.decider)
         self.forwarder = Forwarder(config, self.registry, self.decider, self.metrics)
+        self.admin = Admin(config, self.registry, self.decider.members_changed, lambda: self.forwarder.session)
 
     def _loads_changed(self) -> None:
         self.decider.pump()
@@ -73,14 +75,9 @@ class Router:
 
         return handle
 
-    async def health(self, request: web.Request) -> web.Response:
-        prefill_up = sum(e.up for e in self.registry.prefill)
-        decode_up = sum(e.up for e in self.registry.decode)
-        healthy = prefill_up > 0 and decode_up > 0
-        return web.json_response({"status": "ok" if healthy else "no prefill/decode pair is up",
-                                  "prefill_up": prefill_up, "decode_up": decode_up}, status=200 if healthy else 503)
-
     async def models(self, request: web.Request) -> web.Response:
+        if not self.registry.models:
+            return web.Response(status=503, text="No models available")
         data = [{"id": name, "object": "model", "owned_by": "sglang"} for name in sorted(self.registry.models)]
         return web.json_response({"object": "list", "data": data})
 
@@ -132,10 +129,10 @@ def build_app(config: RouterConfig) -> web.Application:
         web.post("/generate", router.generation_route("generate")),
         web.post("/v1/completions", router.generation_route("completions")),
         web.post("/v1/chat/completions", router.generation_route("chat")),
-        web.get("/health", router.health),
         web.get("/v1/models", router.models),
         web.get("/metrics", router.metrics_page),
         web.get("/dualpath/decisions", router.decisions),
+        *router.admin.routes(),
     ])
     return app
 

@@ -102,6 +102,13 @@ class Decider:
         self._reports: dict[int, tuple[int, EngineLoad]] = {}  # engine id -> (its version, its report)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISION_LOG)
 
+    def members_changed(self) -> None:
+        """Engines joined or left the registry: the scheduler's groups follow, then place what waits."""
+        self.scheduler.set_members(PREFILL_GROUP, [e.engine_id for e in self.registry.prefill])
+        self.scheduler.set_members(DECODE_GROUP, [e.engine_id for e in self.registry.decode])
+        self._engines.update((e.engine_id, e) for e in self.registry.engines)
+        self.pump()
+
     @property
     def waiting(self) -> int:
         """Requests the scheduler holds, waiting for a PE or a DE."""

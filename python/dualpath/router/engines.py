@@ -14,8 +14,10 @@ router's own in-flight work at that moment (another router's requests, or an est
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from dualpath.router.config import RouterConfig
+from dualpath.router.config import RouterConfig, check_url
 from dualpath.scheduler.messages import Role
 from dualpath.scheduler.report import REPORT_ROUTE, KVChannelAddress, NodeReport
 
@@ -43,6 +45,7 @@ class Engine:
     role: Role
     url: str
     bootstrap_port: int | None = None  # None: the requests carry none (as the stock router)
+    worker_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # its name in the /workers API, as stock
     # From its reports; a server without them (stock SGLang) is its own node and never reads on the DE side.
     discovered: bool = False
     dualpath: bool = False
@@ -135,11 +138,38 @@ class EngineRegistry:
     def __init__(self, config: RouterConfig, on_change: Callable[[], None]) -> None:
         self.config = config
         self.on_change = on_change
-        self.prefill = [Engine(i, "prefill", spec.url, spec.bootstrap_port) for i, spec in enumerate(config.prefill)]
-        self.decode = [Engine(len(self.prefill) + i, "decode", url) for i, url in enumerate(config.decode)]
-        self.engines = self.prefill + self.decode
+        self._ids = itertools.count()  # never reused: a removed engine's late releases touch only its own object
+        self.prefill = [Engine(next(self._ids), "prefill", spec.url, spec.bootstrap_port) for spec in config.prefill]
+        self.decode = [Engine(next(self._ids), "decode", url) for url in config.decode]
         self.node_ids: dict[str, int] = {}
         self.polls = 0
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self.prefill + self.decode
+
+    def add(self, role: Role, url: str, bootstrap_port: int | None = None) -> Engine:
+        """A server joins (placed on once a poll finds it up); ValueError for a bad or known URL."""
+        url = check_url(url)
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"worker_type must be 'prefill' or 'decode', got {role!r}")
+        if any(engine.url == url for engine in self.engines):
+            raise ValueError(f"{url} is already a worker")
+        engine = Engine(next(self._ids), role, url, bootstrap_port)
+        (self.prefill if role == "prefill" else self.decode).append(engine)
+        log.info("engine %s (%s) added", url, role)
+        return engine
+
+    def remove(self, engine: Engine) -> None:
+        """A server leaves: nothing new is placed on it; what it holds finishes. The last of a role stays."""
+        group = self.prefill if engine.role == "prefill" else self.decode
+        if len(group) == 1:
+            raise ValueError(f"{engine.url} is the last {engine.role} server; add another before removing it")
+        group.remove(engine)
+        log.info("engine %s (%s) removed", engine.url, engine.role)
+
+    def by_worker_id(self, worker_id: str) -> Engine | None:
+        return next((engine for engine in self.engines if engine.worker_id == worker_id), None)
 
     @property
     def models(self) -> set[str]:

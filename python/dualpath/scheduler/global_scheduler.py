@@ -59,6 +59,16 @@ class GlobalScheduler:
         self._rr_engine: dict[int, int] = {}
         self._rr_side = 0
 
+    def set_members(self, group_id: int, engine_ids: Sequence[int]) -> None:
+        """Engines join or leave a group (ids are never reused); placements already made stand."""
+        group = self._groups.get(group_id)
+        if group is None:
+            raise ValueError(f"unknown engine group {group_id}")
+        self._groups[group_id] = EngineGroup(group_id, group.role, tuple(engine_ids))
+        self._members[group_id] = frozenset(engine_ids)
+        for engine_id in engine_ids:
+            self._ranks.setdefault(engine_id, tiebreak(self.config.seed, engine_id))
+
     # -- requests ---------------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
