@@ -139,7 +139,12 @@ class FakeEngine:
         finally:
             self.held_reqs -= 1
             self.held_tokens -= tokens
-        reply = {"engine": self.name, "bootstrap_room": body.get("bootstrap_room"), "path": request.path}
+        reply: dict[str, Any] = {"engine": self.name, "bootstrap_room": body.get("bootstrap_room"),
+                                 "path": request.path}
+        if body.get("return_logprob"):  # SGLang's PD halves: the prefill's input logprobs, one of the decode's
+            ids = body.get("input_ids") or [0]
+            reply["meta_info"] = {"input_token_logprobs": [[-1.0, t, None] for t in ids] if self.role == "prefill"
+                                  else [[-2.0, ids[-1], None]]}
         if not body.get("stream"):
             return web.json_response(self._final(request.path, reply))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -153,7 +158,8 @@ class FakeEngine:
 
     def _final(self, path: str, reply: dict[str, Any]) -> dict[str, Any]:
         if path == "/generate":
-            return {**reply, "text": f"from {self.name}", "meta_info": {"completion_tokens": self.output_tokens}}
+            meta = {**reply.get("meta_info", {}), "completion_tokens": self.output_tokens}
+            return {**reply, "text": f"from {self.name}", "meta_info": meta}
         return {**reply, "choices": [{"index": 0, "text": f"from {self.name}"}],
                 "usage": {"completion_tokens": self.output_tokens}}
 

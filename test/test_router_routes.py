@@ -3,10 +3,12 @@ the real package), against fake SGLang servers on 127.0.0.1 (router_fakes.py).""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from dualpath.router.protocol import merge_input_logprobs
 from test_router import cluster, free_port, pd_fakes, post, run_async, until
 
 
@@ -102,3 +104,51 @@ async def test_workers_join_and_leave_while_serving_and_the_scheduler_follows():
             assert (await get(client, f"{url}/workers"))[1]["total"] == 2
     finally:
         await extra.stop()
+
+
+@run_async
+async def test_request_ids_are_answered_and_forwarded_as_the_stock_router_does():
+    prefill, decode = pd_fakes()
+    async with cluster(prefill, decode) as (url, client, _):
+        async def send(headers: dict[str, str], body: Any = None) -> str:
+            async with client.post(f"{url}/generate", json=body or {"input_ids": [1, 2]}, headers=headers) as resp:
+                await resp.read()
+                return resp.headers["x-request-id"]
+
+        assert await send({"X-Request-Id": "client-1"}) == "client-1"
+        assert await send({"X-Correlation-Id": "corr-2"}) == "corr-2"
+        assert await send({"X-Trace-Id": "trace-3"}) == "trace-3"
+        assert (await send({})).startswith("gnt-")
+        assert await send({"X-Request-Id": "stream-4"}, {"input_ids": [3], "stream": True}) == "stream-4"
+        async with client.post(f"{url}/generate", data=b"{bad", headers={"X-Request-Id": "bad-5"}) as resp:
+            assert (resp.status, resp.headers["x-request-id"]) == (400, "bad-5")
+        for engine in prefill + decode:  # both legs get x-request-id and x-correlation-id as sent, nothing else
+            got = [{k.lower(): v for k, v in r.headers.items() if "-id" in k.lower()} for r in engine.received]
+            assert got == [{"x-request-id": "client-1"}, {"x-correlation-id": "corr-2"}, {}, {},
+                           {"x-request-id": "stream-4"}]
+
+
+@run_async
+async def test_the_prefills_input_logprobs_are_merged_in_front_of_the_decodes():
+    prefill, decode = pd_fakes()
+    async with cluster(prefill, decode) as (url, client, _):
+        status, reply = await post(client, f"{url}/generate", {"input_ids": [5, 6, 7], "return_logprob": True})
+        assert status == 200
+        assert reply["meta_info"]["input_token_logprobs"] == [[-1.0, 5, None], [-1.0, 6, None], [-1.0, 7, None],
+                                                              [-2.0, 7, None]]
+        async with client.post(f"{url}/generate", json={"input_ids": [8, 9], "return_logprob": True,
+                                                         "stream": True}) as resp:
+            events = [line[5:].strip() for line in (await resp.text()).split("\n\n") if line.startswith("data:")]
+        merged = [json.loads(event)["meta_info"]["input_token_logprobs"] for event in events if event != "[DONE]"]
+        assert len(merged) == 4 and all(m == [[-1.0, 8, None], [-1.0, 9, None], [-2.0, 9, None]] for m in merged)
+        status, plain = await post(client, f"{url}/generate", {"input_ids": [5, 6, 7]})  # negative control
+        assert status == 200 and "input_token_logprobs" not in plain["meta_info"]
+
+
+def test_a_batch_merges_item_by_item_and_leaves_answers_without_logprobs_alone():
+    prefill = [{"meta_info": {"input_token_logprobs": [[-1.0, 1, None]]}},
+               {"meta_info": {"input_token_logprobs": [[-1.0, 2, None], [-1.0, 3, None]]}}]
+    decode = [{"meta_info": {"input_token_logprobs": [[-2.0, 1, None]]}}, {"meta_info": {}}]
+    merged = merge_input_logprobs(prefill, decode)
+    assert merged == [{"meta_info": {"input_token_logprobs": [[-1.0, 1, None], [-2.0, 1, None]]}}, {"meta_info": {}}]
+    assert merge_input_logprobs({"meta_info": {}}, {"text": "x"}) == {"text": "x"}

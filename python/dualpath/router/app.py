@@ -21,8 +21,8 @@ from dualpath.router.config import RouterConfig
 from dualpath.router.decide import Decider
 from dualpath.router.engines import EngineRegistry
 from dualpath.router.metrics import RouterMetrics
-from dualpath.router.protocol import HttpError, Route, parse_request
-from dualpath.router.proxy import Forwarder
+from dualpath.router.protocol import HttpError, Route, parse_request, request_id
+from dualpath.router.proxy import REQUEST_ID, Forwarder
 from dualpath.router.store_view import StoreView
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ ROUTER = web.AppKey("router", Router)
 
 
 @web.middleware
+async def _request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer carries the request's id (the client's, else a new one) in ``x-request-id``, as stock's."""
+    request[REQUEST_ID] = request_id(request.headers, request.app[ROUTER].config.request_id_headers, request.path)
+    response = await handler(request)
+    if not response.prepared:  # a relayed stream set it before its first byte
+        response.headers["x-request-id"] = request[REQUEST_ID]
+    return response
+
+
+@web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error is a JSON answer with a message; the router itself never goes down with a request."""
     router: Router = request.app[ROUTER]
@@ -120,7 +130,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def build_app(config: RouterConfig) -> web.Application:
     """An aiohttp Application serving ``config``; run it with ``web.run_app`` or an AppRunner."""
     router = Router(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_request_ids, _errors])
     app[ROUTER] = router
     app.cleanup_ctx.append(router.lifetime)
     if config.prometheus_port and config.prometheus_port != config.port:

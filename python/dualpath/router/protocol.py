@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -152,6 +153,34 @@ def new_rooms(parsed: ParsedRequest) -> int | list[int]:
     if parsed.batch is None:
         return secrets.randbits(63)
     return [secrets.randbits(63) for _ in range(parsed.batch)]
+
+
+# sglang-router 0.3.2: the response's id comes from the first of these present (else a new one); the servers
+# get the x-request-id and x-correlation-id headers the client sent.
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+FORWARDED_ID_HEADERS = ("x-request-id", "x-correlation-id")
+REQUEST_ID_PREFIX: dict[str, str] = {"/generate": "gnt-", "/v1/completions": "cmpl-",
+                                     "/v1/chat/completions": "chatcmpl-"}
+
+
+def request_id(headers: Mapping[str, str], names: Sequence[str] | None, path: str) -> str:
+    """The client's request id (the first of ``names`` it sent), or a new one."""
+    for name in names or DEFAULT_REQUEST_ID_HEADERS:
+        if headers.get(name):
+            return headers[name]
+    return REQUEST_ID_PREFIX.get(path, "req-") + secrets.token_urlsafe(18)
+
+
+def merge_input_logprobs(prefill: Any, decode: Any) -> Any:
+    """The decode's answer with the prefill's ``meta_info.input_token_logprobs`` in front of its own, as the stock
+    router merges them (per item of a batch); unchanged where either side has none."""
+    if isinstance(decode, list) and isinstance(prefill, list):
+        return [merge_input_logprobs(p, d) for p, d in zip(prefill, decode, strict=False)]
+    meta, prefill_meta = (x.get("meta_info") if isinstance(x, dict) else None for x in (decode, prefill))
+    if isinstance(meta, dict) and isinstance(prefill_meta, dict) and isinstance(
+            meta.get("input_token_logprobs"), list) and isinstance(prefill_meta.get("input_token_logprobs"), list):
+        meta["input_token_logprobs"] = prefill_meta["input_token_logprobs"] + meta["input_token_logprobs"]
+    return decode
 
 
 def pd_body(parsed: ParsedRequest, host: str, port: int | None, rooms: int | list[int], routing_key: str) -> bytes:

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -23,11 +24,20 @@ from dualpath.router.config import RouterConfig
 from dualpath.router.decide import Decider, Placement
 from dualpath.router.engines import Engine, EngineRegistry
 from dualpath.router.metrics import RouterMetrics, meta_ttft, output_tokens
-from dualpath.router.protocol import PATHS, HttpError, ParsedRequest, new_rooms, pd_body
+from dualpath.router.protocol import (
+    FORWARDED_ID_HEADERS,
+    PATHS,
+    HttpError,
+    ParsedRequest,
+    merge_input_logprobs,
+    new_rooms,
+    pd_body,
+)
 from dualpath.scheduler.route_hint import ROUTING_KEY_HEADER
 
 log = logging.getLogger(__name__)
 _RETRIABLE = (aiohttp.ClientError, TimeoutError)
+REQUEST_ID = web.RequestKey("request_id", str)  # set by the application's middleware
 
 
 class EngineFailure(Exception):
@@ -52,20 +62,32 @@ class StreamHead(NamedTuple):
 
 
 class SseTracker:
-    """Counts the data events of a relayed SSE stream and keeps the last one (for the token count)."""
+    """Counts the data events of a relayed SSE stream and keeps the last one (for the token count); with
+    ``rewrite``, what to send is each whole data event rewritten (else every chunk as it comes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rewrite: Callable[[Any], Any] | None = None) -> None:
         self._tail = b""
+        self._rewrite = rewrite
         self.events = 0
         self.last = b""
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
         *events, self._tail = (self._tail + chunk).split(b"\n\n")
+        out = []
         for event in events:
             event = event.strip()
             if event.startswith(b"data:") and event[5:].strip() != b"[DONE]":
                 self.events += 1
                 self.last = event[5:].strip()
+                if self._rewrite is not None:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        event = b"data: " + msgspec.json.encode(self._rewrite(msgspec.json.decode(self.last)))
+            out.append(event + b"\n\n")
+        return chunk if self._rewrite is None else b"".join(out)
+
+    def rest(self) -> bytes:
+        """What ``feed`` held back: an unterminated last event of a rewritten stream."""
+        return self._tail if self._rewrite is not None else b""
 
     def output_tokens(self) -> int:
         with contextlib.suppress(msgspec.DecodeError):
@@ -83,7 +105,7 @@ class Forwarder:
         self.decider = decider
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
-        self._background: set[asyncio.Task[Answer | None]] = set()
+        self._background: set[asyncio.Task[Answer]] = set()
 
     async def handle(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -112,8 +134,9 @@ class Forwarder:
         headers = {"Content-Type": "application/json"}
         if parsed.route != "generate":
             headers[ROUTING_KEY_HEADER] = key
-        if "Authorization" in request.headers:
-            headers["Authorization"] = request.headers["Authorization"]
+        for name in ("Authorization", *FORWARDED_ID_HEADERS):
+            if name in request.headers:
+                headers[name] = request.headers[name]
         path = PATHS[parsed.route]
         prefill = asyncio.create_task(self._prefill_leg(placement, path, body, headers))
         # The prefill's answer matters only until the decode answers; it may finish in the background.
@@ -124,7 +147,7 @@ class Forwarder:
             done, _ = await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
             if prefill in done and not _succeeded(decode):
                 failure = prefill.exception()
-                rejected = None if failure else prefill.result()
+                rejected = None if failure or prefill.result().status < 300 else prefill.result()
                 if failure or rejected:
                     # Without its prefill, a decode waits for KV that never comes: abort it.
                     decode.cancel()
@@ -137,16 +160,38 @@ class Forwarder:
             except BaseException:
                 prefill.cancel()
                 raise
+            merge = await self._prefill_logprobs(parsed, prefill, head)
             if isinstance(head, Answer):
                 e2e = time.monotonic() - started
                 if head.status < 300:
                     self._observe_answer(head, e2e)
+                    if merge is not None:
+                        head = head._replace(body=msgspec.json.encode(merge(msgspec.json.decode(head.body))))
                 return _client_answer(head)
-            return await self._relay(request, placement.de, head, started)
+            return await self._relay(request, placement.de, head, started, merge)
         finally:
             self.decider.release_decode(placement)
 
-    def _prefill_done(self, task: asyncio.Task[Answer | None]) -> None:
+    @staticmethod
+    async def _prefill_logprobs(parsed: ParsedRequest, prefill: asyncio.Task[Answer],
+                                head: Answer | StreamHead) -> Callable[[Any], Any] | None:
+        """With ``return_logprob`` on ``/generate``, the stock router puts the prefill's input logprobs in front
+        of the decode's: the merge to apply to the decode's answer (or to each event of its stream)."""
+        if parsed.route != "generate" or not _truthy(parsed.body.get("return_logprob")) or (
+                isinstance(head, Answer) and head.status >= 300):
+            return None
+        try:
+            answer = await prefill
+            body = answer.body
+            if body.startswith(b"data:"):  # a stream: its first event carries the input logprobs
+                body = body.split(b"\n\n", 1)[0][5:].strip()
+            first = msgspec.json.decode(body)
+        except (EngineFailure, msgspec.DecodeError) as exc:
+            log.warning("no input logprobs from the prefill to merge: %s", exc)
+            return None
+        return lambda decoded: merge_input_logprobs(first, decoded)
+
+    def _prefill_done(self, task: asyncio.Task[Answer]) -> None:
         # A failure has been handled (retry) or reported (engine marked down) already; only collect it.
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -159,15 +204,15 @@ class Forwarder:
         self.metrics.observe_completion(e2e, meta_ttft(response, e2e), output_tokens(response))
 
     async def _prefill_leg(self, placement: Placement, path: str, body: bytes,
-                           headers: dict[str, str]) -> Answer | None:
-        """The prefill's call; None on success, its answer when it rejects the request (4xx)."""
+                           headers: dict[str, str]) -> Answer:
+        """The prefill's answer (a 4xx: it rejected the request); EngineFailure when it failed."""
         engine = placement.pe
         assert self.session is not None
         try:
             async with self.session.post(engine.url + path, data=body, headers=headers) as resp:
                 data = await resp.read()
                 _check_status(engine, resp.status, data)
-                return None if resp.status < 300 else Answer(resp.status, resp.content_type, data)
+                return Answer(resp.status, resp.content_type, data)
         except _RETRIABLE as exc:
             raise self._failed(engine, exc) from exc
         except EngineFailure as exc:
@@ -208,21 +253,19 @@ class Forwarder:
         self.registry.mark_down(engine, str(failure))
         return failure
 
-    async def _relay(self, request: web.Request, engine: Engine, head: StreamHead,
-                     started: float) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, engine: Engine, head: StreamHead, started: float,
+                     rewrite: Callable[[Any], Any] | None) -> web.StreamResponse:
         upstream = head.response
         out = web.StreamResponse(headers={"Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
-                                          "Cache-Control": "no-cache"})
-        tracker = SseTracker()
+                                          "Cache-Control": "no-cache", "x-request-id": request[REQUEST_ID]})
+        tracker = SseTracker(rewrite)
         try:
             await out.prepare(request)
             ttft = time.monotonic() - started
-            tracker.feed(head.first_chunk)
-            await out.write(head.first_chunk)
+            await out.write(tracker.feed(head.first_chunk))
             try:
                 async for chunk in upstream.content.iter_any():
-                    tracker.feed(chunk)
-                    await out.write(chunk)
+                    await out.write(tracker.feed(chunk))
             except _RETRIABLE as exc:
                 self._failed(engine, exc)
                 self.metrics.errors.labels("upstream_mid_stream").inc()
@@ -232,9 +275,15 @@ class Forwarder:
                 return out
         finally:
             upstream.close()
+        await out.write(tracker.rest())
         await out.write_eof()
         self.metrics.observe_completion(time.monotonic() - started, ttft, tracker.output_tokens())
         return out
+
+
+def _truthy(flag: object) -> bool:
+    """``return_logprob`` of one prompt or of a batch."""
+    return any(flag) if isinstance(flag, list) else bool(flag)
 
 
 def _succeeded(task: asyncio.Task[Answer | StreamHead]) -> bool:
