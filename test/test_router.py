@@ -313,6 +313,8 @@ async def test_bad_requests_get_4xx_with_a_message_and_the_router_keeps_serving(
             ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "'gpt-9' is not served"),
             ("/v1/chat/completions", b'{"messages": []}', 400, "'messages'"),
             ("/v1/chat/completions", b'{"messages": [{"role": "user"}], "stream": "yes"}', 400, "'stream'"),
+            ("/generate", b'{"text": "x", "sampling_params": ' + b"[" * 1500 + b"]" * 1500 + b"}", 400,
+             "nested too deeply"),
             ("/generate", b'{"text": "' + b"x" * 5000 + b'"}', 413, "4096"),
             ("/no/such/route", b"{}", 404, ""),
         ]

@@ -114,6 +114,8 @@ def parse_request(route: Route, raw: bytes, models: set[str]) -> ParsedRequest:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HttpError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError(400, f"request body must be a JSON object, got {type(body).__name__}")
     stream = body.get("stream", False)
