@@ -227,7 +227,7 @@ async def test_reads_go_to_the_side_with_the_shorter_read_queue_except_in_baseli
     assert 'dualpath_storage_read_bytes_total{node="node-p0"}' in page
     expected = {"pe": 6} if mode == "baseline" else {"pe": 3, "de": 3}
     for side, count in expected.items():
-        assert f'dualpath_router_requests_total{{side="{side}"}} {count}.0' in page
+        assert f'dualpath_router_requests_total{{model="default",side="{side}"}} {count}.0' in page
     assert ('side="de"' in page) == (mode == "dualpath")
 
 

@@ -4,11 +4,17 @@ the real package), against fake SGLang servers on 127.0.0.1 (router_fakes.py).""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from dualpath.router.protocol import merge_input_logprobs
+from dualpath.srt.state import METRICS
+from prometheus_client.parser import text_string_to_metric_families
 from test_router import cluster, free_port, pd_fakes, post, run_async, until
 
 
@@ -152,3 +158,83 @@ def test_a_batch_merges_item_by_item_and_leaves_answers_without_logprobs_alone()
     merged = merge_input_logprobs(prefill, decode)
     assert merged == [{"meta_info": {"input_token_logprobs": [[-1.0, 1, None], [-2.0, 1, None]]}}, {"meta_info": {}}]
     assert merge_input_logprobs({"meta_info": {}}, {"text": "x"}) == {"text": "x"}
+
+
+def metric_labels(page: str, prefix: str) -> dict[str, set[str]]:
+    """Metric family name -> label names of its samples (histogram buckets' ``le`` left out)."""
+    return {family.name: {label for sample in family.samples for label in sample.labels if label != "le"}
+            for family in text_string_to_metric_families(page) if family.name.startswith(prefix)}
+
+
+async def traffic(client: aiohttp.ClientSession, url: str) -> None:
+    """A plain, a streamed, a chat and a malformed request."""
+    for body in ({"input_ids": [1, 2, 3]}, {"input_ids": [1], "stream": True}):
+        async with client.post(f"{url}/generate", json=body) as resp:
+            await resp.read()
+    chat = {"model": "tiny-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post(f"{url}/v1/chat/completions", json=chat) as resp:
+        await resp.read()
+    async with client.post(f"{url}/generate", data=b"{bad", headers={"Content-Type": "application/json"}) as resp:
+        await resp.read()
+
+
+@run_async
+async def test_the_stock_routers_metrics_have_its_names_and_labels():
+    # The stock router's own page, after the same traffic against the same fakes.
+    prefill, decode = pd_fakes()
+    for engine in prefill + decode:
+        await engine.start()
+    port, metrics_port = free_port(), free_port()
+    stock = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+                              "--prefill", prefill[0].url, "9000", "--decode", decode[0].url, "--host", "127.0.0.1",
+                              "--port", str(port), "--prometheus-host", "127.0.0.1", "--prometheus-port",
+                              str(metrics_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as client:
+            await until(lambda: ready(client, f"http://127.0.0.1:{port}"), "the stock router is ready", 30)
+            await traffic(client, f"http://127.0.0.1:{port}")
+            async with client.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                theirs = metric_labels(await resp.text(), "smg_")
+    finally:
+        stock.terminate()
+        stock.wait(20)
+        for engine in prefill + decode:
+            await engine.stop()
+            engine.url, engine.received = "", []
+    async with cluster(prefill, decode) as (url, client, _):
+        await traffic(client, url)
+        async with client.get(f"{url}/metrics") as resp:
+            page = await resp.text()
+    ours = metric_labels(page, "smg_")
+    assert {name: theirs.get(name) for name in ours} == ours  # every smg_ metric we export is stock's, same labels
+    assert len(ours) >= 9
+    assert 'smg_router_requests_total{backend_type="pd",connection_mode="http",endpoint="generate",model="default",' \
+           'router_type="http",streaming="true"} 1.0' in page
+    assert 'smg_worker_selection_total{connection_mode="http",model="tiny-model",policy="dualpath",' \
+           'worker_type="decode"} 1.0' in page
+    assert 'smg_http_responses_total{error_code="bad_request",status_code="400"} 1.0' in page
+    assert f'smg_worker_health{{worker="{decode[0].url}"}} 1.0' in page
+
+
+async def ready(client: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with client.get(f"{url}/readiness") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+@run_async
+async def test_the_grafana_dashboard_queries_only_metrics_the_router_and_servers_export():
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana" / "dualpath.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(?:dualpath|smg)_[a-z_]+", target["expr"])}
+    prefill, decode = pd_fakes()
+    async with cluster(prefill, decode) as (url, client, _):
+        await traffic(client, url)
+        async with client.get(f"{url}/metrics") as resp:
+            page = await resp.text()
+    exported = {sample.name for family in text_string_to_metric_families(page) for sample in family.samples}
+    exported |= {f"{name}_total" for name, _, _ in METRICS.values()}  # the servers' counters (SGLang's /metrics)
+    assert len(queried) >= 10 and queried <= exported, queried - exported
+    assert "dualpath_storage_read_bytes_total" in queried and "dualpath_router_hit_tokens_total" in queried

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -43,7 +44,7 @@ class Router:
         self.store = StoreView(config.store_root) if config.store_root else None
         self.registry = EngineRegistry(config, on_change=self._loads_changed)
         self.decider = Decider(config, self.registry, self.store)
-        self.metrics = RouterMetrics(self.registry, self.decider)
+        self.metrics = RouterMetrics(self.registry, self.decider, config.duration_buckets, config.mode)
         self.forwarder = Forwarder(config, self.registry, self.decider, self.metrics)
         self.admin = Admin(config, self.registry, self.decider.members_changed, lambda: self.forwarder.session)
 
@@ -71,7 +72,10 @@ class Router:
                 raise HttpError(413, f"request body of {request.content_length} bytes is over the "
                                 f"{self.config.max_body_bytes}-byte limit")
             parsed = parse_request(route, await request.read(), self.registry.models)
-            return await self.forwarder.handle(request, parsed)
+            started = time.monotonic()
+            response = await self.forwarder.handle(request, parsed)
+            self.metrics.generation(parsed.model or "default", route, parsed.stream, time.monotonic() - started)
+            return response
 
         return handle
 
@@ -94,15 +98,22 @@ class Router:
 
 
 ROUTER = web.AppKey("router", Router)
+ERROR_KIND = web.RequestKey("error_kind", str)
 
 
 @web.middleware
-async def _request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer carries the request's id (the client's, else a new one) in ``x-request-id``, as stock's."""
-    request[REQUEST_ID] = request_id(request.headers, request.app[ROUTER].config.request_id_headers, request.path)
+async def _observed(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer carries the request's id (the client's, else a new one) in ``x-request-id``, and is counted
+    in the stock router's HTTP metrics, as stock's."""
+    router: Router = request.app[ROUTER]
+    request[REQUEST_ID] = request_id(request.headers, router.config.request_id_headers, request.path)
+    started = time.monotonic()
     response = await handler(request)
     if not response.prepared:  # a relayed stream set it before its first byte
         response.headers["x-request-id"] = request[REQUEST_ID]
+    route = request.match_info.route.resource
+    router.metrics.http(request.method, route.canonical if route is not None else "unmatched", response.status,
+                        request.get(ERROR_KIND, ""), time.monotonic() - started)
     return response
 
 
@@ -124,13 +135,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unexpected error on %s", request.path)
         error = HttpError(500, f"router error: {type(exc).__name__}: {exc}")
     router.metrics.errors.labels(error.kind).inc()
+    request[ERROR_KIND] = error.kind
     return error_response(error.status, error.message)
 
 
 def build_app(config: RouterConfig) -> web.Application:
     """An aiohttp Application serving ``config``; run it with ``web.run_app`` or an AppRunner."""
     router = Router(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_request_ids, _errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_observed, _errors])
     app[ROUTER] = router
     app.cleanup_ctx.append(router.lifetime)
     if config.prometheus_port and config.prometheus_port != config.port:

@@ -78,6 +78,7 @@ class RouterConfig:
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 0  # 0: /metrics on the router's own port only
     request_id_headers: tuple[str, ...] | None = None  # None: stock's (x-request-id, x-correlation-id, ...)
+    duration_buckets: tuple[float, ...] | None = None  # None: stock's, 1 ms .. 240 s
     ignored: tuple[str, ...] = field(default=(), compare=False)  # stock flags given that mean nothing here
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class RouterConfig:
             _check_port(self.prometheus_port, "--prometheus-port")
         if self.request_id_headers is not None:
             object.__setattr__(self, "request_id_headers", tuple(name.lower() for name in self.request_id_headers))
+        if self.duration_buckets is not None:
+            object.__setattr__(self, "duration_buckets", tuple(float(bound) for bound in self.duration_buckets))
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.mode not in ("dualpath", "split", "baseline"):
@@ -125,7 +128,7 @@ STOCK_FIELDS = {"host": "host", "port": "port", "request_timeout_secs": "request
                 "queue_timeout_secs": "queue_timeout_s", "max_payload_size": "max_body_bytes",
                 "retry_max_retries": "max_retries", "shutdown_grace_period_secs": "shutdown_drain_s",
                 "log_level": "log_level", "prometheus_host": "prometheus_host", "prometheus_port": "prometheus_port",
-                "request_id_headers": "request_id_headers"}
+                "request_id_headers": "request_id_headers", "prometheus_duration_buckets": "duration_buckets"}
 # Stock fields read another way: PD mode itself, the engines, retries switched off.
 _STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries"}
 
@@ -210,7 +213,7 @@ def to_argv(config: RouterConfig) -> list[str]:
     for theirs, ours in STOCK_FIELDS.items():  # stock takes whole seconds and bytes
         value = getattr(config, ours)
         if isinstance(value, tuple):
-            argv += [f"--{theirs.replace('_', '-')}", *value]
+            argv += [f"--{theirs.replace('_', '-')}", *map(str, value)]
         elif value is not None:
             argv += [f"--{theirs.replace('_', '-')}", str(int(value) if isinstance(value, float) and value.is_integer()
                                                           else value)]

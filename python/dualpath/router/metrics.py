@@ -1,17 +1,26 @@
-"""Prometheus metrics of one router (its own registry, so that several routers can live in one process)."""
+"""Prometheus metrics of one router (its own registry, so that several routers can live in one process).
+
+Where sglang-router 0.3.2 has a metric (checked against the package), the router exports it under the same
+name and labels (``smg_*``: HTTP requests and responses, router requests by model and endpoint, worker
+selection, health, active requests and pool sizes), so that dashboards built on the stock router keep working;
+what is DualPath's own is ``dualpath_*``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dualpath.router.decide import Decider
 from dualpath.router.engines import EngineRegistry
 
+disable_created_metrics()  # no *_created series: the stock router has none, and a dashboard needs none
+STOCK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 45, 60, 90, 120, 180, 240)
+PD = {"router_type": "http", "backend_type": "pd", "connection_mode": "http"}  # the stock labels of a PD router
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
@@ -43,24 +52,50 @@ class _StateCollector(Collector):
                                      labels=["engine", "role"])
         tokens = GaugeMetricFamily("dualpath_engine_tokens", "Unfinished tokens per engine (tok_e) as scheduled",
                                    labels=["engine", "role"])
+        health = GaugeMetricFamily("smg_worker_health", "1 when the worker is healthy", labels=["worker"])
+        active = GaugeMetricFamily("smg_worker_requests_active", "Requests in flight per worker", labels=["worker"])
+        pool = GaugeMetricFamily("smg_worker_pool_size", "Workers by type and model",
+                                 labels=["worker_type", "connection_mode", "model"])
+        sizes: dict[tuple[str, str], int] = {}
         for engine in self.registry.engines:
             labels = [engine.url, engine.role]
             up.add_metric(labels, int(engine.up))
             inflight.add_metric(labels, engine.inflight_reqs)
             tokens.add_metric(labels, engine.tokens)
-        yield from (up, inflight, tokens)
+            health.add_metric([engine.url], int(engine.up))
+            active.add_metric([engine.url], engine.inflight_reqs)
+            for model in engine.models or ("default",):
+                sizes[engine.role, model] = sizes.get((engine.role, model), 0) + 1
+        for (role, model), size in sorted(sizes.items()):
+            pool.add_metric([role, "http", model], size)
+        yield from (up, inflight, tokens, health, active, pool)
 
 
 class RouterMetrics:
     """Counters and histograms the request path updates; the rest is collected at scrape time."""
 
-    def __init__(self, registry: EngineRegistry, decider: Decider) -> None:
+    def __init__(self, registry: EngineRegistry, decider: Decider, duration_buckets: Sequence[float] | None = None,
+                 policy: str = "dualpath") -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(registry, decider))
+        self.policy = policy
+        buckets = tuple(duration_buckets or STOCK_BUCKETS)
+        self.http_requests = Counter("smg_http_requests", "HTTP requests by method and route",
+                                     ["method", "path"], registry=self.registry)
+        self.http_responses = Counter("smg_http_responses", "HTTP responses by status and error kind",
+                                      ["status_code", "error_code"], registry=self.registry)
+        self.http_duration = Histogram("smg_http_request_duration_seconds", "HTTP request duration by route",
+                                       ["method", "path"], buckets=buckets, registry=self.registry)
+        self.router_requests = Counter("smg_router_requests", "Generation requests by model and endpoint",
+                                       [*PD, "model", "endpoint", "streaming"], registry=self.registry)
+        self.router_duration = Histogram("smg_router_request_duration_seconds", "Generation request duration",
+                                         [*PD, "model", "endpoint"], buckets=buckets, registry=self.registry)
+        self.worker_selection = Counter("smg_worker_selection", "Workers chosen for requests, by type and model",
+                                        ["worker_type", "connection_mode", "model", "policy"], registry=self.registry)
         self.requests = Counter("dualpath_router_requests", "Placed requests by read path side",
-                                ["side"], registry=self.registry)
+                                ["side", "model"], registry=self.registry)
         self.hit_tokens = Counter("dualpath_router_hit_tokens", "Estimated hit tokens by read path side",
-                                  ["side"], registry=self.registry)
+                                  ["side", "model"], registry=self.registry)
         self.errors = Counter("dualpath_router_errors", "Requests answered with an error, by kind",
                               ["kind"], registry=self.registry)
         self.retries = Counter("dualpath_router_retries", "Requests retried on another pair after an engine failure",
@@ -74,6 +109,22 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def placed(self, model: str, side: str, hit_tokens: int) -> None:
+        """One placement: the read side and its hit (ours), a prefill and a decode chosen (stock's)."""
+        self.requests.labels(side, model).inc()
+        self.hit_tokens.labels(side, model).inc(hit_tokens)
+        for role in ("prefill", "decode"):
+            self.worker_selection.labels(role, "http", model, self.policy).inc()
+
+    def generation(self, model: str, endpoint: str, streaming: bool, seconds: float) -> None:
+        self.router_requests.labels(*PD.values(), model, endpoint, str(streaming).lower()).inc()
+        self.router_duration.labels(*PD.values(), model, endpoint).observe(seconds)
+
+    def http(self, method: str, path: str, status: int, error_code: str, seconds: float) -> None:
+        self.http_requests.labels(method, path).inc()
+        self.http_responses.labels(str(status), error_code).inc()
+        self.http_duration.labels(method, path).observe(seconds)
 
     def observe_completion(self, e2e_s: float, ttft_s: float | None, output_tokens: int | None) -> None:
         self.e2e.observe(e2e_s)

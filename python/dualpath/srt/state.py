@@ -37,7 +37,7 @@ class ServerState(msgspec.Struct, kw_only=True):
 
 COUNTERS = tuple(f for f in ServerState.__struct_fields__ if f != "store_namespace")
 # Prometheus counter (``_total`` appended), the side label of blocks read, and help; labels role and node too.
-_METRICS = {
+METRICS = {
     "pages_read": ("dualpath_blocks_read", "pe", "KV blocks read for this server, by the NIC that read them"),
     "pages_from_peers": ("dualpath_blocks_read", "de", "KV blocks read for this server, by the NIC that read them"),
     "pages_forwarded": ("dualpath_blocks_forwarded", "", "KV blocks a decode server read and forwarded to a prefill"),
@@ -68,7 +68,7 @@ class StatePublisher:
         labels = {"role": config.role, "node": config.node}
         families: dict[str, Counter] = {}
         self._metrics = {}
-        for field, (name, side, text) in _METRICS.items():
+        for field, (name, side, text) in METRICS.items():
             if name not in families:  # registry=None: SGLang's /metrics reads every process's multiprocess files
                 families[name] = Counter(name, text, [*labels, "side"] if side else list(labels), registry=None)
             self._metrics[field] = families[name].labels(**labels, **({"side": side} if side else {}))
