@@ -26,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:  # a router-only install
+        raise SystemExit(f"dualpath: {exc.name} is not installed; the dualpath command needs "
+                         "pip install 'sglang-dualpath[server,bench]' (the router alone: "
+                         "python -m dualpath.launch_router)") from None
+    args = parser.parse_args(argv)
     args.command_line = "dualpath " + shlex.join(argv)  # what a results record says produced it
     return int(args.run(args) or 0)
 

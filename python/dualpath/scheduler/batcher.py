@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
-from scipy.optimize import nnls
 
 PairsCost = Callable[[Sequence[tuple[int, int]]], float]
 
@@ -109,6 +108,8 @@ class AttentionCostModel:
         """Non-negative least-squares coefficients from profiled batches (each a list of (cached, new)) and their
         times. Unconstrained coefficients clipped at zero would not fit: with few distinct batch shapes the
         solution can trade a negative per-pair cost against an inflated per-token one."""
+        from scipy.optimize import nnls  # the servers' fit only: the router installs without scipy
+
         if len(batches) != len(seconds) or len(batches) < 3:
             raise ValueError(f"need >= 3 profiled batches with one time each, got {len(batches)} and {len(seconds)}")
         rows = np.asarray([(1.0, *AttentionCostModel.features(b, topk)) for b in batches])
