@@ -72,7 +72,11 @@ def test_every_flag_of_the_stock_help_is_taken_or_named_in_one_warning() -> None
             taken.append(flag)
     assert set(taken) == {"--host", "--port", "--request-timeout-secs", "--queue-timeout-secs", "--max-payload-size",
                           "--retry-max-retries", "--disable-retries", "--shutdown-grace-period-secs", "--log-level",
-                          "--prometheus-host", "--prometheus-port", "--request-id-headers"}
+                          "--prometheus-host", "--prometheus-port", "--request-id-headers",
+                          "--prometheus-duration-buckets", "--retry-initial-backoff-ms", "--retry-max-backoff-ms",
+                          "--retry-backoff-multiplier", "--retry-jitter-factor", "--cb-failure-threshold",
+                          "--cb-success-threshold", "--cb-timeout-duration-secs", "--cb-window-duration-secs",
+                          "--disable-circuit-breaker"}
     assert "--policy" in warned and "--api-key" in warned and len(warned) == len(flags) - 3 - len(taken)
 
 

@@ -3,6 +3,7 @@ the real package), against fake SGLang servers on 127.0.0.1 (router_fakes.py).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -12,10 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from dualpath.router.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from dualpath.router.protocol import merge_input_logprobs
 from dualpath.srt.state import METRICS
 from prometheus_client.parser import text_string_to_metric_families
-from test_router import cluster, free_port, pd_fakes, post, run_async, until
+from router_fakes import FakeEngine
+from test_router import cluster, free_port, pd_fakes, post, router_config, run_async, until
 
 
 async def get(client: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -238,3 +241,51 @@ async def test_the_grafana_dashboard_queries_only_metrics_the_router_and_servers
     exported |= {f"{name}_total" for name, _, _ in METRICS.values()}  # the servers' counters (SGLang's /metrics)
     assert len(queried) >= 10 and queried <= exported, queried - exported
     assert "dualpath_storage_read_bytes_total" in queried and "dualpath_router_hit_tokens_total" in queried
+
+
+def test_the_circuit_breaker_opens_half_opens_and_closes_as_configured():
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, success_threshold=2, open_s=10.0, window_s=5.0))
+    assert not breaker.record(False, 0.0) and not breaker.record(False, 3.0)
+    assert not breaker.record(False, 6.0)  # the first failure left the 5 s window: two recent ones
+    assert breaker.record(False, 7.5) and breaker.state is BreakerState.OPEN and not breaker.allows
+    assert not breaker.tick(17.4) and breaker.tick(17.5) and breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allows and breaker.record(False, 18.0) and breaker.state is BreakerState.OPEN  # one failure
+    assert breaker.tick(28.0) and not breaker.record(True, 28.1) and breaker.record(True, 28.2)
+    assert breaker.state is BreakerState.CLOSED and (breaker.successes, breaker.failures) == (2, 5)
+    disabled = CircuitBreaker(BreakerConfig(failure_threshold=1, enabled=False))
+    disabled.record(False, 0.0)
+    assert disabled.allows  # --disable-circuit-breaker
+
+
+def test_retry_backoff_grows_by_the_multiplier_up_to_the_cap_with_bounded_jitter():
+    config = router_config([FakeEngine("prefill", "p", url="http://127.0.0.1:1")],
+                           [FakeEngine("decode", "d", url="http://127.0.0.1:2")], retry_initial_backoff_ms=100,
+                           retry_max_backoff_ms=300, retry_backoff_multiplier=2.0, retry_jitter_factor=0.0)
+    assert [config.backoff_s(retry) for retry in (1, 2, 3, 4)] == [0.1, 0.2, 0.3, 0.3]
+    jittered = dataclasses.replace(config, retry_jitter_factor=0.2)
+    waits = [jittered.backoff_s(1) for _ in range(200)]
+    assert 0.08 <= min(waits) < max(waits) <= 0.12
+
+
+@run_async
+async def test_a_server_that_answers_polls_but_fails_requests_is_skipped_once_its_breaker_opens():
+    for enabled in (True, False):  # without the breaker (negative control) it keeps getting requests
+        prefill = pd_fakes()[0]
+        decode = [FakeEngine("decode", "bad", node="node-bad", fail_status=500), FakeEngine("decode", "good")]
+        breaker = BreakerConfig(failure_threshold=2, open_s=60.0, enabled=enabled)
+        async with cluster(prefill, decode, breaker=breaker, max_retries=3, retry_initial_backoff_ms=0,
+                           retry_jitter_factor=0.0) as (url, client, router):
+            bad = router.registry.decode[0]
+            for i in range(12):
+                await until(lambda: all(e.up for e in router.registry.engines), "the polls found every server")
+                decode[1].extra_reqs, decode[1].extra_tokens = 100, 100_000  # busy: the bad one is preferred
+                await until(lambda: router.registry.decode[1].tokens >= 100_000, "the poll saw the load")
+                status, _ = await post(client, f"{url}/generate", {"input_ids": [i + 1]})
+                assert status == 200  # retried on the good decode
+            async with client.get(f"{url}/metrics") as resp:
+                page = await resp.text()
+        if enabled:
+            assert len(decode[0].received) == 2 and bad.breaker.state is BreakerState.OPEN
+            assert f'smg_worker_cb_state{{worker="{decode[0].url}"}} 1.0' in page
+        else:
+            assert len(decode[0].received) == 12 and bad.breaker.state is BreakerState.CLOSED

@@ -10,12 +10,15 @@ start-up warning when given.
 from __future__ import annotations
 
 import argparse
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
+
+from dualpath.router.breaker import BreakerConfig
 
 Mode = Literal["dualpath", "split", "baseline"]
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*")
@@ -77,6 +80,11 @@ class RouterConfig:
     log_level: str = "info"
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 0  # 0: /metrics on the router's own port only
+    retry_initial_backoff_ms: int = 50
+    retry_max_backoff_ms: int = 30000
+    retry_backoff_multiplier: float = 1.5
+    retry_jitter_factor: float = 0.2
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     request_id_headers: tuple[str, ...] | None = None  # None: stock's (x-request-id, x-correlation-id, ...)
     duration_buckets: tuple[float, ...] | None = None  # None: stock's, 1 ms .. 240 s
     ignored: tuple[str, ...] = field(default=(), compare=False)  # stock flags given that mean nothing here
@@ -121,6 +129,15 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not (0 <= self.retry_initial_backoff_ms <= self.retry_max_backoff_ms and self.retry_backoff_multiplier >= 1
+                and 0 <= self.retry_jitter_factor <= 1):
+            raise ValueError("retry backoff: need 0 <= initial <= max backoff, multiplier >= 1, 0 <= jitter <= 1")
+
+    def backoff_s(self, retry: int) -> float:
+        """The wait before retry ``retry`` (1, 2, ...): exponential, capped, with jitter, as the stock router's."""
+        base = min(self.retry_initial_backoff_ms * self.retry_backoff_multiplier ** (retry - 1),
+                   self.retry_max_backoff_ms) / 1000
+        return base * (1 + self.retry_jitter_factor * random.uniform(-1.0, 1.0))
 
 
 # sglang-router's RouterArgs fields (and argparse dests) that mean the same here -> RouterConfig fields.
@@ -128,9 +145,15 @@ STOCK_FIELDS = {"host": "host", "port": "port", "request_timeout_secs": "request
                 "queue_timeout_secs": "queue_timeout_s", "max_payload_size": "max_body_bytes",
                 "retry_max_retries": "max_retries", "shutdown_grace_period_secs": "shutdown_drain_s",
                 "log_level": "log_level", "prometheus_host": "prometheus_host", "prometheus_port": "prometheus_port",
-                "request_id_headers": "request_id_headers", "prometheus_duration_buckets": "duration_buckets"}
+                "request_id_headers": "request_id_headers", "prometheus_duration_buckets": "duration_buckets",
+                **{name: name for name in ("retry_initial_backoff_ms", "retry_max_backoff_ms",
+                                           "retry_backoff_multiplier", "retry_jitter_factor")}}
+# The circuit breaker's stock flags -> BreakerConfig fields.
+BREAKER_FIELDS = {"cb_failure_threshold": "failure_threshold", "cb_success_threshold": "success_threshold",
+                  "cb_timeout_duration_secs": "open_s", "cb_window_duration_secs": "window_s"}
 # Stock fields read another way: PD mode itself, the engines, retries switched off.
-_STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries"}
+_STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries", "disable_circuit_breaker",
+               *BREAKER_FIELDS}
 
 # (option, RouterConfig field, type, help) of DualPath's own options; one table drives parser and to_argv.
 _SCALARS: tuple[tuple[str, str, type, str], ...] = (
@@ -195,12 +218,19 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         taken = {ours: getattr(stock, theirs) for theirs, ours in STOCK_FIELDS.items()}
         if stock.disable_retries:
             taken["max_retries"] = 0
+        taken["breaker"] = BreakerConfig(**{ours: getattr(stock, theirs) for theirs, ours in BREAKER_FIELDS.items()},
+                                         enabled=not stock.disable_circuit_breaker)
         return RouterConfig(
             prefill=prefill, decode=tuple(stock.decode_urls), **taken, ignored=_ignored(parser, args),
             **{name: getattr(args, name) for _, name, _, _ in _SCALARS},
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _stock_value(value: object) -> str:
+    """Stock flags take whole seconds and bytes as integers."""
+    return str(int(value) if isinstance(value, float) and value.is_integer() else value)
 
 
 def to_argv(config: RouterConfig) -> list[str]:
@@ -210,13 +240,14 @@ def to_argv(config: RouterConfig) -> list[str]:
         argv += ["--prefill", spec.url, "none" if spec.bootstrap_port is None else str(spec.bootstrap_port)]
     for url in config.decode:
         argv += ["--decode", url]
-    for theirs, ours in STOCK_FIELDS.items():  # stock takes whole seconds and bytes
-        value = getattr(config, ours)
-        if isinstance(value, tuple):
-            argv += [f"--{theirs.replace('_', '-')}", *map(str, value)]
-        elif value is not None:
-            argv += [f"--{theirs.replace('_', '-')}", str(int(value) if isinstance(value, float) and value.is_integer()
-                                                          else value)]
+    stock = [(theirs, getattr(config, ours)) for theirs, ours in STOCK_FIELDS.items()]
+    stock += [(theirs, getattr(config.breaker, ours)) for theirs, ours in BREAKER_FIELDS.items()]
+    for theirs, value in stock:
+        if value is not None:
+            values = value if isinstance(value, tuple) else (value,)
+            argv += [f"--{theirs.replace('_', '-')}", *map(_stock_value, values)]
+    if not config.breaker.enabled:
+        argv.append("--disable-circuit-breaker")
     for option, name, _, _ in _SCALARS:
         value = getattr(config, name)
         if value is not None:

@@ -186,17 +186,18 @@ class Decider:
                 for node, node_id in self.registry.node_ids.items()]
 
     def _load(self, engine: Engine) -> EngineLoad:
-        """What an engine reports to the scheduler; an engine that is down reports itself full."""
+        """What an engine reports to the scheduler; one that is down or whose breaker is open reports itself full."""
         cached = self._reports.get(engine.engine_id)
         if cached is not None and cached[0] == engine.version:
             return cached[1]
         if engine.role == "prefill":
-            tokens = engine.tokens if engine.up else self._beta + 1 + engine.tokens
+            tokens = engine.tokens if engine.routable else self._beta + 1 + engine.tokens
             load = EngineLoad(engine.engine_id, engine.node_id, engine.seq, tokens)
         else:
             free = engine.free_hbm_tokens
             free = UNREPORTED_HBM if free is None else free
-            load = EngineLoad(engine.engine_id, engine.node_id, engine.seq, engine.tokens, free if engine.up else 0)
+            load = EngineLoad(engine.engine_id, engine.node_id, engine.seq, engine.tokens,
+                              free if engine.routable else 0)
         self._reports[engine.engine_id] = (engine.version, load)
         return load
 
@@ -204,7 +205,7 @@ class Decider:
         """The hint for ``assignment``; reads meant for a DE that cannot serve them go to the PE instead."""
         pe, de = engines[assignment.pe], engines[assignment.de]
         helper = engines.get(assignment.helper)
-        if helper is not None and not (helper.up and helper.kv_channel and self._ranks_match(pe, helper)):
+        if helper is not None and not (helper.routable and helper.kv_channel and self._ranks_match(pe, helper)):
             helper = None
         hint = RouteHint(ReadSide.PE)
         if (assignment.side in (ReadSide.DE, ReadSide.SPLIT) and pe.kv_channel and de.kv_channel

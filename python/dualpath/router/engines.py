@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from dualpath.router.breaker import CircuitBreaker
 from dualpath.router.config import RouterConfig, check_url
 from dualpath.scheduler.messages import Role
 from dualpath.scheduler.report import REPORT_ROUTE, KVChannelAddress, NodeReport
@@ -64,6 +65,7 @@ class Engine:
     external_tokens: int = 0
     external_hbm_tokens: int = 0
     capacity_tokens: int = 0
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     # Bumped on every change of what the scheduler is told, so that an unchanged report can be reused.
     version: int = 0
     last_error: str = field(default="", repr=False)
@@ -105,10 +107,21 @@ class Engine:
             return None
         return self.capacity_tokens - self.inflight_hbm_tokens - self.external_hbm_tokens
 
+    @property
+    def routable(self) -> bool:
+        """Up (it answers its polls) and its circuit breaker not open (its requests do not keep failing)."""
+        return self.up and self.breaker.allows
+
     def set_up(self, up: bool) -> None:
         if up != self.up:
             self.up = up
             self.version += 1
+
+    def record(self, success: bool) -> None:
+        """A request's outcome on this engine, for its circuit breaker."""
+        if self.breaker.record(success, time.monotonic()):
+            self.version += 1
+            log.warning("engine %s: circuit breaker %s", self.url, self.breaker.state.name.lower())
 
     def charge(self, reqs: int, tokens: int, hbm_tokens: int) -> None:
         self.version += 1
@@ -139,8 +152,8 @@ class EngineRegistry:
         self.config = config
         self.on_change = on_change
         self._ids = itertools.count()  # never reused: a removed engine's late releases touch only its own object
-        self.prefill = [Engine(next(self._ids), "prefill", spec.url, spec.bootstrap_port) for spec in config.prefill]
-        self.decode = [Engine(next(self._ids), "decode", url) for url in config.decode]
+        self.prefill = [self._engine("prefill", spec.url, spec.bootstrap_port) for spec in config.prefill]
+        self.decode = [self._engine("decode", url) for url in config.decode]
         self.node_ids: dict[str, int] = {}
         self.polls = 0
 
@@ -155,10 +168,13 @@ class EngineRegistry:
             raise ValueError(f"worker_type must be 'prefill' or 'decode', got {role!r}")
         if any(engine.url == url for engine in self.engines):
             raise ValueError(f"{url} is already a worker")
-        engine = Engine(next(self._ids), role, url, bootstrap_port)
+        engine = self._engine(role, url, bootstrap_port)
         (self.prefill if role == "prefill" else self.decode).append(engine)
         log.info("engine %s (%s) added", url, role)
         return engine
+
+    def _engine(self, role: Role, url: str, bootstrap_port: int | None = None) -> Engine:
+        return Engine(next(self._ids), role, url, bootstrap_port, breaker=CircuitBreaker(self.config.breaker))
 
     def remove(self, engine: Engine) -> None:
         """A server leaves: nothing new is placed on it; what it holds finishes. The last of a role stays."""
@@ -193,10 +209,12 @@ class EngineRegistry:
         return sorted({engine.node for engine in self.engines if engine.dualpath})
 
     def mark_down(self, engine: Engine, reason: str) -> None:
-        """An engine call failed: place nothing on it until a poll finds it answering again."""
+        """A request failed on the engine: place nothing on it until a poll finds it answering again (and its
+        circuit breaker lets it take requests)."""
         if engine.up:
             log.warning("engine %s is down: %s", engine.url, reason)
         engine.set_up(False)
+        engine.record(False)
 
     async def poll_forever(self, session: aiohttp.ClientSession) -> None:
         while True:
@@ -207,6 +225,11 @@ class EngineRegistry:
         timeout = aiohttp.ClientTimeout(total=max(1.0, min(5 * self.config.load_poll_interval_s,
                                                            self.config.report_timeout_s)))
         await asyncio.gather(*(self._poll_engine(session, engine, timeout) for engine in self.engines))
+        now = time.monotonic()
+        for engine in self.engines:
+            if engine.breaker.tick(now):
+                engine.version += 1
+                log.info("engine %s: circuit breaker half-open, taking requests again", engine.url)
         self.polls += 1
         self.on_change()
 

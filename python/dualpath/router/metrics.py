@@ -56,8 +56,22 @@ class _StateCollector(Collector):
         active = GaugeMetricFamily("smg_worker_requests_active", "Requests in flight per worker", labels=["worker"])
         pool = GaugeMetricFamily("smg_worker_pool_size", "Workers by type and model",
                                  labels=["worker_type", "connection_mode", "model"])
+        cb_state = GaugeMetricFamily("smg_worker_cb_state", "Circuit breaker: 0 closed, 1 open, 2 half-open",
+                                     labels=["worker"])
+        cb_failures = GaugeMetricFamily("smg_worker_cb_consecutive_failures", "Failed requests in a row",
+                                        labels=["worker"])
+        cb_successes = GaugeMetricFamily("smg_worker_cb_consecutive_successes", "Successful requests in a row",
+                                         labels=["worker"])
+        cb_outcomes = CounterMetricFamily("smg_worker_cb_outcomes", "Request outcomes counted by the circuit breaker",
+                                          labels=["worker", "outcome"])
         sizes: dict[tuple[str, str], int] = {}
         for engine in self.registry.engines:
+            breaker = engine.breaker
+            cb_state.add_metric([engine.url], int(breaker.state))
+            cb_failures.add_metric([engine.url], breaker.consecutive_failures)
+            cb_successes.add_metric([engine.url], breaker.consecutive_successes)
+            cb_outcomes.add_metric([engine.url, "success"], breaker.successes)
+            cb_outcomes.add_metric([engine.url, "failure"], breaker.failures)
             labels = [engine.url, engine.role]
             up.add_metric(labels, int(engine.up))
             inflight.add_metric(labels, engine.inflight_reqs)
@@ -68,7 +82,7 @@ class _StateCollector(Collector):
                 sizes[engine.role, model] = sizes.get((engine.role, model), 0) + 1
         for (role, model), size in sorted(sizes.items()):
             pool.add_metric([role, "http", model], size)
-        yield from (up, inflight, tokens, health, active, pool)
+        yield from (up, inflight, tokens, health, active, pool, cb_state, cb_failures, cb_successes, cb_outcomes)
 
 
 class RouterMetrics:

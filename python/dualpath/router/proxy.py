@@ -111,6 +111,8 @@ class Forwarder:
         started = time.monotonic()
         failures: list[str] = []
         for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.config.backoff_s(attempt))
             try:
                 placement = await self.decider.place(parsed)
             except TimeoutError:
@@ -211,6 +213,7 @@ class Forwarder:
             async with self.session.post(engine.url + path, data=body, headers=headers) as resp:
                 data = await resp.read()
                 _check_status(engine, resp.status, data)
+                engine.record(True)
                 return Answer(resp.status, resp.content_type, data)
         except _RETRIABLE as exc:
             raise self._failed(engine, exc) from exc
@@ -231,10 +234,12 @@ class Forwarder:
                 data = await resp.read()
                 _check_status(engine, resp.status, data)
                 resp.release()
+                engine.record(True)
                 return Answer(resp.status, resp.content_type, data)
             first = await resp.content.readany()
             if not first:
                 raise EngineFailure(engine, "closed the stream before its first chunk")
+            engine.record(True)
             return StreamHead(resp, first)
         except _RETRIABLE as exc:
             if resp is not None:
