@@ -24,6 +24,7 @@ from dualpath.cluster.servers import (
     ServerOptions,
     ServerSpec,
     flush_cache,
+    has_tokenizer,
     healthy,
     start_servers,
     stop_servers,
@@ -166,7 +167,8 @@ class LocalCluster:
                               tuple(s.url for s in specs if s.role == "decode"), port=free[0],
                               mode=mode, store_root=self.config.store_root,  # type: ignore[arg-type]
                               read_tokens_per_s=self.config.nic_gbps * 1e9 / 8 / self.config.bytes_per_token,
-                              gpu_tokens_per_s=self.config.prefill_tokens_per_s)
+                              gpu_tokens_per_s=self.config.prefill_tokens_per_s,
+                              model_path=str(self.config.model) if has_tokenizer(self.config.model) else None)
         log = open(self.config.work_dir / "logs" / f"router-{mode}.log", "wb")  # noqa: SIM115 - lives with the process
         router = subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *to_argv(config)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -84,13 +84,17 @@ def tiny_model_with_layers(target: Path, layers: int, base: Path = TINY_MODEL) -
     return target
 
 
+def has_tokenizer(model: Path) -> bool:
+    return (model / "tokenizer_config.json").is_file()
+
+
 def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
     module = "dualpath.launch_server"
     cmd = [sys.executable, "-m", module, "--model-path", str(options.model), "--host", spec.host,
            "--port", str(spec.port), "--nccl-port", str(spec.port + NCCL_PORT_OFFSET),
            "--max-total-tokens", str(options.max_total_tokens)]
-    if options.cpu:
-        cmd += CPU_ARGS
+    if options.cpu:  # a model shipped with a tokenizer is served with it (text and chat prompts)
+        cmd += [arg for arg in CPU_ARGS if arg != "--skip-tokenizer-init" or not has_tokenizer(options.model)]
     if spec.role != "null":
         cmd += ["--disaggregation-mode", spec.role, "--disaggregation-transfer-backend", "nixl"]
     if spec.bootstrap_port is not None:

@@ -25,6 +25,7 @@ from dualpath.router.metrics import RouterMetrics
 from dualpath.router.protocol import HttpError, Route, parse_request, request_id
 from dualpath.router.proxy import REQUEST_ID, Forwarder
 from dualpath.router.store_view import StoreView
+from dualpath.router.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,6 +47,7 @@ class Router:
         self.decider = Decider(config, self.registry, self.store)
         self.metrics = RouterMetrics(self.registry, self.decider, config.duration_buckets, config.mode)
         self.forwarder = Forwarder(config, self.registry, self.decider, self.metrics)
+        self.tokenizer = PromptTokenizer.of(config)
         self.admin = Admin(config, self.registry, self.decider.members_changed, lambda: self.forwarder.session)
 
     def _loads_changed(self) -> None:
@@ -72,6 +74,8 @@ class Router:
                 raise HttpError(413, f"request body of {request.content_length} bytes is over the "
                                 f"{self.config.max_body_bytes}-byte limit")
             parsed = parse_request(route, await request.read(), self.registry.models)
+            if self.tokenizer is not None and parsed.text_chars:  # Rust tokenizers let the event loop go on
+                parsed = await asyncio.to_thread(self.tokenizer.with_ids, parsed)
             started = time.monotonic()
             response = await self.forwarder.handle(request, parsed)
             self.metrics.generation(parsed.model or "default", route, parsed.stream, time.monotonic() - started)

@@ -85,6 +85,9 @@ class RouterConfig:
     retry_backoff_multiplier: float = 1.5
     retry_jitter_factor: float = 0.2
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    model_path: str | None = None  # the served model's tokenizer: text and chat prompts get hit estimates
+    tokenizer_path: str | None = None  # a tokenizer other than the model's
+    chat_template: str | None = None  # a chat template other than the tokenizer's (a file, or the template)
     request_id_headers: tuple[str, ...] | None = None  # None: stock's (x-request-id, x-correlation-id, ...)
     duration_buckets: tuple[float, ...] | None = None  # None: stock's, 1 ms .. 240 s
     ignored: tuple[str, ...] = field(default=(), compare=False)  # stock flags given that mean nothing here
@@ -146,6 +149,7 @@ STOCK_FIELDS = {"host": "host", "port": "port", "request_timeout_secs": "request
                 "retry_max_retries": "max_retries", "shutdown_grace_period_secs": "shutdown_drain_s",
                 "log_level": "log_level", "prometheus_host": "prometheus_host", "prometheus_port": "prometheus_port",
                 "request_id_headers": "request_id_headers", "prometheus_duration_buckets": "duration_buckets",
+                "model_path": "model_path", "tokenizer_path": "tokenizer_path", "chat_template": "chat_template",
                 **{name: name for name in ("retry_initial_backoff_ms", "retry_max_backoff_ms",
                                            "retry_backoff_multiplier", "retry_jitter_factor")}}
 # The circuit breaker's stock flags -> BreakerConfig fields.
