@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from dualpath.router.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from dualpath.router.protocol import merge_input_logprobs
+from dualpath.scheduler.route_hint import ROUTING_KEY_HEADER, RouteHint
 from dualpath.srt.state import METRICS
 from prometheus_client.parser import text_string_to_metric_families
 from router_fakes import FakeEngine
@@ -274,7 +275,7 @@ async def test_a_server_that_answers_polls_but_fails_requests_is_skipped_once_it
         decode = [FakeEngine("decode", "bad", node="node-bad", fail_status=500), FakeEngine("decode", "good")]
         breaker = BreakerConfig(failure_threshold=2, open_s=60.0, enabled=enabled)
         async with cluster(prefill, decode, breaker=breaker, max_retries=3, retry_initial_backoff_ms=0,
-                           retry_jitter_factor=0.0) as (url, client, router):
+                           retry_jitter_factor=0.0, report_timeout_s=0.2) as (url, client, router):
             bad = router.registry.decode[0]
             for i in range(12):
                 await until(lambda: all(e.up for e in router.registry.engines), "the polls found every server")
@@ -289,3 +290,21 @@ async def test_a_server_that_answers_polls_but_fails_requests_is_skipped_once_it
             assert f'smg_worker_cb_state{{worker="{decode[0].url}"}} 1.0' in page
         else:
             assert len(decode[0].received) == 12 and bad.breaker.state is BreakerState.CLOSED
+
+
+@run_async
+async def test_a_clients_own_routing_key_travels_inside_the_hint():
+    prefill, decode = pd_fakes()
+    async with cluster(prefill, decode) as (url, client, _):
+        status, _ = await post(client, f"{url}/generate", {"input_ids": [1, 2], "routing_key": "session-7;x=y"})
+        assert status == 200
+        chat = {"model": "tiny-model", "messages": [{"role": "user", "content": "hi"}]}
+        async with client.post(f"{url}/v1/chat/completions", json=chat, headers={ROUTING_KEY_HEADER: "chat-9"}) as resp:
+            assert resp.status == 200
+        status, _ = await post(client, f"{url}/generate", {"input_ids": [3]})
+        status_bad, reply = await post(client, f"{url}/generate", {"input_ids": [1], "routing_key": 5})
+    assert status_bad == 400 and "routing_key" in reply["error"]["message"]
+    for engine in prefill + decode:
+        keys = [RouteHint.decode(r.body.get("routing_key") or r.headers.get(ROUTING_KEY_HEADER)).client_key
+                for r in engine.received]
+        assert keys == ["session-7;x=y", "chat-9", ""]

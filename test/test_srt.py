@@ -31,11 +31,12 @@ PE, DE, DE1 = (KVChannelAddress.parse(f"{name}@127.0.0.1:{port}") for name, port
 
 
 # -- route hints and configuration ---------------------------------------------------------------------------
-@given(channel, channel, channel, st.integers(1, 1 << 30), st.integers(0, 1 << 30))
+@given(channel, channel, channel, st.integers(1, 1 << 30), st.integers(0, 1 << 30), st.text(max_size=40))
 def test_route_hint_round_trips(pe: KVChannelAddress, de: KVChannelAddress, helper: KVChannelAddress, de_tokens: int,
-                                helper_tokens: int) -> None:
+                                helper_tokens: int, client_key: str) -> None:
     for hint in (RouteHint(ReadSide.PE), RouteHint(ReadSide.DE, pe, de), RouteHint(ReadSide.SPLIT, pe, de, de_tokens),
-                 RouteHint(ReadSide.SPLIT, pe, de, de_tokens - 1, helper, helper_tokens + 1)):
+                 RouteHint(ReadSide.SPLIT, pe, de, de_tokens - 1, helper, helper_tokens + 1),
+                 RouteHint(ReadSide.DE, pe, de, client_key=client_key)):  # any key: ';', '=', a DualPath key
         assert RouteHint.decode(hint.encode()) == hint
         assert sum(tokens for _, tokens in hint.plan.tokens(de_tokens + helper_tokens)) == de_tokens + helper_tokens
     assert KVChannelAddress.parse(str(de)) == de
@@ -754,3 +755,22 @@ def test_traffic_flags_reach_the_kv_channel_and_the_emulated_nic() -> None:
     for bad in ({"kv_ib_sl": 16}, {"kv_dscp": 64}, {"compute_gbps": 0}, {"compute_nic": "../x"}):
         with pytest.raises(ValueError):
             SrtConfig.from_extra_config({**extra, **bad}, "decode", "m", 64, "127.0.0.1")
+
+
+def test_the_servers_give_sglang_the_clients_routing_key_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from dualpath.srt import requests
+
+    routes = requests.RequestRoutes(64, lambda route, ids: None)
+    monkeypatch.setattr(surface, "storage_backend", lambda owner: SimpleNamespace(routes=routes))
+    seen = []
+    for key in ("session-7;a=b", ""):
+        req = SimpleNamespace(rid=f"r{key}", bootstrap_room=1, origin_input_ids=list(range(130)),
+                              routing_key=RouteHint(ReadSide.DE, PE, DE, client_key=key).encode())
+        requests.on_add_request(lambda scheduler, r: seen.append(routes.current().hint), object(), req)
+        assert req.routing_key == (key or None)  # SGLang's per-key metrics see the client's key (or none)
+    assert [hint.side for hint in seen] == [ReadSide.DE, ReadSide.DE]  # the request still reads on the DE side
+    stock = SimpleNamespace(rid="s", bootstrap_room=1, origin_input_ids=[1], routing_key="user-key")
+    requests.on_add_request(lambda scheduler, r: None, object(), stock)
+    assert stock.routing_key == "user-key"  # not a DualPath key (a stock router's client): left alone

@@ -26,6 +26,7 @@ from dualpath.router.protocol import HttpError, Route, parse_request, request_id
 from dualpath.router.proxy import REQUEST_ID, Forwarder
 from dualpath.router.store_view import StoreView
 from dualpath.router.tokens import PromptTokenizer
+from dualpath.scheduler.route_hint import ROUTING_KEY_HEADER
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,7 +74,8 @@ class Router:
             if request.content_length is not None and request.content_length > self.config.max_body_bytes:
                 raise HttpError(413, f"request body of {request.content_length} bytes is over the "
                                 f"{self.config.max_body_bytes}-byte limit")
-            parsed = parse_request(route, await request.read(), self.registry.models)
+            parsed = parse_request(route, await request.read(), self.registry.models,
+                                   request.headers.get(ROUTING_KEY_HEADER))
             if self.tokenizer is not None and parsed.text_chars:  # Rust tokenizers let the event loop go on
                 parsed = await asyncio.to_thread(self.tokenizer.with_ids, parsed)
             started = time.monotonic()

@@ -56,6 +56,7 @@ class Engine:
     reported_at: float = 0.0  # monotonic time of the last successful poll
     models: tuple[str, ...] = ()
     up: bool = False
+    down_until: float = 0.0  # monotonic time before which polls do not bring it back after a failed request
     # The router's own unfinished work on this engine.
     inflight_reqs: int = 0
     inflight_tokens: int = 0
@@ -209,11 +210,13 @@ class EngineRegistry:
         return sorted({engine.node for engine in self.engines if engine.dualpath})
 
     def mark_down(self, engine: Engine, reason: str) -> None:
-        """A request failed on the engine: place nothing on it until a poll finds it answering again (and its
-        circuit breaker lets it take requests)."""
+        """A request failed on the engine: place nothing on it until a poll finds it answering again, not sooner
+        than ``report_timeout_s`` (so that the request's retry goes to another pair), and while its circuit
+        breaker lets it take requests."""
         if engine.up:
             log.warning("engine %s is down: %s", engine.url, reason)
         engine.set_up(False)
+        engine.down_until = time.monotonic() + self.config.report_timeout_s
         engine.record(False)
 
     async def poll_forever(self, session: aiohttp.ClientSession) -> None:
@@ -256,10 +259,12 @@ class EngineRegistry:
                 engine.set_up(False)
             return
         engine.reported_at = time.monotonic()
+        engine.last_error = ""
+        if engine.reported_at < engine.down_until:
+            return
         if not engine.up:
             log.info("engine %s (%s, node %s) is up", engine.url, engine.role, engine.node)
         engine.set_up(True)
-        engine.last_error = ""
 
     async def _report(self, session: aiohttp.ClientSession, engine: Engine, timeout: aiohttp.ClientTimeout) -> None:
         """Take the engine's node report (the first one also names its node and models)."""

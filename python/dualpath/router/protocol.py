@@ -52,6 +52,7 @@ class ParsedRequest:
     text_chars: int
     gen_tokens: int
     model: str | None
+    routing_key: str = ""  # the client's own (``routing_key`` of /generate, ``X-SMG-Routing-Key`` of the others)
 
     @property
     def items(self) -> int:
@@ -108,8 +109,9 @@ def _message_chars(messages: object) -> int:
     return chars
 
 
-def parse_request(route: Route, raw: bytes, models: set[str]) -> ParsedRequest:
-    """Validate a body; ``models`` are the names the servers serve (empty: not known, not checked)."""
+def parse_request(route: Route, raw: bytes, models: set[str], routing_key: str | None = None) -> ParsedRequest:
+    """Validate a body; ``models`` are the names the servers serve (empty: not known, not checked);
+    ``routing_key``: the client's ``X-SMG-Routing-Key`` header (the OpenAI routes)."""
     try:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
@@ -147,7 +149,10 @@ def parse_request(route: Route, raw: bytes, models: set[str]) -> ParsedRequest:
         gen = _non_negative_int(body, "max_completion_tokens", "")
         gen = _non_negative_int(body, "max_tokens", "") if gen is None else gen
     gen_tokens = DEFAULT_GEN_TOKENS if gen is None else gen
-    return ParsedRequest(route, body, stream, batch, ids, chars, gen_tokens, model)
+    key = body.get("routing_key") if route == "generate" else routing_key
+    if key is not None and not isinstance(key, str):
+        raise HttpError(400, f"'routing_key' must be a string, got {key!r:.80}")
+    return ParsedRequest(route, body, stream, batch, ids, chars, gen_tokens, model, key or "")
 
 
 def new_rooms(parsed: ParsedRequest) -> int | list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -130,7 +131,7 @@ class Forwarder:
 
     async def _run_pair(self, request: web.Request, parsed: ParsedRequest, placement: Placement,
                         started: float) -> web.StreamResponse:
-        key = placement.hint.encode()
+        key = dataclasses.replace(placement.hint, client_key=parsed.routing_key).encode()
         body = pd_body(parsed, placement.pe.host, placement.pe.bootstrap_port, new_rooms(parsed), key)
         headers = {"Content-Type": "application/json"}
         if parsed.route != "generate":

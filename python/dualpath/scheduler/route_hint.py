@@ -6,7 +6,8 @@ it for metrics only. DualPath rides on it, e.g.
 ``dualpath/1;side=de;pe=pe-node0@127.0.0.1:31001;de=de-node1@127.0.0.1:31002``: the KV channels (agent
 name and control address) of the chosen PE and DE, so that either side can reach the other. A split read
 (``side=split;...;de_tokens=1024``) has the DE read the leading ``de_tokens`` hit tokens and the PE the
-rest; with ``help=<channel>;help_tokens=512`` another DE reads the next ``help_tokens`` for the PE.
+rest; with ``help=<channel>;help_tokens=512`` another DE reads the next ``help_tokens`` for the PE. A client's
+own routing key travels last, percent-encoded (``key=session%3B42``), and the servers give it back to SGLang.
 A request without a DualPath key takes the PE read path, which is stock SGLang behaviour.
 """
 
@@ -16,6 +17,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import quote, unquote
 
 from dualpath.kv import block_keys
 from dualpath.scheduler.messages import ReadSide
@@ -73,6 +75,7 @@ class RouteHint:
     de_tokens: int = 0  # split reads: the leading hit tokens the DE reads
     helper_channel: KVChannelAddress | None = None  # split reads: another DE that reads the next ``helper_tokens``
     helper_tokens: int = 0
+    client_key: str = ""  # the client's own routing key, kept (the servers give it back to SGLang)
 
     def __post_init__(self) -> None:
         if self.side not in (ReadSide.PE, ReadSide.DE, ReadSide.SPLIT):
@@ -108,6 +111,8 @@ class RouteHint:
             fields.append(f"de_tokens={self.de_tokens}")
         if self.helper_tokens:
             fields += [f"help={self.helper_channel}", f"help_tokens={self.helper_tokens}"]
+        if self.client_key:
+            fields.append(f"key={quote(self.client_key, safe='')}")
         return ";".join(fields)
 
     @staticmethod
@@ -119,6 +124,6 @@ class RouteHint:
             fields = dict(item.split("=", 1) for item in routing_key.split(";")[1:])
             pe, de, helper = (KVChannelAddress.parse(fields[k]) if k in fields else None for k in ("pe", "de", "help"))
             return RouteHint(ReadSide(fields["side"]), pe, de, int(fields.get("de_tokens", 0)), helper,
-                             int(fields.get("help_tokens", 0)))
+                             int(fields.get("help_tokens", 0)), unquote(fields.get("key", "")))
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed DualPath routing key {routing_key!r}: {exc}") from exc

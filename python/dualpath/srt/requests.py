@@ -108,7 +108,9 @@ def _serving(owner: Any, rid: Callable[[], str], call: Callable[[], Any]) -> Any
 def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     routes = _routes_of(scheduler)
     if routes is not None:
-        routes.arrive(*surface.arrival(req))
+        route = routes.arrive(*surface.arrival(req))
+        if route.hint is not None:  # SGLang counts requests per routing key: the client's, not the router's hint
+            surface.set_routing_key(req, route.hint.client_key or None)
     return _serving(scheduler, lambda: surface.request_id(req), lambda: original(scheduler, req, *args, **kwargs))
 
 

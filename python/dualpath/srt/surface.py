@@ -245,6 +245,10 @@ def arrival(req: Any) -> Arrival:
     return Arrival(req.rid, req.bootstrap_room, req.routing_key, req.origin_input_ids)
 
 
+def set_routing_key(req: Any, key: str | None) -> None:
+    req.routing_key = key
+
+
 def request_id(req: Any) -> str:
     return req.rid
 
