@@ -7,7 +7,12 @@ new tokens (the paper's trace: 32.7K tokens of context on average). Up to 128 re
 polls (every 100 decisions) bring fresh node read queues. The same requests are then decided in baseline
 mode (every read on the PE side).
 
-    .venv/bin/python benchmark/router_bench.py [--sessions 32] [--turns 40] [--engines 64]
+With ``--tokenizer PATH`` the sessions are chat conversations instead (a first message of the same context,
+then one message of ~429 tokens a turn) sent as OpenAI chat bodies, and the timed path is what the router
+does for them: parse the body, tokenize it (chat template, segment cache; ``router/tokens.py``), then
+decide; the baseline is the same decisions given the token ids (no parse, no tokenizer).
+
+    .venv/bin/python benchmark/router_bench.py [--sessions 32] [--turns 40] [--engines 64] [--tokenizer PATH]
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig
 from dualpath.router.decide import Decider
 from dualpath.router.engines import EngineRegistry
-from dualpath.router.protocol import ParsedRequest
+from dualpath.router.protocol import ParsedRequest, parse_request
 from dualpath.router.store_view import StoreView
+from dualpath.router.tokens import PromptTokenizer
 from dualpath.scheduler.report import KVChannelAddress, NodeReport
 from dualpath.store import BlockStore, StoreConfig
 
@@ -47,6 +53,7 @@ POLL_EVERY = 100
 class Turn(NamedTuple):
     session: int
     prompt: list[int]
+    body: bytes = b""  # a chat request's JSON (with --tokenizer)
 
 
 def sessions(count: int, turns: int, seed: int) -> tuple[list[Turn], list[list[str]]]:
@@ -58,6 +65,30 @@ def sessions(count: int, turns: int, seed: int) -> tuple[list[Turn], list[list[s
     order = [Turn(s, finals[s][:len(finals[s]) - (turns - t) * NEW_TOKENS_PER_TURN])
              for t in range(turns) for s in range(count)]
     return order, [block_keys(final, BLOCK) for final in finals]
+
+
+def chat_sessions(count: int, turns: int, seed: int, tokenizer: PromptTokenizer) -> list[Turn]:
+    """Chat turns in arrival order: a first message of 16K-32K tokens of context, then a ~429-token message a
+    turn; each with its body and the token ids SGLang computes for it (the store's keys)."""
+    rng = np.random.default_rng(seed)
+    vocabulary = sorted({word for i in range(len(tokenizer.tokenizer)) if (word := tokenizer.tokenizer.decode([i])
+                                                                          .strip()).isalpha()})
+    sample = " ".join(rng.choice(vocabulary, 1000))
+    tokens_per_word = len(tokenizer.encode(sample, False)) / 1000
+
+    def words(tokens: int) -> str:  # text of about ``tokens`` tokens in the tokenizer's own words
+        return " ".join(rng.choice(vocabulary, max(1, int(tokens / tokens_per_word))))
+
+    conversations = [[{"role": "system", "content": words(int(rng.integers(16_000, 32_000)))}] for _ in range(count)]
+    order = []
+    for _ in range(turns):
+        for session, messages in enumerate(conversations):
+            messages.append({"role": "user" if len(messages) % 2 else "assistant",
+                             "content": words(NEW_TOKENS_PER_TURN)})
+            body = msgspec.json.encode({"model": "m", "messages": messages})
+            ids = tokenizer.with_ids(parse_request("chat", body, set())).token_ids[0]
+            order.append(Turn(session, ids.tolist(), body))
+    return order
 
 
 def ready_registry(config: RouterConfig, namespace: str) -> EngineRegistry:
@@ -85,7 +116,7 @@ class Timings(NamedTuple):
 
 
 async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], keys: list[list[str]],
-                     writer: BlockStore) -> Timings:
+                     writer: BlockStore, tokenizer: PromptTokenizer | None) -> Timings:
     """Time the decision of every request, in arrival order."""
     half = engines // 2
     config = RouterConfig(tuple(PrefillSpec(f"http://127.0.0.1:{20000 + i}") for i in range(half)),
@@ -98,8 +129,8 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
     rng = np.random.default_rng(7)
     in_flight: deque = deque()
     timings = Timings([], [], [])
-    written = [0] * len(keys)
-    for index, (session, prompt) in enumerate(turns):
+    written = [0] * (max(turn.session for turn in turns) + 1)
+    for index, (session, prompt, body) in enumerate(turns):
         if index % POLL_EVERY == 0:  # a poll: new node reports (the charges of placed reads are forgotten)
             for engine in registry.engines:
                 engine.report = msgspec.structs.replace(engine.report, queued_tokens=int(rng.integers(0, 8_000_000)))
@@ -109,6 +140,8 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
         ids = array("I", prompt)
         parsed = ParsedRequest("generate", {}, False, None, (ids,), 0, 176, None)
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+        if tokenizer is not None:  # what the router does for a chat body: parse, tokenize, then decide
+            parsed = tokenizer.with_ids(parse_request("chat", body, set()))
         placement = await decider.place(parsed)
         cpu = (time.thread_time_ns() - start_cpu) / 1e3
         elapsed = (time.perf_counter_ns() - start) / 1e3
@@ -122,7 +155,8 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
             decider.release_prefill(done)
             decider.release_decode(done)
         full = len(prompt) // BLOCK  # the decode writes the turn's blocks back for the next turn
-        for key in keys[session][written[session]:full]:
+        turn_keys = keys[session] if keys else block_keys(prompt, BLOCK)  # chats: not a prefix of the next turn
+        for key in turn_keys[written[session] if keys else 0:full]:
             path = writer.path(key)
             path.parent.mkdir(exist_ok=True)
             path.touch()
@@ -130,12 +164,13 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
     return timings
 
 
-def run(engines: int, mode: str, turns: list[Turn], keys: list[list[str]]) -> Timings:
+def run(engines: int, mode: str, turns: list[Turn], keys: list[list[str]],
+        tokenizer: PromptTokenizer | None = None) -> Timings:
     """Time ``turns`` in ``mode`` against a fresh store directory."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         root = Path(tmp)
         with BlockStore(StoreConfig(root, "tiny", BLOCK, node="writer", io_threads=1)) as writer:
-            return asyncio.run(decide_all(mode, engines, root, turns, keys, writer))
+            return asyncio.run(decide_all(mode, engines, root, turns, keys, writer, tokenizer))
 
 
 def _record(metric: str, value: float, baseline_value: float, baseline: str, target: str, load: float) -> dict:
@@ -152,8 +187,11 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--turns", type=int, default=40)
     parser.add_argument("--engines", type=int, default=64, help="prefill + decode servers (half each)")
+    parser.add_argument("--tokenizer", type=Path, help="chat sessions through this tokenizer (see the docstring)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    if args.tokenizer is not None:
+        return tokenized(args, load)
     order, keys = sessions(args.sessions, args.turns, seed=1)
     mean_context = np.mean([len(turn.prompt) for turn in order])
     # Whichever mode ran first paid the process's warm-up on its first turns (~300 us each, measured):
@@ -182,6 +220,36 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_bench.json").write_text(json.dumps(records, indent=2) + "\n")
     print(f"wrote {RESULTS / 'router_bench.json'}")
+    return 0
+
+
+def tokenized(args: argparse.Namespace, load: float) -> int:
+    """Chat bodies parsed, tokenized and decided vs the same decisions given their ids; tokenizer caches cold."""
+    order = chat_sessions(args.sessions, args.turns, 1, PromptTokenizer(str(args.tokenizer)))
+    mean_context = np.mean([len(turn.prompt) for turn in order])
+    run(args.engines, "dualpath", order[:2 * args.sessions], [])  # warm-up pass, thrown away
+    chats = run(args.engines, "dualpath", order, [], PromptTokenizer(str(args.tokenizer)))
+    ids = run(args.engines, "dualpath", order, [])
+    warm = {name: [t for i, t in enumerate(timings.wall) if i >= args.sessions] for name, timings in
+            (("chat", chats), ("ids", ids))}  # after each session's first turn
+    stats = {name: (np.median(t.wall), np.percentile(t.wall, 99), np.percentile(warm[name], 99),
+                    np.median(t.first_turn)) for name, t in (("chat", chats), ("ids", ids))}
+    print(f"{args.engines} engines, {len(order)} chat requests, mean context {mean_context:,.0f} tokens "
+          f"({args.sessions} sessions x {args.turns} turns, tokenizer {args.tokenizer}); load {load:.1f} at start")
+    for name, (p50, p99, warm99, cold) in stats.items():
+        print(f"  {name:5s} p50 {p50:8.1f} us   p99 {p99:8.1f} us   p99 after a session's first turn "
+              f"{warm99:8.1f} us   first turn p50 {cold:9.1f} us")
+    (p50, p99, warm99, cold), (b50, b99, bwarm99, bcold) = stats["chat"], stats["ids"]
+    where = f"{args.engines} engines, {mean_context / 1000:.1f}K-token chat prompts"
+    baseline = f"the same decisions given the token ids ({where})"
+    records = [_record("router_tokenize_and_decide_p50", p50, b50, baseline, "< 1000 us", load),
+               _record("router_tokenize_and_decide_p99", p99, b99, baseline, "< 1000 us", load),
+               _record("router_tokenize_and_decide_p99_after_first_turn", warm99, bwarm99, baseline, "< 1000 us",
+                       load),
+               _record("router_tokenize_and_decide_first_turn_p50", cold, bcold, baseline, "diagnostic", load)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "router_bench_tokenized.json").write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'router_bench_tokenized.json'}")
     return 0
 
 

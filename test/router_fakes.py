@@ -50,6 +50,8 @@ class FakeEngine:
     queued_tokens: int = 0  # its node's storage read queue, as it reports it
     loading: bool = False  # health answers 503, as SGLang's while its model loads
     flushes: int = 0
+    chunk_delay_s: float = 0.0  # between the chunks of a stream
+    streams_cut: int = 0  # streams whose reader went away before the last chunk
     received: list[Received] = field(default_factory=list)
     held_reqs: int = 0
     held_tokens: int = 0
@@ -151,7 +153,12 @@ class FakeEngine:
         await response.prepare(request)
         for index in range(self.output_tokens):
             chunk = self._final(request.path, reply) if index == self.output_tokens - 1 else reply
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            try:
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            except ConnectionResetError:
+                self.streams_cut += 1
+                raise
+            await asyncio.sleep(self.chunk_delay_s)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -3,8 +3,10 @@ the real package), against fake SGLang servers on 127.0.0.1 (router_fakes.py).""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -308,3 +310,42 @@ async def test_a_clients_own_routing_key_travels_inside_the_hint():
         keys = [RouteHint.decode(r.body.get("routing_key") or r.headers.get(ROUTING_KEY_HEADER)).client_key
                 for r in engine.received]
         assert keys == ["session-7;x=y", "chat-9", ""]
+
+
+@run_async
+async def test_a_client_that_goes_away_mid_stream_frees_its_decode_and_the_router_serves_on():
+    prefill, decode = pd_fakes(1, 1, output_tokens=200, chunk_delay_s=0.02)
+    async with cluster(prefill, decode) as (url, client, router):
+        async with aiohttp.ClientSession() as leaving, leaving.post(
+                f"{url}/generate", json={"input_ids": [1, 2], "stream": True}) as resp:
+            assert (await resp.content.readline()).startswith(b"data:")
+            resp.connection.transport.abort()  # the client is gone after its first token
+        await until(lambda: decode[0].streams_cut == 1, "the decode's stream was cut")
+        await until(lambda: all(e.inflight_reqs == 0 for e in router.registry.engines), "its legs were released")
+        decode[0].output_tokens = 4
+        status, reply = await post(client, f"{url}/generate", {"input_ids": [3]})
+        assert (status, reply["engine"]) == (200, "d0")
+        async with client.get(f"{url}/metrics") as resp:
+            assert 'dualpath_router_errors_total{kind="http_500"}' not in await resp.text()
+
+
+@run_async
+async def test_a_thousand_connections_at_once_are_all_answered_and_nothing_leaks():
+    fds = len(os.listdir("/proc/self/fd"))
+    gate = asyncio.Event()
+    prefill, decode = pd_fakes(1, 2, gate=gate)
+    tasks_before = len(asyncio.all_tasks())
+    async with cluster(prefill, decode, queue_timeout_s=60.0) as (url, client, router):
+        connector = aiohttp.TCPConnector(limit=0)  # one connection per request
+        async with aiohttp.ClientSession(connector=connector) as many:
+            calls = [asyncio.create_task(post(many, f"{url}/generate", {"input_ids": [i % 50 + 1] * 8}))
+                     for i in range(1000)]
+            await until(lambda: sum(e.held_reqs for e in decode) == 1000, "all 1000 in flight at once", 60)
+            gate.set()
+            results = await asyncio.gather(*calls)
+        assert [status for status, _ in results] == [200] * 1000
+        await until(lambda: all(e.inflight_reqs == 0 for e in router.registry.engines), "every leg was released")
+        status, _ = await post(client, f"{url}/generate", {"input_ids": [7]})
+        assert status == 200
+    assert len(asyncio.all_tasks()) == tasks_before  # no task left behind
+    await until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2, "every socket closed")
