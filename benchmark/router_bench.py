@@ -164,6 +164,31 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
     return timings
 
 
+class Stats(NamedTuple):
+    p50: float
+    p99: float
+    warm_p99: float  # after each session's first turn
+    first_turn_p50: float
+    cpu_p50: float
+
+    @classmethod
+    def of(cls, timings: Timings, sessions: int) -> Stats:
+        wall = np.asarray(timings.wall)
+        return cls(float(np.median(wall)), float(np.percentile(wall, 99)), float(np.percentile(wall[sessions:], 99)),
+                   float(np.median(timings.first_turn)), float(np.median(timings.cpu)))
+
+    def line(self, name: str) -> str:
+        return (f"  {name:9s} p50 {self.p50:8.1f} us   p99 {self.p99:8.1f} us   p99 after a session's first turn "
+                f"{self.warm_p99:8.1f} us   first turn p50 {self.first_turn_p50:8.1f} us   "
+                f"CPU p50 {self.cpu_p50:7.1f} us")
+
+
+def write(records: list[dict], name: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+
+
 def run(engines: int, mode: str, turns: list[Turn], keys: list[list[str]],
         tokenizer: PromptTokenizer | None = None) -> Timings:
     """Time ``turns`` in ``mode`` against a fresh store directory."""
@@ -197,15 +222,12 @@ def main() -> int:
     # Whichever mode ran first paid the process's warm-up on its first turns (~300 us each, measured):
     # a router that serves is warm, so both modes are timed after a pass that is thrown away.
     run(args.engines, "dualpath", order[:2 * args.sessions], keys)
-    results = {mode: run(args.engines, mode, order, keys) for mode in ("dualpath", "baseline")}
-    stats = {mode: (np.median(t.wall), np.percentile(t.wall, 99), np.median(t.first_turn), np.median(t.cpu))
-             for mode, t in results.items()}
+    stats = {mode: Stats.of(run(args.engines, mode, order, keys), args.sessions) for mode in ("dualpath", "baseline")}
     print(f"{args.engines} engines, {len(order)} requests, mean context {mean_context:,.0f} tokens "
           f"({args.sessions} sessions x {args.turns} turns); load average {load:.1f} at start")
-    for mode, (p50, p99, cold, cpu) in stats.items():
-        print(f"  {mode:9s} decision p50 {p50:7.1f} us   p99 {p99:7.1f} us   "
-              f"first turn of a session p50 {cold:7.1f} us   CPU time p50 {cpu:7.1f} us")
-    (p50, p99, cold, cpu), (b50, b99, bcold, bcpu) = stats["dualpath"], stats["baseline"]
+    for mode, stat in stats.items():
+        print(stat.line(mode))
+    (p50, p99, _, cold, cpu), (b50, b99, _, bcold, bcpu) = stats["dualpath"], stats["baseline"]
     where = f"{args.engines} engines, {mean_context / 1000:.1f}K-token agent prompts"
     records = [
         _record("router_decision_p50", p50, b50, f"baseline-mode decision, same requests ({where})", "< 1000 us",
@@ -217,9 +239,7 @@ def main() -> int:
         _record("router_decision_cpu_time_p50", cpu, bcpu, f"baseline-mode decision, same requests ({where})",
                 "< 1000 us", load),
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "router_bench.json").write_text(json.dumps(records, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'router_bench.json'}")
+    write(records, "router_bench.json")
     return 0
 
 
@@ -228,18 +248,13 @@ def tokenized(args: argparse.Namespace, load: float) -> int:
     order = chat_sessions(args.sessions, args.turns, 1, PromptTokenizer(str(args.tokenizer)))
     mean_context = np.mean([len(turn.prompt) for turn in order])
     run(args.engines, "dualpath", order[:2 * args.sessions], [])  # warm-up pass, thrown away
-    chats = run(args.engines, "dualpath", order, [], PromptTokenizer(str(args.tokenizer)))
-    ids = run(args.engines, "dualpath", order, [])
-    warm = {name: [t for i, t in enumerate(timings.wall) if i >= args.sessions] for name, timings in
-            (("chat", chats), ("ids", ids))}  # after each session's first turn
-    stats = {name: (np.median(t.wall), np.percentile(t.wall, 99), np.percentile(warm[name], 99),
-                    np.median(t.first_turn)) for name, t in (("chat", chats), ("ids", ids))}
+    chat = Stats.of(run(args.engines, "dualpath", order, [], PromptTokenizer(str(args.tokenizer))), args.sessions)
+    ids = Stats.of(run(args.engines, "dualpath", order, []), args.sessions)
     print(f"{args.engines} engines, {len(order)} chat requests, mean context {mean_context:,.0f} tokens "
           f"({args.sessions} sessions x {args.turns} turns, tokenizer {args.tokenizer}); load {load:.1f} at start")
-    for name, (p50, p99, warm99, cold) in stats.items():
-        print(f"  {name:5s} p50 {p50:8.1f} us   p99 {p99:8.1f} us   p99 after a session's first turn "
-              f"{warm99:8.1f} us   first turn p50 {cold:9.1f} us")
-    (p50, p99, warm99, cold), (b50, b99, bwarm99, bcold) = stats["chat"], stats["ids"]
+    print(chat.line("chat"))
+    print(ids.line("ids"))
+    (p50, p99, warm99, cold, _), (b50, b99, bwarm99, bcold, _) = chat, ids
     where = f"{args.engines} engines, {mean_context / 1000:.1f}K-token chat prompts"
     baseline = f"the same decisions given the token ids ({where})"
     records = [_record("router_tokenize_and_decide_p50", p50, b50, baseline, "< 1000 us", load),
@@ -247,9 +262,7 @@ def tokenized(args: argparse.Namespace, load: float) -> int:
                _record("router_tokenize_and_decide_p99_after_first_turn", warm99, bwarm99, baseline, "< 1000 us",
                        load),
                _record("router_tokenize_and_decide_first_turn_p50", cold, bcold, baseline, "diagnostic", load)]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "router_bench_tokenized.json").write_text(json.dumps(records, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'router_bench_tokenized.json'}")
+    write(records, "router_bench_tokenized.json")
     return 0
 
 
