@@ -76,7 +76,7 @@ def test_every_flag_of_the_stock_help_is_taken_or_named_in_one_warning() -> None
                           "--prometheus-duration-buckets", "--retry-initial-backoff-ms", "--retry-max-backoff-ms",
                           "--retry-backoff-multiplier", "--retry-jitter-factor", "--cb-failure-threshold",
                           "--cb-success-threshold", "--cb-timeout-duration-secs", "--cb-window-duration-secs",
-                          "--disable-circuit-breaker"}
+                          "--disable-circuit-breaker", "--model-path", "--tokenizer-path", "--chat-template"}
     assert "--policy" in warned and "--api-key" in warned and len(warned) == len(flags) - 3 - len(taken)
 
 
