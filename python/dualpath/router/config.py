@@ -2,9 +2,10 @@
 
 The parser is sglang-router's (``RouterArgs.add_cli_args``, the pinned package), so every stock flag is
 accepted with its own default and meaning; DualPath's options come on top. Stock flags that mean the same
-here set the router (listening address, ``--prefill URL [PORT|none]``, timeouts, payload size, retries, log
-level, Prometheus address); the others have no meaning under the DualPath scheduler and are listed in one
-start-up warning when given.
+here set the router (listening address, ``--prefill URL [PORT|none]``, timeouts, payload size, retries and
+their backoff, the circuit breaker, log level, Prometheus address and buckets, request-id headers, the
+tokenizer); the others have no meaning under the DualPath scheduler and are listed in one start-up warning
+when given.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ STOCK_FIELDS = {"host": "host", "port": "port", "request_timeout_secs": "request
 # The circuit breaker's stock flags -> BreakerConfig fields.
 BREAKER_FIELDS = {"cb_failure_threshold": "failure_threshold", "cb_success_threshold": "success_threshold",
                   "cb_timeout_duration_secs": "open_s", "cb_window_duration_secs": "window_s"}
-# Stock fields read another way: PD mode itself, the engines, retries switched off.
+# Stock fields read another way: PD mode itself, the engines, retries and the breaker switched off or set.
 _STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries", "disable_circuit_breaker",
                *BREAKER_FIELDS}
 
