@@ -31,7 +31,7 @@ SEGMENT_CACHE = 1 << 16  # text between added tokens: an agent's conversation is
 
 class PromptTokenizer:
     def __init__(self, path: str, chat_template: str | None = None) -> None:
-        from transformers import AutoTokenizer  # only with a tokenizer: the router installs without it
+        from transformers import AutoTokenizer  # seconds to import: only for a router given a tokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if chat_template is not None:  # a template file, or the template itself (as SGLang's --chat-template)
