@@ -1,11 +1,11 @@
 """Router configuration and its command line: ``sglang_router.launch_router --pd-disaggregation``'s own.
 
-The parser is sglang-router's (``RouterArgs.add_cli_args``, the pinned package), so every stock flag is
-accepted with its own default and meaning; DualPath's options come on top. Stock flags that mean the same
-here set the router (listening address, ``--prefill URL [PORT|none]``, timeouts, payload size, retries and
-their backoff, the circuit breaker, log level, Prometheus address and buckets, request-id headers, the
-tokenizer); the others have no meaning under the DualPath scheduler and are listed in one start-up warning
-when given.
+The parser is sglang-router's (``RouterArgs.add_cli_args`` of the pinned package, through
+``dualpath.srt.stock_router``), so every stock flag is accepted with its own default and meaning; DualPath's
+options come on top. Stock flags that mean the same here set the router (listening address, ``--prefill URL
+[PORT|none]``, timeouts, payload size, retries and their backoff, the circuit breaker, log level, Prometheus
+address and buckets, request-id headers, the tokenizer); the others have no meaning under the DualPath
+scheduler and are listed in one start-up warning when given.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from dualpath.router.breaker import BreakerConfig
+from dualpath.srt.stock_router import add_stock_flags, stock_args
 
 Mode = Literal["dualpath", "split", "baseline"]
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*")
@@ -176,11 +177,9 @@ _SCALARS: tuple[tuple[str, str, type, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """sglang-router's own parser (every stock flag, stock defaults) with DualPath's options added."""
-    from sglang_router.router_args import RouterArgs
-
     parser = argparse.ArgumentParser(prog="python -m dualpath.launch_router", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    RouterArgs.add_cli_args(parser)
+    add_stock_flags(parser)
     group = parser.add_argument_group("DualPath", "the global scheduler's options (stock flags above keep "
                                       "their meaning where they have one here; see docs/router.md)")
     defaults = RouterConfig((PrefillSpec("http://h:1"),), ("http://h:2",))
@@ -210,8 +209,6 @@ def _ignored(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     """The command line as a RouterConfig; bad values exit with argparse's usage message."""
-    from sglang_router.router_args import RouterArgs
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.pd_disaggregation or not args.prefill or not args.decode:
@@ -219,7 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
                      "URL [BOOTSTRAP_PORT] per prefill server and one --decode URL per decode server")
     try:
         prefill = tuple(_prefill_spec(values) for values in args.prefill)
-        stock = RouterArgs.from_cli_args(args)
+        stock = stock_args(args)
         taken = {ours: getattr(stock, theirs) for theirs, ours in STOCK_FIELDS.items()}
         if stock.disable_retries:
             taken["max_retries"] = 0
