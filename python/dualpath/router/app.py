@@ -80,7 +80,7 @@ class Router:
                 parsed = await asyncio.to_thread(self.tokenizer.with_ids, parsed)
             started = time.monotonic()
             response = await self.forwarder.handle(request, parsed)
-            self.metrics.generation(parsed.model or "default", route, parsed.stream, time.monotonic() - started)
+            self.metrics.generation(parsed.model_label, route, parsed.stream, time.monotonic() - started)
             return response
 
         return handle

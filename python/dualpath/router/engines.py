@@ -120,7 +120,14 @@ class Engine:
 
     def record(self, success: bool) -> None:
         """A request's outcome on this engine, for its circuit breaker."""
-        if self.breaker.record(success, time.monotonic()):
+        self._breaker_changed(self.breaker.record(success, time.monotonic()))
+
+    def tick(self, now: float) -> None:
+        """Its circuit breaker half-opens once its open time is over."""
+        self._breaker_changed(self.breaker.tick(now))
+
+    def _breaker_changed(self, changed: bool) -> None:
+        if changed:  # what the scheduler is told changes
             self.version += 1
             log.warning("engine %s: circuit breaker %s", self.url, self.breaker.state.name.lower())
 
@@ -230,9 +237,7 @@ class EngineRegistry:
         await asyncio.gather(*(self._poll_engine(session, engine, timeout) for engine in self.engines))
         now = time.monotonic()
         for engine in self.engines:
-            if engine.breaker.tick(now):
-                engine.version += 1
-                log.info("engine %s: circuit breaker half-open, taking requests again", engine.url)
+            engine.tick(now)
         self.polls += 1
         self.on_change()
 

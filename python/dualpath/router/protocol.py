@@ -58,6 +58,11 @@ class ParsedRequest:
     def items(self) -> int:
         return self.batch or 1
 
+    @property
+    def model_label(self) -> str:
+        """Its model as the metrics name it (stock's ``default`` when the body names none)."""
+        return self.model or "default"
+
 
 def _token_ids(value: object) -> array | None:
     """Non-empty token ids as uint32 (SGLang hashes them so), or None; converted in C, not per token."""

@@ -119,7 +119,7 @@ class Forwarder:
             except TimeoutError:
                 raise HttpError(503, f"no prefill/decode pair had room within {self.config.queue_timeout_s} s; "
                                 f"{failures or 'no engine failure'}") from None
-            self.metrics.placed(parsed.model or "default", placement.hint.side.value, placement.request.cached_tokens)
+            self.metrics.placed(parsed.model_label, placement.hint.side.value, placement.request.cached_tokens)
             if attempt:
                 self.metrics.retries.inc()
             try:
