@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from dualpath.bench.traces import AgentTrace, Turn
+from dualpath.traces import AgentTrace, Turn
 from dualpath.cluster.ab import run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
 from dualpath.cluster.servers import live_group_members

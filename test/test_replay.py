@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from dualpath.bench.traces import AgentTrace, Turn, load_mooncake, mooncake_sessions
+from dualpath.traces import AgentTrace, Turn, load_mooncake, mooncake_sessions
 from dualpath.cluster.cli import select_agents
 from dualpath.cluster.replay import Replay, _Agent
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import simpy
-from dualpath.bench.traces import (
+from dualpath.traces import (
     SYNTHETIC,
     AgentTrace,
     Turn,

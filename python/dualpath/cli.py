@@ -10,7 +10,6 @@ import sys
 # Each module defines `register(subparsers)`, which adds its subcommand(s) with `set_defaults(run=...)`.
 # Modules are imported lazily-enough: only their `register` runs at start-up.
 SUBCOMMAND_MODULES = (
-    "dualpath.store.bench",
     "dualpath.sim.cli",
     "dualpath.cluster.cli",
 )

@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from dualpath.bench.traces import AgentTrace
+from dualpath.traces import AgentTrace
 from dualpath.cluster.local import LocalCluster
 from dualpath.cluster.replay import Replay, ReplayResult
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualpath.bench.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
+from dualpath.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
 from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
 from dualpath.cluster.local import ClusterConfig, LocalCluster
 from dualpath.cluster.servers import TINY_MODEL

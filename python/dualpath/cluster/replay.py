@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import aiohttp
 
-from dualpath.bench.traces import AgentTrace, Turn
+from dualpath.traces import AgentTrace, Turn
 
 VOCAB = (3, 32000)  # ids 0..2 are pad/bos/eos of the tiny model
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from dualpath.bench.traces import AgentTrace
+from dualpath.traces import AgentTrace
 from dualpath.scheduler import Request
 from dualpath.sim.cluster import Cluster, ClusterSpec, Job
 

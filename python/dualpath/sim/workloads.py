@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from dualpath.bench.traces import SYNTHETIC, AgentTrace, load_claude_code, load_mooncake, synthetic_agents
+from dualpath.traces import SYNTHETIC, AgentTrace, load_claude_code, load_mooncake, synthetic_agents
 
 WORKLOADS = ("synthetic-32k", "synthetic-48k", "synthetic-64k", "claude-code", "mooncake")
 

@@ -1,1 +1,0 @@
-"""Workload traces (Claude Code sessions, Mooncake, the paper's synthetic sets) and, later, replay tools."""
