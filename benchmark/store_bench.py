@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-
 from dualpath.kv import BlockBuffer, aligned_empty, block_keys
 from dualpath.kv.layout import round_up
 from dualpath.store.config import StoreConfig

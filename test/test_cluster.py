@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from dualpath.traces import AgentTrace, Turn
 from dualpath.cluster.ab import run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
 from dualpath.cluster.servers import live_group_members
+from dualpath.traces import AgentTrace, Turn
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
 

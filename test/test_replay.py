@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from dualpath.traces import AgentTrace, Turn, load_mooncake, mooncake_sessions
 from dualpath.cluster.cli import select_agents
 from dualpath.cluster.replay import Replay, _Agent
+from dualpath.traces import AgentTrace, Turn, load_mooncake, mooncake_sessions
 
 
 def _request(index: int, blocks: tuple[int, ...], prompt: int) -> AgentTrace:

@@ -5,14 +5,6 @@ import json
 
 import pytest
 import simpy
-from dualpath.traces import (
-    SYNTHETIC,
-    AgentTrace,
-    Turn,
-    load_claude_code,
-    load_mooncake,
-    synthetic_agents,
-)
 from dualpath.cli import main as cli_main
 from dualpath.scheduler import BatcherConfig, Chunk, ComputeQuotaBatcher, Request
 from dualpath.sim import (
@@ -28,6 +20,14 @@ from dualpath.sim import (
     run_online,
 )
 from dualpath.sim.hardware import PrefillCost
+from dualpath.traces import (
+    SYNTHETIC,
+    AgentTrace,
+    Turn,
+    load_claude_code,
+    load_mooncake,
+    synthetic_agents,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

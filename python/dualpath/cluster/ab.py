@@ -29,9 +29,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from dualpath.traces import AgentTrace
 from dualpath.cluster.local import LocalCluster
 from dualpath.cluster.replay import Replay, ReplayResult
+from dualpath.traces import AgentTrace
 
 log = logging.getLogger(__name__)
 

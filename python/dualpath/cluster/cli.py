@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualpath.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
 from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
 from dualpath.cluster.local import ClusterConfig, LocalCluster
 from dualpath.cluster.servers import TINY_MODEL
+from dualpath.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
 
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
 

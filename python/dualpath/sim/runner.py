@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from dualpath.traces import AgentTrace
 from dualpath.scheduler import Request
 from dualpath.sim.cluster import Cluster, ClusterSpec, Job
+from dualpath.traces import AgentTrace
 
 Progress = Callable[[float], None]
 
