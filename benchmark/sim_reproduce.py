@@ -59,14 +59,14 @@ def fig7(counts: list[int]) -> None:
     speedups, splits, labels, ours, paper = [], [], [], [], []
     paper_basic = {512: 2900, 2048: 10100, 4096: 19500}
     for n in counts:
-        modes = ("basic", "dualpath", "dualpath-split", "oracle")
+        modes = ("basic", "dualpath", "split", "oracle")
         runs = {m: offline("ds660b", (2, 4), m, "synthetic-64k", n) for m in modes}
         basic = runs["basic"]
-        for mode in ("dualpath", "dualpath-split", "oracle"):
+        for mode in ("dualpath", "split", "oracle"):
             record(f"offline_ds660b_2p4d_64k_{n}_agents_{mode}", throughput(runs[mode]), "agents/h",
                    "Basic, same run", throughput(basic), "paper: DualPath up to 1.87x Basic, close to Oracle")
         speedups.append(throughput(runs["dualpath"]) / throughput(basic))
-        splits.append(throughput(runs["dualpath-split"]) / throughput(runs["dualpath"]))
+        splits.append(throughput(runs["split"]) / throughput(runs["dualpath"]))
         of_oracle = runs["oracle"].makespan_s / runs["dualpath"].makespan_s
         print(f"    -> DualPath {speedups[-1]:.2f}x Basic, {of_oracle:.2f} of Oracle's speed; "
               f"split reads {splits[-1]:.3f}x DualPath", flush=True)
@@ -85,10 +85,10 @@ def fig8(counts: list[int]) -> None:
         for n in counts:
             basic = offline("ds27b", pd, "basic", "synthetic-64k", n)
             dual = offline("ds27b", pd, "dualpath", "synthetic-64k", n)
-            split = offline("ds27b", pd, "dualpath-split", "synthetic-64k", n)
+            split = offline("ds27b", pd, "split", "synthetic-64k", n)
             oracle = offline("ds27b", pd, "oracle", "synthetic-64k", n)
             name = f"{pd[0]}P{pd[1]}D"
-            for mode, run in (("dualpath", dual), ("dualpath-split", split), ("oracle", oracle)):
+            for mode, run in (("dualpath", dual), ("split", split), ("oracle", oracle)):
                 record(f"offline_ds27b_{name.lower()}_64k_{n}_agents_{mode}", throughput(run), "agents/h",
                        "Basic, same run", throughput(basic), "paper: average 1.64x, max 2.46x (1P2D)")
             speedups.append(throughput(dual) / throughput(basic))
@@ -107,7 +107,7 @@ def fig10(model: str, pd: tuple[int, int], paper: float, aps_range: tuple[float,
     print(f"Fig. 10  online {model} {pd[0]}P{pd[1]}D: max agents/s with TTFT <= 4 s and TPOT <= 50 ms", flush=True)
     pool = build_workload("synthetic-64k", 500)
     capacity, sweeps, rates = {}, {}, {}
-    for mode in ("basic", "dualpath", "dualpath-split"):
+    for mode in ("basic", "dualpath", "split"):
         spec = ClusterSpec(*pd, get_model(model), get_mode(mode))
         tried: list[float] = []
 
@@ -120,7 +120,7 @@ def fig10(model: str, pd: tuple[int, int], paper: float, aps_range: tuple[float,
 
         capacity[mode], sweeps[mode] = capacity_at_slo(point, *aps_range, steps=steps)
         rates[mode] = tried
-    for mode in ("dualpath", "dualpath-split"):
+    for mode in ("dualpath", "split"):
         record(f"online_{model}_{pd[0]}p{pd[1]}d_capacity_{mode}", capacity[mode], "agents/s", "Basic, same run",
                capacity["basic"], f"paper: {paper}x Basic")
     print(f"    capacities: {', '.join(f'{m} {c:.3f}' for m, c in capacity.items())} agents/s", flush=True)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 from dualpath.scheduler import (
+    MODES,
+    READ_POLICIES,
     EngineGroup,
     EngineLoad,
     GlobalScheduler,
@@ -9,6 +11,7 @@ from dualpath.scheduler import (
     ReadSide,
     Request,
     SchedulerConfig,
+    get_mode,
 )
 from dualpath.scheduler.placement import split_tokens
 from hypothesis import given, settings
@@ -146,7 +149,7 @@ def test_split_reads_finish_together(hit, readers):
 
 def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
     sched = GlobalScheduler([EngineGroup(0, "prefill", (0,)), EngineGroup(1, "decode", (100, 101, 102))],
-                            SchedulerConfig(split_reads=True))
+                            SchedulerConfig(read_policy="split"))
     sched.submit(Request(0, 96_000, 100, 10))
     sched.fetch_prefill(0, [EngineLoad(0, 0, 0, 0)], [NodeLoad(0, 0, 1000.0)])
     # DE 100 holds the fewest tokens and gets the decode; of the others, node 3 drains before node 2.
@@ -166,11 +169,21 @@ def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
 
 
 def test_split_policy_divides_hit_between_sides():
-    sched = one_pe_one_de(split_reads=True)
+    sched = one_pe_one_de(read_policy="split")
     sched.submit(Request(0, 64_000, 100, 10))
     sched.fetch_prefill(0, [EngineLoad(e, 0, 0, 0) for e in range(4)], [NodeLoad(0, 0, 1000.0)])
     [a] = sched.fetch_decode(1, de_loads([10**6] * 4), [NodeLoad(1, 0, 1000.0)])
     assert a.side is ReadSide.SPLIT and a.pe_read_tokens == a.de_read_tokens == 32_000
+
+
+def test_every_mode_is_a_valid_config_and_unknown_names_list_the_choices():
+    assert [name for name, mode in MODES.items() if mode.router] == ["baseline", "dualpath", "split"]
+    for mode in MODES.values():
+        assert mode.scheduler_config(SchedulerConfig(seed=3)).read_policy in READ_POLICIES
+    with pytest.raises(ValueError, match="choose from basic, layerwise"):
+        get_mode("dualpath-split")
+    with pytest.raises(ValueError, match="choose from queue, pe_only, round_robin, split"):
+        SchedulerConfig(read_policy="fast")
 
 
 def test_decisions_are_deterministic_and_ties_follow_the_seed():

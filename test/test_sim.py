@@ -47,7 +47,7 @@ def test_io_bound_setup_orders_oracle_dualpath_basic():
 
 
 def test_every_request_finishes_and_every_resource_is_released():
-    spec = ClusterSpec(1, 1, DS27B, get_mode("dualpath-split"), fetch_interval_s=0.01)
+    spec = ClusterSpec(1, 1, DS27B, get_mode("split"), fetch_interval_s=0.01)
     cluster = Cluster(spec, simpy.Environment())
     done = []
     requests = [Request(i, (i * 7919) % 50_000, 1 + (i * 31) % 3000, 1 + i % 200) for i in range(300)]
@@ -70,7 +70,7 @@ def test_runs_create_no_reference_cycles():
     # The runners pause the cyclic garbage collector for speed: that is only safe while finished requests are
     # freed by reference counting alone, so a collection in the middle of a run must find nothing.
     found: list[int] = []
-    run_offline(ClusterSpec(1, 1, DS27B, get_mode("dualpath-split")), synthetic_agents("64k", 40, distinct=40),
+    run_offline(ClusterSpec(1, 1, DS27B, get_mode("split")), synthetic_agents("64k", 40, distinct=40),
                 progress=lambda now: found.append(gc.collect()))
     assert len(found) > 2 and not any(found[1:])  # the first one may collect earlier tests' garbage
 

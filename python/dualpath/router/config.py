@@ -16,13 +16,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from dualpath.router.breaker import BreakerConfig
+from dualpath.scheduler.modes import MODES
 from dualpath.srt.stock_router import add_stock_flags, stock_args
 
-Mode = Literal["dualpath", "split", "baseline"]
+ROUTER_MODES = tuple(name for name, mode in MODES.items() if mode.router)  # what --dualpath-mode accepts
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -66,7 +67,7 @@ class RouterConfig:
     decode: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 30000
-    mode: Mode = "dualpath"
+    mode: str = "dualpath"  # one of ROUTER_MODES
     store_root: Path | None = None
     store_namespace: str | None = None
     store_block_tokens: int | None = None
@@ -116,8 +117,8 @@ class RouterConfig:
             object.__setattr__(self, "duration_buckets", tuple(float(bound) for bound in self.duration_buckets))
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.mode not in ("dualpath", "split", "baseline"):
-            raise ValueError(f"--dualpath-mode must be dualpath, split or baseline, got {self.mode!r}")
+        if self.mode not in ROUTER_MODES:
+            raise ValueError(f"--dualpath-mode must be one of {', '.join(ROUTER_MODES)}, got {self.mode!r}")
         if self.store_root is not None:
             object.__setattr__(self, "store_root", Path(self.store_root))
         if self.store_namespace is not None and not _PLAIN_NAME.fullmatch(self.store_namespace):
@@ -163,8 +164,7 @@ _STOCK_READ = {"pd_disaggregation", "prefill", "decode", "disable_retries", "dis
 
 # (option, RouterConfig field, type, help) of DualPath's own options; one table drives parser and to_argv.
 _SCALARS: tuple[tuple[str, str, type, str], ...] = (
-    ("--dualpath-mode", "mode", str, "dualpath: the scheduler picks the read side; split: it may also split one "
-     "request's reads between both sides, so that both queues drain together; baseline: always the PE side"),
+    ("--dualpath-mode", "mode", str, "; ".join(f"{name}: {MODES[name].summary}" for name in ROUTER_MODES)),
     ("--store-root", "store_root", Path, "the shared block store's mount on this host (hit estimates)"),
     ("--store-namespace", "store_namespace", str, "store namespace of the hit estimates (default: the servers')"),
     ("--store-block-tokens", "store_block_tokens", int, "Full Block tokens (default: the servers' page size)"),

@@ -21,6 +21,7 @@ from dualpath.router.engines import Engine, EngineRegistry
 from dualpath.router.protocol import CHARS_PER_TOKEN, ParsedRequest
 from dualpath.router.store_view import StoreView
 from dualpath.scheduler import (
+    MODES,
     Assignment,
     EngineGroup,
     EngineLoad,
@@ -88,10 +89,9 @@ class Decider:
         self.store = store
         groups = [EngineGroup(PREFILL_GROUP, "prefill", tuple(e.engine_id for e in registry.prefill)),
                   EngineGroup(DECODE_GROUP, "decode", tuple(e.engine_id for e in registry.decode))]
-        read_policy = "pe_only" if config.mode == "baseline" else "queue"
-        self.scheduler = GlobalScheduler(groups, SchedulerConfig.profiled(
-            config.read_tokens_per_s, config.gpu_tokens_per_s, read_policy=read_policy,
-            split_reads=config.mode == "split", split_block_tokens=config.store_block_tokens or SPLIT_BLOCK_TOKENS))
+        self.scheduler = GlobalScheduler(groups, MODES[config.mode].scheduler_config(SchedulerConfig.profiled(
+            config.read_tokens_per_s, config.gpu_tokens_per_s,
+            split_block_tokens=config.store_block_tokens or SPLIT_BLOCK_TOKENS)))
         self._beta = self.scheduler.config.beta_tokens
         self._ids = itertools.count()
         self._waiters: dict[int, asyncio.Future[Placement]] = {}

@@ -1,4 +1,5 @@
-"""Global scheduler (PE/DE/read side) and the PE compute-quota batcher. Pure Python, no SGLang import."""
+"""Global scheduler (PE/DE/read side), its modes and read policies, and the PE compute-quota batcher. Pure
+Python, no SGLang import."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from dualpath.scheduler.messages import (
     ReadSide,
     Request,
 )
+from dualpath.scheduler.modes import MODES, Mode, get_mode
+from dualpath.scheduler.read_policies import READ_POLICIES, ReadContext, ReadSplit
 from dualpath.scheduler.route_hint import RouteHint
 
 __all__ = [
+    "MODES",
+    "READ_POLICIES",
     "Assignment",
     "AttentionCostModel",
     "BatcherConfig",
@@ -25,10 +30,14 @@ __all__ = [
     "EngineGroup",
     "EngineLoad",
     "GlobalScheduler",
+    "Mode",
     "NodeLoad",
     "PrefillPick",
+    "ReadContext",
     "ReadSide",
+    "ReadSplit",
     "Request",
     "RouteHint",
     "SchedulerConfig",
+    "get_mode",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dualpath.scheduler.read_policies import READ_POLICIES
+
 PlacementPolicy = Literal["dualpath", "round_robin"]
-ReadPolicy = Literal["queue", "pe_only", "round_robin"]
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,10 @@ class SchedulerConfig:
     beta_tokens: a PE holding more unfinished tokens than this gets no work (paper: 5 s of GPU processing).
     z_factor: DE high-token threshold Z = z_factor x group average (paper: 1.05).
     placement: "dualpath" (the paper's rules) or "round_robin" (the ablation's naive scheduler).
-    read_policy: "queue" (shorter node read queue), "pe_only" (Basic) or "round_robin" (alternate sides).
-    split_reads: split one request's hit tokens across both sides so both queues drain together (off = paper).
-    split_block_tokens: split points fall on multiples of this (the store's Full Block size).
+    read_policy: a name in READ_POLICIES: "queue" (paper: shorter node read queue), "pe_only" (Basic),
+        "round_robin" (alternate sides) or "split" (one request's hit over both sides and a helper DE so that
+        their queues drain together; beyond the paper).
+    split_block_tokens: "split" cuts at multiples of this (the store's Full Block size).
     seed: tie-breaks among equal candidates use a seeded order, so a given state always gives one answer.
     """
 
@@ -27,8 +29,7 @@ class SchedulerConfig:
     beta_tokens: int = 5 * 40_000
     z_factor: float = 1.05
     placement: PlacementPolicy = "dualpath"
-    read_policy: ReadPolicy = "queue"
-    split_reads: bool = False
+    read_policy: str = "queue"
     split_block_tokens: int = 64
     seed: int = 0
 
@@ -39,8 +40,8 @@ class SchedulerConfig:
             raise ValueError(f"z_factor must be >= 1.0, got {self.z_factor}")
         if self.placement not in ("dualpath", "round_robin"):
             raise ValueError(f"unknown placement {self.placement!r}")
-        if self.read_policy not in ("queue", "pe_only", "round_robin"):
-            raise ValueError(f"unknown read_policy {self.read_policy!r}")
+        if self.read_policy not in READ_POLICIES:
+            raise ValueError(f"unknown read_policy {self.read_policy!r}; choose from {', '.join(READ_POLICIES)}")
         if self.split_block_tokens < 1:
             raise ValueError(f"split_block_tokens must be >= 1, got {self.split_block_tokens}")
 

@@ -14,17 +14,8 @@ from collections.abc import Sequence
 
 from dualpath.scheduler.config import SchedulerConfig
 from dualpath.scheduler.messages import Assignment, EngineGroup, EngineLoad, NodeLoad, PrefillPick, ReadSide, Request
-from dualpath.scheduler.placement import (
-    EngineSlot,
-    decode_threshold,
-    pick_decode,
-    pick_prefill,
-    read_side,
-    split_tokens,
-    tiebreak,
-)
-
-UNREPORTED_RATE = NodeLoad(-1, 0).drain_tokens_per_s
+from dualpath.scheduler.placement import EngineSlot, decode_threshold, pick_decode, pick_prefill, tiebreak
+from dualpath.scheduler.read_policies import READ_POLICIES, ReadContext
 
 
 class GlobalScheduler:
@@ -57,7 +48,8 @@ class GlobalScheduler:
         self._drain_rate: dict[int, float] = {}
         self._engine_node: dict[int, int] = {}
         self._rr_engine: dict[int, int] = {}
-        self._rr_side = 0
+        self._read_policy = READ_POLICIES[self.config.read_policy]
+        self._reads = 0  # assignments with hits so far
 
     def set_members(self, group_id: int, engine_ids: Sequence[int]) -> None:
         """Engines join or leave a group (ids are never reused); placements already made stand."""
@@ -197,29 +189,16 @@ class GlobalScheduler:
         return None
 
     def _with_read_side(self, pick: PrefillPick, de: EngineSlot, group_id: int) -> Assignment:
-        """Choose where the hit tokens are read and charge them to that node's queue until its next report."""
-        request, cfg = pick.request, self.config
-        hit = request.cached_tokens
-        if hit == 0:
+        """Ask the read policy where the hit tokens are read; charge them to those nodes' queues until their
+        next reports."""
+        request = pick.request
+        if request.cached_tokens == 0:
             return Assignment(request, pick.pe, de.engine_id, ReadSide.NONE, 0, 0)
         pe_node, de_node, read_q = self._engine_node[pick.pe], de.node_id, self._read_q
-        helper, helper_tokens = -1, 0
-        if cfg.read_policy == "pe_only":
-            pe_tokens = hit
-        elif cfg.read_policy == "round_robin":
-            self._rr_side ^= 1
-            pe_tokens = hit if self._rr_side else 0
-        elif cfg.split_reads:
-            helper = self._helper(group_id, (pe_node, de_node))
-            nodes = [pe_node, de_node] + ([self._engine_node[helper]] if helper >= 0 else [])
-            split = split_tokens(hit, [read_q.get(n, 0) for n in nodes], [self._rate(n) for n in nodes],
-                                 cfg.split_block_tokens)
-            pe_tokens = split[0]
-            helper_tokens = split[2] if helper >= 0 else 0
-            helper = helper if helper_tokens else -1
-        else:
-            pe_tokens = hit if read_side(read_q.get(pe_node, 0), read_q.get(de_node, 0)) is ReadSide.PE else 0
-        de_tokens = hit - pe_tokens - helper_tokens
+        pe_tokens, de_tokens, helper, helper_tokens = self._read_policy(ReadContext(
+            self.config, request.cached_tokens, pe_node, de_node, self._groups[group_id].engine_ids, self._reads,
+            self._engine_node, read_q, self._drain_rate))
+        self._reads += 1
         side = (ReadSide.SPLIT if helper >= 0 or (pe_tokens and de_tokens)
                 else ReadSide.PE if de_tokens == 0 else ReadSide.DE)
         # PE and DE may share a node (in tests): charge one side, then read the other's queue afresh.
@@ -229,20 +208,3 @@ class GlobalScheduler:
             helper_node = self._engine_node[helper]
             read_q[helper_node] = read_q.get(helper_node, 0) + helper_tokens
         return Assignment(request, pick.pe, de.engine_id, side, pe_tokens, de_tokens, helper, helper_tokens)
-
-    def _rate(self, node: int) -> float:
-        """A node's last reported drain rate; a node that has not reported counts as ``NodeLoad(node, 0)``."""
-        return self._drain_rate.get(node, UNREPORTED_RATE)
-
-    def _helper(self, group_id: int, busy_nodes: tuple[int, int]) -> int:
-        """The group's DE on another node whose read queue drains first (-1 for none): it can read a part of
-        a split request and forward it to the PE, so that a node with no read of its own is not idle."""
-        best, best_time = -1, 0.0
-        for engine in self._groups[group_id].engine_ids:
-            node = self._engine_node.get(engine)
-            if node is None or node in busy_nodes:
-                continue
-            drains_in = self._read_q.get(node, 0) / self._rate(node)
-            if best < 0 or drains_in < best_time:
-                best, best_time = engine, drains_in
-        return best

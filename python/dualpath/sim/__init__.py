@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from dualpath.scheduler.modes import MODES, Mode, get_mode
 from dualpath.sim.cluster import Cluster, ClusterSpec
 from dualpath.sim.hardware import DS27B_GEOMETRY, MODELS, HardwareSpec, ModelSpec, get_model
-from dualpath.sim.modes import MODES, Mode, get_mode
 from dualpath.sim.runner import RunResult, capacity_at_slo, meets_slo, run_offline, run_online
 from dualpath.sim.workloads import WORKLOADS, build_workload, parse_pd
 

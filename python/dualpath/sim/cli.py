@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dualpath.scheduler.modes import MODES, Mode, get_mode
 from dualpath.sim.cluster import ClusterSpec
 from dualpath.sim.hardware import MODELS, HardwareSpec, ModelSpec, get_model
-from dualpath.sim.modes import MODES, Mode, get_mode
 from dualpath.sim.plots import offline_chart, online_chart
 from dualpath.sim.runner import RunResult, capacity_at_slo, run_offline, run_online
 from dualpath.sim.workloads import WORKLOADS, build_workload, parse_pd

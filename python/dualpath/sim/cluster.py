@@ -20,12 +20,13 @@ from dualpath.scheduler import (
     ComputeQuotaBatcher,
     EngineGroup,
     GlobalScheduler,
+    Mode,
     NodeLoad,
     Request,
+    SchedulerConfig,
 )
 from dualpath.sim.engines import DecodeEngine, Job, PrefillEngine, StorageNic
 from dualpath.sim.hardware import HardwareSpec, ModelSpec, PrefillCost
-from dualpath.sim.modes import Mode
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class Cluster:
                                else [self._de_by_id[e] for e in g.engine_ids] for g in groups}
         read_tokens_per_s = hw.node_read_bps(nodes) / self.bpt
         gpu_tokens_per_s = self._prompt_tokens_per_gpu_second()
-        self.scheduler = GlobalScheduler(groups, spec.mode.scheduler_config(
-            int(3 * read_tokens_per_s), int(5 * gpu_tokens_per_s), spec.seed))
+        self.scheduler = GlobalScheduler(groups, spec.mode.scheduler_config(SchedulerConfig(
+            alpha_tokens=int(3 * read_tokens_per_s), beta_tokens=int(5 * gpu_tokens_per_s), seed=spec.seed)))
         # The batcher's quota bounds the attention part of the forward (paper 6.2), summed over layers.
         cap = None if spec.mode.layerwise else model.basic_pe_hbm_tokens
         self.batcher = ComputeQuotaBatcher(PrefillCost(model, hw.peak_flops, attention_only=True),
