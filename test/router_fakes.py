@@ -51,6 +51,9 @@ class FakeEngine:
     loading: bool = False  # health answers 503, as SGLang's while its model loads
     flushes: int = 0
     chunk_delay_s: float = 0.0  # between the chunks of a stream
+    stream_ids: bool = False  # stream chunks carry the output ids so far, as SGLang's without a tokenizer
+    read_bytes: int = 1000  # its node's storage NIC, as it reports it
+    read_bytes_per_request: int = 0  # added to read_bytes by every generation request
     streams_cut: int = 0  # streams whose reader went away before the last chunk
     received: list[Received] = field(default_factory=list)
     held_reqs: int = 0
@@ -98,7 +101,7 @@ class FakeEngine:
         report = NodeReport(role=self.role, node=self.node or self.name, model=self.models[0],
                             page_size=self.page_size, tp_size=self.tp_size, kv_channel=channel,
                             store_namespace=self.store_namespace, queued_tokens=self.queued_tokens,
-                            queued_bytes=100 * self.queued_tokens, read_bytes=1000)
+                            queued_bytes=100 * self.queued_tokens, read_bytes=self.read_bytes)
         return web.Response(body=report.encode(), content_type="application/json")
 
     async def _loads(self, request: web.Request) -> web.Response:
@@ -133,6 +136,7 @@ class FakeEngine:
         if self.fail_status is not None:
             return web.json_response({"error": {"message": f"{self.name} fails"}}, status=self.fail_status)
         tokens = prompt_tokens(body)
+        self.read_bytes += self.read_bytes_per_request
         self.held_reqs += 1
         self.held_tokens += tokens
         try:
@@ -153,6 +157,8 @@ class FakeEngine:
         await response.prepare(request)
         for index in range(self.output_tokens):
             chunk = self._final(request.path, reply) if index == self.output_tokens - 1 else reply
+            if self.stream_ids:
+                chunk = {**chunk, "output_ids": list(range(100, 101 + index))}
             try:
                 await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             except ConnectionResetError:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -129,3 +132,41 @@ def test_prefills_and_decodes_get_disjoint_cores_on_cpu(tmp_path: Path, monkeypa
     decode = {c for s in config.specs() if s.role == "decode" for c in s.cpus}
     assert all(s.cpus for s in config.specs()) and not prefill & decode and prefill | decode <= set(range(cores))
     assert all(not s.cpus for s in replace(config, cpu=False).specs())  # GPUs: the kernel places processes
+
+
+def test_up_serves_a_cluster_that_bench_attaches_to_until_interrupted(tmp_path: Path) -> None:
+    """`dualpath up`, then `dualpath bench --base-url` from another process: bench_serving's JSONL with every node's
+    reads; Ctrl-C (SIGINT) stops every process `up` started."""
+    from test_bench import BENCH_SERVING_FIELDS
+
+    up = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "up", "--base-port", "28000", "--nic-gbps", "0.5",
+                           "--work-dir", str(tmp_path / "up")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "COLUMNS": "300"})
+    lines: list[str] = []
+    try:
+        for line in up.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "serving at " in line:
+                break
+        url = re.search(r"serving at (\S+)", "".join(lines))
+        assert url, "".join(lines)
+        out = tmp_path / "bench.jsonl"
+        bench = subprocess.run([sys.executable, "-m", "dualpath.cli", "bench", "--base-url", url[1], "--num-prompts",
+                                "6", "--num-clients", "2", "--scale", "0.05", "--max-gen", "4", "--output-file",
+                                str(out)], capture_output=True, text=True, timeout=300)
+        assert bench.returncode == 0, bench.stderr
+        line = json.loads(out.read_text())
+        assert set(BENCH_SERVING_FIELDS) <= set(line) and line["completed"] == 6
+        assert set(line["node_read_bytes"]) == {"pe0", "de0"} and sum(line["node_read_bytes"].values()) > 0
+        assert 0 < line["de_read_share"] < 1  # split mode: both nodes' NICs read
+        pgids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
+        assert len(pgids) == 3, lines  # the router and both servers
+        up.send_signal(signal.SIGINT)
+        assert up.wait(120) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert not any(live_group_members(pid) for pid in pgids)
+    config = ClusterConfig(tmp_path, base_port=28000)
+    assert all(_port_free(port) for port in _ports(config))

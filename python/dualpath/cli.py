@@ -12,6 +12,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "dualpath.sim.cli",
     "dualpath.cluster.cli",
+    "dualpath.cluster.bench",
 )
 
 

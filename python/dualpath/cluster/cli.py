@@ -1,5 +1,6 @@
 """``dualpath ab``: start a local cluster, replay real agent traces through the baseline and DualPath
-routers, print the A/B table, write plots and benchmark records, and stop everything."""
+routers, print the A/B table, write plots and benchmark records, and stop everything. ``dualpath up``: start
+the same cluster with one router and keep it serving until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import shlex
 import signal
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +18,37 @@ from rich.table import Table
 
 from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
 from dualpath.cluster.local import ClusterConfig, LocalCluster
+from dualpath.cluster.online import DATASETS, agent_pool
 from dualpath.cluster.servers import TINY_MODEL
-from dualpath.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
+from dualpath.traces import AgentTrace
 
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
+
+
+def add_cluster_args(p: argparse.ArgumentParser, nic_gbps: float) -> None:
+    """The shape of a local cluster, shared by ``ab`` and ``up``."""
+    p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
+    p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
+    p.add_argument("--nic-gbps", type=float, default=nic_gbps, help="storage-NIC cap of every node, Gb/s")
+    p.add_argument("--model", type=Path, help="model path (default: the tiny dummy-weight Llama shipped)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (then give the model and --server-args for it)")
+    p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
+    p.add_argument("--kv-bytes-per-token", type=int, default=ClusterConfig.bytes_per_token,
+                   help="KV bytes per token of the model (sets the router's read rate; default: the tiny Llama)")
+    p.add_argument("--base-port", type=int, default=32000)
+    p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ab", help="A/B: baseline vs DualPath on a local cluster of real SGLang servers",
                               description=__doc__)
-    p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
-    p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
-    p.add_argument("--nic-gbps", type=float, default=0.005, help="storage-NIC cap of every node, Gb/s")
+    add_cluster_args(p, nic_gbps=0.005)
     p.add_argument("--dualpath-mode", choices=("dualpath", "split"), default="split",
                    help="the router's mode of the B run: split (DualPath that may also split one request's reads "
                    "between both sides; beyond the paper) or dualpath (each request read whole on one side, "
                    "as in the paper)")
-    p.add_argument("--trace", choices=("claude-code", "mooncake"), default="claude-code")
+    p.add_argument("--trace", choices=DATASETS, default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
     p.add_argument("--agents", type=int, default=6, help="agents (sessions) replayed concurrently")
@@ -44,30 +58,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gen", type=int, default=16, help="output tokens per turn at most")
     p.add_argument("--max-context", type=int, default=20_000,
                    help="skip agents whose (scaled) prompts grow beyond this")
-    p.add_argument("--model", type=Path, help="model path (default: the tiny dummy-weight Llama shipped)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available (then give the model and --server-args for it)")
-    p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
-    p.add_argument("--kv-bytes-per-token", type=int, default=ClusterConfig.bytes_per_token,
-                   help="KV bytes per token of the model (sets the router's read rate; default: the tiny Llama)")
-    p.add_argument("--base-port", type=int, default=32000)
-    p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path("dualpath-ab"), help="folder for the plots and records")
     p.add_argument("--name", default="cluster_ab", help="name of the records file <out>/<name>.json")
     p.set_defaults(run=run)
+    up = subparsers.add_parser("up", help="start a local PD cluster and its router; serve until Ctrl-C",
+                               description="Start P prefill and D decode real SGLang servers (each its own node "
+                               "with its own storage-NIC cap over one store directory) and a router; print the "
+                               "router's URL and serve (curl, an OpenAI client, `dualpath bench --base-url`) until "
+                               "Ctrl-C or SIGTERM, then stop every process.")
+    add_cluster_args(up, nic_gbps=0.005)
+    up.add_argument("--mode", choices=("baseline", "dualpath", "split"), default="split",
+                    help="the router's mode: baseline (every hit read on the prefill side, as stock), dualpath, split")
+    up.set_defaults(run=serve)
 
 
 def select_agents(args: argparse.Namespace) -> list[AgentTrace]:
     """The ``--agents`` sessions with the most turns (Mooncake's: its requests grouped by shared prefixes)."""
-    if args.trace == "mooncake":
-        agents = mooncake_sessions(load_mooncake(args.trace_path) if args.trace_path else load_mooncake())
-    else:
-        agents = load_claude_code(args.trace_path) if args.trace_path else load_claude_code()
-    fitting = [replace(a, turns=a.turns[: args.turns]) for a in agents
-               if max(t.prompt_tokens for t in a.turns[: args.turns]) * args.scale <= args.max_context]
-    if not fitting:
-        raise SystemExit(f"no agent of the {args.trace} trace fits --max-context {args.max_context}")
-    return sorted(fitting, key=lambda a: -len(a.turns))[: args.agents]
+    try:
+        return agent_pool(args.trace, args.trace_path, args.scale, args.max_context, args.turns)[: args.agents]
+    except ValueError as exc:
+        raise SystemExit(f"dualpath ab: {exc}") from None
 
 
 def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
@@ -146,6 +156,39 @@ def _exit_on_term(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops every server
 
 
+def cluster_config(args: argparse.Namespace, work: Path, command: str) -> ClusterConfig:
+    try:
+        return ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
+                             args.model or TINY_MODEL, on_cpu(args.device),
+                             server_args=tuple(shlex.split(args.server_args)), bytes_per_token=args.kv_bytes_per_token)
+    except ValueError as exc:
+        raise SystemExit(f"dualpath {command}: {exc}") from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell starting us in the background ignores it
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="dualpath-up-") as scratch:
+        work = args.work_dir or Path(scratch)
+        cluster = LocalCluster(cluster_config(args, work, "up"))
+        console.print(f"[{clock()}] starting {args.prefill}P{args.decode}D (logs in {work / 'logs'}) ...")
+        try:
+            cluster.start()
+            url = cluster.route(args.mode)
+            router_pid = cluster.routers[args.mode][0].pid
+            console.print(f"[{clock()}] [bold]serving[/] at {url} (router mode {args.mode}, pid {router_pid}; servers "
+                          f"{', '.join(f'{s.url} (pid {s.process.pid})' for s in cluster.servers)}); "
+                          "Ctrl-C stops every process", highlight=False)
+            console.print(f"  try: dualpath bench --base-url {url} --num-prompts 20", highlight=False)
+            signal.pause()
+        except KeyboardInterrupt:
+            console.print(f"[{clock()}] stopping ...")
+        finally:
+            cluster.stop()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_term)
     console = Console()
@@ -160,13 +203,7 @@ def run(args: argparse.Namespace) -> int:
                   f"Estimated ~{minutes:.0f} min.")
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
         work = args.work_dir or Path(scratch)
-        try:
-            config = ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
-                                   args.model or TINY_MODEL, device == "CPU",
-                                   server_args=tuple(shlex.split(args.server_args)),
-                                   bytes_per_token=args.kv_bytes_per_token)
-        except ValueError as exc:
-            raise SystemExit(f"dualpath ab: {exc}") from None
+        config = cluster_config(args, work, "ab")
         cluster = LocalCluster(config)
         console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
         try:
