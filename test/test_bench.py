@@ -10,10 +10,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dualpath.cli import main as cli_main
+from dualpath.cluster.ab import RunSummary, ratio_interval, result_records, summarise
 from dualpath.cluster.online import Load, LoadResult, Slo, agent_pool, agents_for, capacity, run_load
-from dualpath.cluster.replay import RequestRecord
+from dualpath.cluster.replay import ReplayResult, RequestRecord
 from dualpath.traces import AgentTrace, Turn
 from router_fakes import FakeEngine
 from test_router import cluster, pd_fakes, run_async
@@ -169,3 +171,33 @@ def test_agents_cover_the_prompts_and_copies_get_ids_of_their_own():
     assert [len(a.turns) for a in pool] == sorted((len(a.turns) for a in pool), reverse=True)
     with pytest.raises(ValueError, match="unknown dataset"):
         agent_pool("sharegpt", None, 1.0, 1000)
+
+
+def test_a_ratios_interval_holds_the_truth_and_narrows_with_samples():
+    rng = np.random.default_rng(0)
+    small = ratio_interval(np.median, rng.normal(10, 2, 20), rng.normal(20, 4, 20))
+    large = ratio_interval(np.median, rng.normal(10, 2, 2000), rng.normal(20, 4, 2000))
+    assert small is not None and large is not None
+    assert small[0] < 2.0 < small[1] and large[0] < 2.0 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 3
+    same = rng.normal(5, 1, 50)
+    assert ratio_interval(np.mean, same, same, paired=True) == (1.0, 1.0)  # paired: the same draws cancel
+    assert ratio_interval(np.mean, same, same)[0] < 1.0  # unpaired: they do not
+    assert ratio_interval(np.mean, [1.0], [2.0, 3.0]) is None
+
+
+def test_ab_records_carry_each_ratios_interval():
+    def summary(mode: str, speed: float) -> RunSummary:
+        records = [RequestRecord(f"a{agent}", turn, 1000, 900, 5, 0.0, 0.5 / speed + 0.01 * agent,
+                                 (0.5 + 0.4) / speed + 0.01 * agent, True, token_intervals_s=(0.1 / speed,) * 4)
+                   for turn in (1, 2, 3) for agent in range(4)]
+        round_s = tuple(4 / speed + 0.1 * turn for turn in range(3))
+        return summarise(mode, ReplayResult(tuple(records), {}, round_s), {"pe0": 1, "de0": 1}, 1.0)
+
+    records = {r["metric"]: r for r in result_records([summary("baseline", 1.0), summary("split", 2.0)], "c", {})}
+    throughput = records["throughput"]
+    assert throughput["ratio"] == pytest.approx(throughput["value"] / throughput["baseline_value"])
+    low, high = throughput["ratio_ci95"]
+    assert low <= throughput["ratio"] <= high and low > 1.9
+    assert records["ttft_p50"]["ratio_ci95"][0] <= records["ttft_p50"]["ratio"] <= records["ttft_p50"]["ratio_ci95"][1]
+    assert records["de_read_share"]["ratio_ci95"] is None

@@ -20,7 +20,7 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -61,6 +61,7 @@ class RunSummary:
     # Bytes each node had read since the run started, sampled every NicSampler.INTERVAL_S: (seconds, bytes).
     nic_timeline: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per measured request (RequestRecord fields)
+    round_s: list[float] = field(default_factory=list)  # each measured round's wall time
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -113,6 +114,7 @@ def summarise(mode: str, result: ReplayResult, read: dict[str, int], nic_bytes_p
         sum(b for n, b in read.items() if n.startswith("de")) / total_read,
         next((r.error for r in result.records if not r.ok), ""), cpu_s or {},
         _pct(intervals, 50), _pct(intervals, 99), nic_timeline or {}, [asdict(r) for r in result.records],
+        list(result.round_s),
     )
 
 
@@ -183,10 +185,72 @@ def _settle(cluster: LocalCluster, prompts: list[list[int]]) -> None:
     cluster.flush()
 
 
+BOOTSTRAP_DRAWS = 2000
+
+
+def ratio_interval(statistic: Callable[[np.ndarray], float], base: Sequence, dual: Sequence, paired: bool = False,
+                   draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of ``statistic(dual) / statistic(base)``: both samples redrawn with
+    replacement (``paired``: the same draw for both, for samples matched one to one, such as the rounds the two
+    modes took turns in); None with fewer than two samples a side."""
+    base, dual = np.asarray(base, dtype=float), np.asarray(dual, dtype=float)
+    if len(base) < 2 or len(dual) < 2 or (paired and len(base) != len(dual)):
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        drawn = rng.integers(len(base), size=len(base))
+        denominator = statistic(base[drawn])
+        if denominator:
+            ratios.append(statistic(dual[drawn if paired else rng.integers(len(dual), size=len(dual))]) / denominator)
+    if not ratios:
+        return None
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _rounds(summary: RunSummary) -> np.ndarray:
+    """(new + output tokens, seconds) of each measured round."""
+    tokens: dict[int, int] = {}
+    for r in summary.records:
+        if r["ok"]:
+            tokens[r["turn"]] = tokens.get(r["turn"], 0) + r["prompt_tokens"] - r["context_tokens"] + r["output_tokens"]
+    turns = sorted({r["turn"] for r in summary.records})
+    return np.array([(tokens.get(turn, 0), seconds) for turn, seconds in zip(turns, summary.round_s, strict=True)])
+
+
+def _samples(summary: RunSummary, metric: str) -> list[float]:
+    ok = [r for r in summary.records if r["ok"]]
+    if metric == "jct":  # an agent's measured turns, end to end
+        jct: dict[str, float] = {}
+        for r in ok:
+            jct[r["agent_id"]] = jct.get(r["agent_id"], 0.0) + r["e2e_s"]
+        return list(jct.values())
+    if metric == "ttft":
+        return [r["ttft_s"] for r in ok]
+    if metric == "tpot":
+        return [(r["e2e_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
+    return [i for r in ok for i in r["token_intervals_s"]]  # itl
+
+
+def ratio_intervals(base: RunSummary, dual: RunSummary) -> dict[str, tuple[float, float] | None]:
+    """Each A/B ratio's bootstrap interval: throughput over the rounds (paired: the modes took turns round by
+    round), latencies over the requests (JCT: the agents; ITL: every token interval)."""
+    intervals = {"throughput": ratio_interval(lambda rows: rows[:, 0].sum() / rows[:, 1].sum(), _rounds(base),
+                                              _rounds(dual), paired=True)}
+    for metric in ("jct", "ttft", "tpot", "itl"):
+        for q in (50, 99):
+            intervals[f"{metric}_p{q}"] = ratio_interval(lambda values, q=q: float(np.percentile(values, q)),
+                                                         _samples(base, metric), _samples(dual, metric))
+    return intervals
+
+
 def result_records(summaries: Sequence[RunSummary], command: str, target: dict[str, str]) -> list[dict]:
-    """benchmark/results records: DualPath's value against the baseline's, measured in the same run."""
+    """benchmark/results records: DualPath's value against the baseline's, measured in the same run, each ratio
+    with its bootstrap 95% interval (``ratio_ci95``)."""
     base, dual = summaries
     machine = f"{platform.node()} ({platform.machine()}, CPU-only, real SGLang 0.5.17 servers)"
+    intervals = ratio_intervals(base, dual)
     rows = [("throughput", "tokens/s", base.tokens_per_s, dual.tokens_per_s),
             ("jct_p50", "s", base.jct_p50_s, dual.jct_p50_s),
             ("ttft_p50", "s", base.ttft_p50_s, dual.ttft_p50_s), ("ttft_p99", "s", base.ttft_p99_s, dual.ttft_p99_s),
@@ -194,8 +258,9 @@ def result_records(summaries: Sequence[RunSummary], command: str, target: dict[s
             ("itl_p50", "s", base.itl_p50_s, dual.itl_p50_s), ("itl_p99", "s", base.itl_p99_s, dual.itl_p99_s),
             ("de_read_share", "fraction", base.de_read_share, dual.de_read_share)]
     return [{"metric": metric, "value": d, "unit": unit, "baseline": "baseline (PE-side reads)",
-             "baseline_value": b, "ratio": d / b if b else None, "target": target.get(metric, ""),
-             "command": command, "machine": machine, "date": date.today().isoformat()}
+             "baseline_value": b, "ratio": d / b if b else None, "ratio_ci95": intervals.get(metric),
+             "target": target.get(metric, ""), "command": command, "machine": machine,
+             "date": date.today().isoformat()}
             for metric, unit, b, d in rows]
 
 

@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualpath.cluster.ab import RunSummary, clock, estimate_minutes, result_records, run_ab, write_json
+from dualpath.cluster.ab import (
+    RunSummary,
+    clock,
+    estimate_minutes,
+    ratio_intervals,
+    result_records,
+    run_ab,
+    write_json,
+)
 from dualpath.cluster.local import ClusterConfig, LocalCluster
 from dualpath.cluster.online import DATASETS, agent_pool
 from dualpath.cluster.servers import TINY_MODEL
@@ -85,7 +93,8 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
     t.add_column("metric")
     for s in summaries:
         t.add_column(s.mode, justify="right")
-    t.add_column("DualPath / baseline", justify="right")
+    t.add_column("DualPath / baseline (95% interval)", justify="right")
+    intervals = ratio_intervals(*summaries)
     rows = [("throughput (tokens/s)", "tokens_per_s", "{:.0f}"), ("JCT p50 (s)", "jct_p50_s", "{:.1f}"),
             ("JCT p99 (s)", "jct_p99_s", "{:.1f}"), ("TTFT p50 (s)", "ttft_p50_s", "{:.2f}"),
             ("TTFT p99 (s)", "ttft_p99_s", "{:.2f}"), ("TPOT p50 (ms)", "tpot_p50_s", "{:.1f}"),
@@ -95,6 +104,9 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
     for label, field, fmt in rows:
         values = [getattr(s, field) * (1000 if field.startswith(("tpot", "itl")) else 1) for s in summaries]
         ratio = f"{values[1] / values[0]:.2f}x" if values[0] and field != "failed" else ""
+        interval = intervals.get("throughput" if field == "tokens_per_s" else field.removesuffix("_s"))
+        if ratio and interval:
+            ratio += f" ({interval[0]:.2f}-{interval[1]:.2f})"
         t.add_row(label, *(fmt.format(v) for v in values), ratio)
     for node in nodes:
         t.add_row(f"storage NIC {node} busy", *(f"{s.nic_utilisation[node]:.0%}" for s in summaries), "")

@@ -49,7 +49,11 @@ class RequestRecord:
 class ReplayResult:
     records: tuple[RequestRecord, ...]
     jct_s: dict[str, float]  # agent -> time its measured requests took, end to end
-    makespan_s: float  # measured rounds only
+    round_s: tuple[float, ...]  # each measured round's wall time, in order
+
+    @property
+    def makespan_s(self) -> float:
+        return sum(self.round_s)
 
 
 def _fresh(rng: random.Random, count: int) -> list[int]:
@@ -166,7 +170,7 @@ class Replay:
         self._agents = [_Agent(a, seed, scale, blocks) for a in agents]
         self.rounds = max((len(a.turns) for a in agents), default=0)
         self._records: list[RequestRecord] = []
-        self._measured_s = 0.0
+        self._round_s: list[float] = []
 
     @property
     def measured_requests(self) -> int:
@@ -182,7 +186,7 @@ class Replay:
         done = await asyncio.gather(*(_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0)
                                       for a in active))
         if self.measured(index):
-            self._measured_s += time.perf_counter() - t0
+            self._round_s.append(time.perf_counter() - t0)
             self._records += done
         else:
             for agent in self._agents:
@@ -191,4 +195,4 @@ class Replay:
 
     def result(self) -> ReplayResult:
         return ReplayResult(tuple(self._records), {a.trace.agent_id: a.busy_s for a in self._agents},
-                            self._measured_s)
+                            tuple(self._round_s))
