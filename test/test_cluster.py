@@ -34,6 +34,7 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
         cluster.start()
         leaders = [s.process.pid for s in cluster.servers]
         baseline, dualpath = run_ab(cluster, AGENTS, max_gen=4, mode="split")
+        stock, ours = run_ab(cluster, AGENTS, max_gen=4, mode="baseline", baseline="stock-router")
     finally:
         cluster.stop()
     assert [s.mode for s in (baseline, dualpath)] == ["baseline", "split"]
@@ -43,6 +44,11 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
         assert all(len(r["token_intervals_s"]) == r["output_tokens"] - 1 for r in run.records)
         assert 0 < run.itl_p50_s <= run.itl_p99_s
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
+    # The stock sglang_router in front of the same servers sends no route hint: the prefill side reads everything.
+    assert [stock.mode, ours.mode] == ["stock-router", "baseline"]
+    for run in (stock, ours):
+        assert run.failed == 0 and run.requests == 6, run.first_error
+        assert run.node_read_bytes["de0"] == 0 and run.node_read_bytes["pe0"] > 0
     assert min(dualpath.node_read_bytes.values()) > 0  # split reads: both NICs read
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
     assert all(_port_free(port) for port in _ports(config))

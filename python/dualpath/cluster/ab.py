@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from dualpath.cluster.local import LocalCluster
+from dualpath.cluster.local import STOCK_ROUTER, LocalCluster
 from dualpath.cluster.replay import Replay, ReplayResult
 from dualpath.traces import AgentTrace
 
@@ -145,10 +145,12 @@ class ModeMeter:
 
 
 def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | None, scale: float = 1.0,
-           progress: object | None = None, mode: str = "dualpath") -> list[RunSummary]:
-    """Replay ``agents`` on ``cluster`` (already started) through a baseline router and a ``mode`` router, taking
-    turns round by round; one summary each, baseline first."""
-    modes = ("baseline", mode)
+           progress: object | None = None, mode: str = "dualpath", baseline: str = "baseline") -> list[RunSummary]:
+    """Replay ``agents`` on ``cluster`` (already started) through a ``baseline`` router (ours in baseline mode, or
+    ``stock-router``) and a ``mode`` router, taking turns round by round; one summary each, baseline first."""
+    if baseline == mode:
+        raise ValueError(f"the A and B runs need two routers; both are {mode!r}")
+    modes = (baseline, mode)
     cluster.reset()
     try:
         replays = {m: Replay(cluster.route(m), agents, seed=i + 1, max_gen=max_gen, scale=scale)
@@ -257,7 +259,9 @@ def result_records(summaries: Sequence[RunSummary], command: str, target: dict[s
             ("tpot_p50", "s", base.tpot_p50_s, dual.tpot_p50_s), ("tpot_p99", "s", base.tpot_p99_s, dual.tpot_p99_s),
             ("itl_p50", "s", base.itl_p50_s, dual.itl_p50_s), ("itl_p99", "s", base.itl_p99_s, dual.itl_p99_s),
             ("de_read_share", "fraction", base.de_read_share, dual.de_read_share)]
-    return [{"metric": metric, "value": d, "unit": unit, "baseline": "baseline (PE-side reads)",
+    baseline = {"baseline": "DualPath router in baseline mode (PE-side reads)",
+                STOCK_ROUTER: "stock sglang_router 0.3.2 (PE-side reads)"}.get(base.mode, base.mode)
+    return [{"metric": metric, "value": d, "unit": unit, "baseline": baseline,
              "baseline_value": b, "ratio": d / b if b else None, "ratio_ci95": intervals.get(metric),
              "target": target.get(metric, ""), "command": command, "machine": machine,
              "date": date.today().isoformat()}

@@ -31,9 +31,11 @@ from dualpath.cluster.servers import (
 )
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
+from dualpath.srt.stock_router import launch_command
 from dualpath.store import StoreIndex, drop_all_blocks
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
+STOCK_ROUTER = "stock-router"  # sglang-router 0.3.2's own, as a mode of route()
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -89,6 +91,11 @@ class ClusterConfig:
     def router_ports(self) -> tuple[int, ...]:
         return tuple(self.base_port + 99 - i for i in range(ROUTERS))
 
+    @property
+    def metrics_ports(self) -> tuple[int, ...]:
+        """The stock routers' Prometheus ports (it always serves metrics apart), one per router port."""
+        return tuple(self.base_port + 97 - i for i in range(ROUTERS))
+
     def specs(self) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
         prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
@@ -134,7 +141,7 @@ def _port_free(port: int) -> bool:
 def _ports(config: ClusterConfig) -> list[int]:
     return [p for s in config.specs()
             for p in (s.port, s.bootstrap_port, s.port + NCCL_PORT_OFFSET, s.port + KV_PORT_OFFSET)
-            if p is not None] + list(config.router_ports)
+            if p is not None] + list(config.router_ports) + list(config.metrics_ports)
 
 
 class LocalCluster:
@@ -156,8 +163,9 @@ class LocalCluster:
         self.servers = start_servers(c.specs(), options, timeout_s)
 
     def route(self, mode: str, timeout_s: float = 60.0) -> str:
-        """(Re)start the router of ``mode`` (``baseline``, ``dualpath`` or ``split``) next to the other mode's,
-        wait until it serves, and return its URL."""
+        """(Re)start the router of ``mode`` (``baseline``, ``dualpath`` or ``split``; ``stock-router``: the stock
+        ``sglang_router``, which sends no route hint, so every hit is read on the prefill side) next to the other
+        mode's, wait until it serves, and return its URL."""
         self.stop_router(mode)
         free = [p for p in self.config.router_ports if p not in {port for _, port in self.routers.values()}]
         if not free:
@@ -165,13 +173,16 @@ class LocalCluster:
         specs = self.config.specs()
         config = RouterConfig(tuple(PrefillSpec(s.url, s.bootstrap_port) for s in specs if s.role == "prefill"),
                               tuple(s.url for s in specs if s.role == "decode"), port=free[0],
-                              mode=mode, store_root=self.config.store_root,  # type: ignore[arg-type]
+                              prometheus_port=self.config.metrics_ports[self.config.router_ports.index(free[0])]
+                              if mode == STOCK_ROUTER else 0,
+                              mode="baseline" if mode == STOCK_ROUTER else mode, store_root=self.config.store_root,
                               read_tokens_per_s=self.config.nic_gbps * 1e9 / 8 / self.config.bytes_per_token,
                               gpu_tokens_per_s=self.config.prefill_tokens_per_s,
                               model_path=str(self.config.model) if has_tokenizer(self.config.model) else None)
         log = open(self.config.work_dir / "logs" / f"router-{mode}.log", "wb")  # noqa: SIM115 - lives with the process
-        router = subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *to_argv(config)],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        command = (launch_command(config) if mode == STOCK_ROUTER
+                   else [sys.executable, "-m", "dualpath.launch_router", *to_argv(config)])
+        router = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         url = f"http://127.0.0.1:{config.port}"
         self.routers[mode] = (router, config.port)
