@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dualpath.cli import main as cli_main
-from dualpath.cluster.ab import RunSummary, ratio_interval, result_records, summarise
+from dualpath.cluster.ab import RunSummary, _difference, ratio_interval, result_records, summarise
 from dualpath.cluster.online import Load, LoadResult, Slo, agent_pool, agents_for, capacity, run_load
-from dualpath.cluster.replay import ReplayResult, RequestRecord
+from dualpath.cluster.replay import ReplayResult, RequestRecord, Streamed
 from dualpath.traces import AgentTrace, Turn
 from router_fakes import FakeEngine
 from test_router import cluster, pd_fakes, run_async
@@ -201,3 +201,14 @@ def test_ab_records_carry_each_ratios_interval():
     assert low <= throughput["ratio"] <= high and low > 1.9
     assert records["ttft_p50"]["ratio_ci95"][0] <= records["ttft_p50"]["ratio"] <= records["ttft_p50"]["ratio_ci95"][1]
     assert records["de_read_share"]["ratio_ci95"] is None
+
+
+def test_an_answer_asked_again_differs_on_any_top_k_change():
+    got = ((( -0.5, 7), (-1.5, 9)), ((-0.25, 3), (-2.0, 4)))
+    assert _difference(got, Streamed([7, 3], 0.1, (0.01,), got)) == ""
+    assert _difference(got, Streamed([7, 3], 0.1, (0.01,), (got[0], ((-0.25, 3), (-2.002, 4))))) != ""
+    assert _difference(got, Streamed([7, 3], 0.1, (0.01,), (got[0], ((-0.25, 3), (-2.0, 5))))) != ""  # a token
+    assert _difference(got, Streamed([7], 0.1, (), got[:1])) != ""  # a token short
+    assert _difference(got, Streamed([7, 3], 0.1, (0.01,), ())) == "no logprobs in the answer"
+    assert _difference((), Streamed([7, 3], 0.1, (0.01,), ())) == "no logprobs in the answer"  # nothing to compare
+    assert "TimeoutError" in _difference(got, TimeoutError("late"))

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from dualpath.cluster.ab import run_ab
 from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
-from dualpath.cluster.servers import live_group_members
+from dualpath.cluster.replay import same_logprobs
+from dualpath.cluster.servers import TINY_MODEL, live_group_members, with_random_weights
 from dualpath.traces import AgentTrace, Turn
 
 pytest.importorskip("sglang", reason="the cluster tests need `pip install sglang==0.5.17`")
@@ -28,7 +29,9 @@ AGENTS = [AgentTrace(f"a{i}", (Turn(0, 700 + 64 * i, 4), Turn(640, 200, 4), Turn
 
 
 def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path) -> None:
-    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.5, base_port=29000)
+    model = with_random_weights(TINY_MODEL, tmp_path / "tiny_llama")  # outputs that depend on the KV
+    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.5, base_port=29000, model=model,
+                           server_args=("--load-format", "safetensors"))
     cluster = LocalCluster(config)
     try:
         cluster.start()
@@ -44,11 +47,18 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
         assert all(len(r["token_intervals_s"]) == r["output_tokens"] - 1 for r in run.records)
         assert 0 < run.itl_p50_s <= run.itl_p99_s
     assert baseline.node_read_bytes["de0"] == 0  # baseline: the prefill side reads everything
+    # Each mode's last answers, asked again through the other router (hits read on its path), came out the same.
+    for run in (baseline, dualpath):
+        assert run.outputs_checked == 3 and not run.outputs_differing, run.outputs_differing
+    # Negative control: with these weights answers depend on the prompt, so a changed KV would show.
+    last = [r["top_logprobs"] for r in baseline.records if r["turn"] == 2]
+    assert len(last) == 3 and not same_logprobs(last[0], last[1])
     # The stock sglang_router in front of the same servers sends no route hint: the prefill side reads everything.
     assert [stock.mode, ours.mode] == ["stock-router", "baseline"]
     for run in (stock, ours):
         assert run.failed == 0 and run.requests == 6, run.first_error
         assert run.node_read_bytes["de0"] == 0 and run.node_read_bytes["pe0"] > 0
+        assert run.outputs_checked == 3 and not run.outputs_differing, run.outputs_differing
     assert min(dualpath.node_read_bytes.values()) > 0  # split reads: both NICs read
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
     assert all(_port_free(port) for port in _ports(config))

@@ -432,6 +432,7 @@ def test_early_reads_forget_the_oldest_requests_beyond_capacity() -> None:
 # -- a real SGLang prefill/decode pair with the plugin, and stock SGLang ------------------------------------------
 sglang = pytest.importorskip("sglang", reason="the SGLang integration tests need `pip install sglang==0.5.17`")
 
+from dualpath.cluster.replay import same_logprobs  # noqa: E402
 from dualpath.cluster.servers import (  # noqa: E402
     Server,
     ServerOptions,
@@ -441,6 +442,7 @@ from dualpath.cluster.servers import (  # noqa: E402
     post_generate,
     start_servers,
     stop_servers,
+    with_random_weights,
 )
 from dualpath.transfer import KVChannel, TransferConfig  # noqa: E402
 
@@ -453,29 +455,9 @@ LOGPROBS = {"return_logprob": True, "top_logprobs_num": 5}
 TopLogprobs = list[list[tuple[float, int]]]
 
 
-def with_random_weights(config_dir: Path, target: Path) -> Path:
-    """A copy of the model config at ``config_dir`` with random weights (transformers' initialisation, seed 0).
-    SGLang's dummy weights give every token the same logit, so no KV could change an output."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    shutil.copytree(config_dir, target)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target), dtype=torch.float32).save_pretrained(target)
-    return target
-
-
 def top_logprobs(response: dict) -> TopLogprobs:
     """The top-k (logprob, token) of every output token."""
     return [[(logprob, token) for logprob, token, _ in top] for top in response["meta_info"]["output_top_logprobs"]]
-
-
-def same_logprobs(a: TopLogprobs, b: TopLogprobs, tol: float = 1e-4) -> bool:
-    return len(a) == len(b) and all(
-        len(x) == len(y) and all(i == j and abs(p - q) <= tol for (p, i), (q, j) in zip(x, y, strict=True))
-        for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")

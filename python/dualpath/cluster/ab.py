@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -30,7 +30,15 @@ import aiohttp
 import numpy as np
 
 from dualpath.cluster.local import STOCK_ROUTER, LocalCluster
-from dualpath.cluster.replay import Replay, ReplayResult
+from dualpath.cluster.replay import (
+    TOP_LOGPROBS,
+    Replay,
+    ReplayResult,
+    Streamed,
+    TopLogprobs,
+    _generate,
+    same_logprobs,
+)
 from dualpath.traces import AgentTrace
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,9 @@ class RunSummary:
     nic_timeline: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per measured request (RequestRecord fields)
     round_s: list[float] = field(default_factory=list)  # each measured round's wall time
+    # This mode's last answers, asked again through the other mode's router: how many, and those that differed.
+    outputs_checked: int = 0
+    outputs_differing: list[str] = field(default_factory=list)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -157,11 +168,43 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
                    for i, m in enumerate(modes)}
         meters = {m: ModeMeter(cluster) for m in modes}
         asyncio.run(_take_turns(cluster, replays, meters, progress))
+        checks = asyncio.run(cross_check(cluster, replays))
     finally:
         cluster.stop_router()
     rate = cluster.config.nic_gbps * 1e9 / 8
-    return [summarise(m, replays[m].result(), meters[m].read, rate, meters[m].timeline, meters[m].cpu_s)
-            for m in modes]
+    return [replace(summarise(m, replays[m].result(), meters[m].read, rate, meters[m].timeline, meters[m].cpu_s),
+                    outputs_checked=checks[m][0], outputs_differing=checks[m][1]) for m in modes]
+
+
+async def cross_check(cluster: LocalCluster, replays: dict[str, Replay]) -> dict[str, tuple[int, list[str]]]:
+    """Every agent's last request of each mode, sent again through the other mode's router once every cache is
+    flushed (so its hit, all but its last page, is read from the store on the other mode's path): its top-k
+    logprobs must equal what the mode got. Per mode: how many were asked again, and what differed."""
+    first, second = replays
+    checks = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for mine, other in ((first, second), (second, first)):
+            await asyncio.to_thread(cluster.flush)
+            pairs = replays[mine].last_turns()
+            again = await asyncio.gather(*(_generate(session, replays[other].url, prompt, record.output_tokens,
+                                                     replays[other].timeout_s, TOP_LOGPROBS)
+                                           for prompt, record in pairs), return_exceptions=True)
+            differing = [f"{record.agent_id} turn {record.turn} through the {other} router: {why}"
+                         for (_, record), answer in zip(pairs, again, strict=True)
+                         if (why := _difference(record.top_logprobs, answer))]
+            checks[mine] = (len(pairs), differing)
+    return checks
+
+
+def _difference(got: TopLogprobs, again: Streamed | BaseException) -> str:
+    """Why an answer asked again differs from the first ('' when it does not)."""
+    if isinstance(again, BaseException):
+        return f"{type(again).__name__}: {again}"
+    if not got or not again.top_logprobs:
+        return "no logprobs in the answer"
+    if not same_logprobs(got, again.top_logprobs):
+        return f"top-{TOP_LOGPROBS} logprobs differ"
+    return ""
 
 
 async def _take_turns(cluster: LocalCluster, replays: dict[str, Replay], meters: dict[str, ModeMeter],

@@ -27,7 +27,8 @@ from dualpath.cluster.ab import (
 )
 from dualpath.cluster.local import STOCK_ROUTER, ClusterConfig, LocalCluster
 from dualpath.cluster.online import DATASETS, agent_pool
-from dualpath.cluster.servers import TINY_MODEL
+from dualpath.cluster.replay import TOP_LOGPROBS
+from dualpath.cluster.servers import TINY_MODEL, with_random_weights
 from dualpath.router.config import ROUTER_MODES
 from dualpath.traces import AgentTrace
 
@@ -39,7 +40,8 @@ def add_cluster_args(p: argparse.ArgumentParser, nic_gbps: float) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
     p.add_argument("--nic-gbps", type=float, default=nic_gbps, help="storage-NIC cap of every node, Gb/s")
-    p.add_argument("--model", type=Path, help="model path (default: the tiny dummy-weight Llama shipped)")
+    p.add_argument("--model", type=Path,
+                   help="model path (default: the tiny Llama shipped, given random weights in the work dir)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (then give the model and --server-args for it)")
     p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
@@ -106,6 +108,8 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
             ("TPOT p99 (ms)", "tpot_p99_s", "{:.1f}"), ("ITL p50 (ms), every token", "itl_p50_s", "{:.1f}"),
             ("ITL p99 (ms), every token", "itl_p99_s", "{:.1f}"), ("hit KV read by DEs", "de_read_share", "{:.0%}"),
             ("failed requests", "failed", "{}")]
+    t.add_row(f"answers equal through the other router (top-{TOP_LOGPROBS} logprobs)",
+              *(f"{s.outputs_checked - len(s.outputs_differing)}/{s.outputs_checked}" for s in summaries), "")
     for label, field, fmt in rows:
         values = [getattr(s, field) * (1000 if field.startswith(("tpot", "itl")) else 1) for s in summaries]
         ratio = f"{values[1] / values[0]:.2f}x" if values[0] and field != "failed" else ""
@@ -174,10 +178,16 @@ def _exit_on_term(signum: int, frame: object) -> None:
 
 
 def cluster_config(args: argparse.Namespace, work: Path, command: str) -> ClusterConfig:
+    """The cluster of the command line; without ``--model``, the tiny Llama with random weights (its dummy
+    weights give every token the same logit, and outputs compared across modes must be able to differ)."""
+    server_args = tuple(shlex.split(args.server_args))
+    model = args.model
+    if model is None:
+        model = with_random_weights(TINY_MODEL, work / "tiny_llama")
+        server_args = ("--load-format", "safetensors", *server_args)
     try:
-        return ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port,
-                             args.model or TINY_MODEL, on_cpu(args.device),
-                             server_args=tuple(shlex.split(args.server_args)), bytes_per_token=args.kv_bytes_per_token)
+        return ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port, model,
+                             on_cpu(args.device), server_args=server_args, bytes_per_token=args.kv_bytes_per_token)
     except ValueError as exc:
         raise SystemExit(f"dualpath {command}: {exc}") from None
 
@@ -216,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     agents = select_agents(args)
     turns = sum(len(a.turns) for a in agents)
     minutes = estimate_minutes(agents, args.kv_bytes_per_token, args.nic_gbps, args.prefill, args.scale)
-    model = "tiny dummy-weight Llama" if args.model is None else str(args.model)
+    model = "tiny Llama, random weights" if args.model is None else str(args.model)
     device = "CPU" if on_cpu(args.device) else "CUDA"
     console.print(f"[bold]dualpath ab[/]: {args.prefill}P{args.decode}D real SGLang servers ({model}, {device}), "
                   f"storage NIC {args.nic_gbps} Gb/s per node; {len(agents)} {args.trace} agents, "
@@ -240,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     for s in summaries:
         if s.failed:
             console.print(f"[red]{s.mode}: {s.failed} requests failed[/], first: {s.first_error}")
+        for difference in s.outputs_differing:
+            console.print(f"[red bold]{s.mode}: an answer changed[/]: {difference}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(summaries, nodes, args.out / f"{args.name}.png")
     bound = (args.prefill + args.decode) / args.prefill  # every node's NIC reads, not only the PEs'
@@ -251,4 +263,4 @@ def run(args: argparse.Namespace) -> int:
         target = {"throughput": "1.0x within noise (the interval holds 1)"}
     write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, args.command_line, target))
     console.print(f"plots and records in {args.out}/")
-    return 0 if all(s.failed == 0 for s in summaries) else 1
+    return 0 if all(s.failed == 0 and not s.outputs_differing and s.outputs_checked for s in summaries) else 1

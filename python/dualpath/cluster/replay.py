@@ -39,6 +39,7 @@ class RequestRecord:
     ok: bool
     error: str = ""
     token_intervals_s: tuple[float, ...] = ()  # between the stream's tokens after the first (inter-token latency)
+    top_logprobs: TopLogprobs = ()  # when asked for
 
     @property
     def tpot_s(self) -> float | None:
@@ -60,17 +61,34 @@ def _fresh(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(*VOCAB) for _ in range(count)]
 
 
+# The top-k (logprob, token id) of every output token: outputs are compared by these, not by greedy ids alone.
+TopLogprobs = tuple[tuple[tuple[float, int], ...], ...]
+TOP_LOGPROBS = 5
+
+
+def same_logprobs(a: TopLogprobs, b: TopLogprobs, tol: float = 1e-4) -> bool:
+    """Whether two outputs have the same top-k tokens at every position, their logprobs within ``tol``."""
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(i == j and abs(p - q) <= tol for (p, i), (q, j) in zip(x, y, strict=True))
+        for x, y in zip(a, b, strict=True))
+
+
 class Streamed(NamedTuple):
     output_ids: list[int]
     ttft_s: float
     token_intervals_s: tuple[float, ...]
+    top_logprobs: TopLogprobs = ()
 
 
 async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], max_new: int,
-                    timeout_s: float) -> Streamed:
-    """Stream one request: its output ids, the seconds to the first chunk and between the tokens after it."""
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+                    timeout_s: float, top_logprobs: int = 0) -> Streamed:
+    """Stream one request: its output ids, the seconds to the first chunk and between the tokens after it and,
+    with ``top_logprobs`` > 0, the top-k logprobs of every output token."""
+    body: dict = {"input_ids": ids, "stream": True,
+                  "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+    if top_logprobs:
+        body |= {"return_logprob": True, "top_logprobs_num": top_logprobs}
+    tops: TopLogprobs = ()
     started = time.perf_counter()
     first: float | None = None
     output: list[int] = []
@@ -90,6 +108,8 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
             now = time.perf_counter()
             if first is None:
                 first = now - started
+            if top_logprobs and (so_far := (chunk.get("meta_info") or {}).get("output_top_logprobs")):
+                tops = tuple(tuple((float(p), int(t)) for p, t, *_ in top) for top in so_far)  # every token so far
             ids_so_far = chunk.get("output_ids") or []
             grown = ids_so_far if len(ids_so_far) >= len(output) else output + ids_so_far
             if (new := len(grown) - len(output)) > 0:
@@ -98,7 +118,7 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
                 last, output = now, grown
     if first is None:
         raise RuntimeError("the stream ended without a token")
-    return Streamed(output, first, tuple(intervals))
+    return Streamed(output, first, tuple(intervals), tops)
 
 
 class _Agent:
@@ -135,15 +155,15 @@ class _Agent:
 
 
 async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: int, max_gen: int | None,
-                timeout_s: float, t0: float) -> RequestRecord:
+                timeout_s: float, t0: float, top_logprobs: int = 0) -> RequestRecord:
     prompt, context = agent.prompt(index)
     gen = agent.trace.turns[index].gen_tokens
     gen = min(gen, max_gen) if max_gen else gen
     start = time.perf_counter()
     try:
-        output, ttft, intervals = await _generate(session, url, prompt, gen, timeout_s)
+        output, ttft, intervals, tops = await _generate(session, url, prompt, gen, timeout_s, top_logprobs)
         record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, len(output), start - t0, ttft,
-                               time.perf_counter() - start, True, token_intervals_s=intervals)
+                               time.perf_counter() - start, True, token_intervals_s=intervals, top_logprobs=tops)
     except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError) as exc:
         output = _fresh(agent.rng, gen)  # the agent carries on as if it had an answer
         record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, 0, start - t0, 0.0,
@@ -183,7 +203,8 @@ class Replay:
         """Run round ``index``: its records (kept for :meth:`result` when the round is measured) and prompts."""
         active = [a for a in self._agents if index < len(a.trace.turns)]
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0)
+        done = await asyncio.gather(*(_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0,
+                                            TOP_LOGPROBS)
                                       for a in active))
         if self.measured(index):
             self._round_s.append(time.perf_counter() - t0)
@@ -192,6 +213,12 @@ class Replay:
             for agent in self._agents:
                 agent.busy_s = 0.0
         return list(done), [a.last_prompt for a in active]
+
+    def last_turns(self) -> list[tuple[list[int], RequestRecord]]:
+        """Each agent's last prompt with its record, where that request was measured and answered."""
+        last = {(r.agent_id, r.turn): r for r in self._records if r.ok}
+        return [(a.last_prompt, record) for a in self._agents
+                if (record := last.get((a.trace.agent_id, len(a.trace.turns) - 1))) is not None]
 
     def result(self) -> ReplayResult:
         return ReplayResult(tuple(self._records), {a.trace.agent_id: a.busy_s for a in self._agents},

@@ -84,6 +84,23 @@ def tiny_model_with_layers(target: Path, layers: int, base: Path = TINY_MODEL) -
     return target
 
 
+def with_random_weights(config_dir: Path, target: Path) -> Path:
+    """A copy of the model config at ``config_dir`` with random weights (transformers' initialisation, seed 0) in
+    ``target``, to serve with ``--load-format safetensors``; an existing ``target`` is reused. SGLang's dummy
+    weights give every token the same logit, so no KV could change an output."""
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shutil.copytree(config_dir, target, dirs_exist_ok=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target), dtype=torch.float32).save_pretrained(target)
+    return target
+
+
 def has_tokenizer(model: Path) -> bool:
     return (model / "tokenizer_config.json").is_file()
 
