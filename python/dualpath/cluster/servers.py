@@ -94,7 +94,9 @@ def with_random_weights(config_dir: Path, target: Path) -> Path:
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # one tiny shard: a bar would only clutter the command's output
     shutil.copytree(config_dir, target, dirs_exist_ok=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target), dtype=torch.float32).save_pretrained(target)
