@@ -9,6 +9,7 @@ import shlex
 import signal
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,33 @@ from dualpath.traces import AgentTrace
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
 
 
-def add_cluster_args(p: argparse.ArgumentParser, nic_gbps: float) -> None:
+@dataclass(frozen=True)
+class Regime:
+    """A preset of the storage-NIC cap of every node, for the tiny Llama on CPU (2 KiB of KV a token)."""
+
+    nic_gbps: float
+    throughput_target: str
+    summary: str
+
+
+REGIMES = {
+    "storage-bound": Regime(0.005, "", "625 kB/s: the prefill's NIC is busy ~90% of a baseline run and bounds its "
+                            "throughput, the paper's regime"),
+    "mixed": Regime(0.05, "between 1x and the storage-bound ratio", "10x the storage-bound cap: reads and compute "
+                    "take comparable time"),
+    "compute-bound": Regime(1.0, ">= 0.97x with its interval (DualPath must not slow compute-bound serving)",
+                            "200x the storage-bound cap: reads take a small part of a turn"),
+}
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """The shape of a local cluster, shared by ``ab`` and ``up``."""
     p.add_argument("--prefill", type=int, default=1, help="prefill servers (each its own node)")
     p.add_argument("--decode", type=int, default=1, help="decode servers (each its own node)")
-    p.add_argument("--nic-gbps", type=float, default=nic_gbps, help="storage-NIC cap of every node, Gb/s")
+    p.add_argument("--regime", choices=REGIMES, default="storage-bound",
+                   help="; ".join(f"{name}: --nic-gbps {r.nic_gbps:g}, {r.summary}" for name, r in REGIMES.items())
+                   .replace("%", "%%"))
+    p.add_argument("--nic-gbps", type=float, help="storage-NIC cap of every node, Gb/s (default: the --regime's)")
     p.add_argument("--model", type=Path,
                    help="model path (default: the tiny Llama shipped, given random weights in the work dir)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -54,7 +77,7 @@ def add_cluster_args(p: argparse.ArgumentParser, nic_gbps: float) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ab", help="A/B: baseline vs DualPath on a local cluster of real SGLang servers",
                               description=__doc__)
-    add_cluster_args(p, nic_gbps=0.005)
+    add_cluster_args(p)
     p.add_argument("--dualpath-mode", choices=ROUTER_MODES, default="split",
                    help="the router's mode of the B run: split (DualPath that may also split one request's reads "
                    "between both sides; beyond the paper), dualpath (each request read whole on one side, "
@@ -80,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "with its own storage-NIC cap over one store directory) and a router; print the "
                                "router's URL and serve (curl, an OpenAI client, `dualpath bench --base-url`) until "
                                "Ctrl-C or SIGTERM, then stop every process.")
-    add_cluster_args(up, nic_gbps=0.005)
+    add_cluster_args(up)
     up.add_argument("--mode", choices=(*ROUTER_MODES, STOCK_ROUTER), default="split",
                     help="the router: ours in one of its modes (baseline: every hit read on the prefill side), or the "
                     "stock sglang_router 0.3.2")
@@ -177,6 +200,10 @@ def _exit_on_term(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops every server
 
 
+def nic_gbps(args: argparse.Namespace) -> float:
+    return REGIMES[args.regime].nic_gbps if args.nic_gbps is None else args.nic_gbps
+
+
 def cluster_config(args: argparse.Namespace, work: Path, command: str) -> ClusterConfig:
     """The cluster of the command line; without ``--model``, the tiny Llama with random weights (its dummy
     weights give every token the same logit, and outputs compared across modes must be able to differ)."""
@@ -186,7 +213,7 @@ def cluster_config(args: argparse.Namespace, work: Path, command: str) -> Cluste
         model = with_random_weights(TINY_MODEL, work / "tiny_llama")
         server_args = ("--load-format", "safetensors", *server_args)
     try:
-        return ClusterConfig(work, args.prefill, args.decode, args.nic_gbps, args.base_port, model,
+        return ClusterConfig(work, args.prefill, args.decode, nic_gbps(args), args.base_port, model,
                              on_cpu(args.device), server_args=server_args, bytes_per_token=args.kv_bytes_per_token)
     except ValueError as exc:
         raise SystemExit(f"dualpath {command}: {exc}") from None
@@ -225,11 +252,12 @@ def run(args: argparse.Namespace) -> int:
                          f"give --baseline {STOCK_ROUTER}")
     agents = select_agents(args)
     turns = sum(len(a.turns) for a in agents)
-    minutes = estimate_minutes(agents, args.kv_bytes_per_token, args.nic_gbps, args.prefill, args.scale)
+    minutes = estimate_minutes(agents, args.kv_bytes_per_token, nic_gbps(args), args.prefill, args.scale)
     model = "tiny Llama, random weights" if args.model is None else str(args.model)
     device = "CPU" if on_cpu(args.device) else "CUDA"
     console.print(f"[bold]dualpath ab[/]: {args.prefill}P{args.decode}D real SGLang servers ({model}, {device}), "
-                  f"storage NIC {args.nic_gbps} Gb/s per node; {len(agents)} {args.trace} agents, "
+                  f"storage NIC {nic_gbps(args):g} Gb/s per node ({args.regime if args.nic_gbps is None else 'set'}); "
+                  f"{len(agents)} {args.trace} agents, "
                   f"{turns} turns x {args.scale} tokens, <= {args.max_gen} output tokens each. "
                   f"Estimated ~{minutes:.0f} min.")
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
@@ -259,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
     target = {"throughput": (f">= {wanted}x " if wanted else "") + f"(bound {bound:g}x) with the PE storage NIC "
                             "the bottleneck", "tpot_p50": "within 5% of baseline",
               "itl_p50": "within 5% of baseline (TPOT over every token interval)"}
+    if args.nic_gbps is None and REGIMES[args.regime].throughput_target:
+        target["throughput"] = REGIMES[args.regime].throughput_target
     if args.dualpath_mode == "baseline":  # two routers that both read on the PE side
         target = {"throughput": "1.0x within noise (the interval holds 1)"}
     write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, args.command_line, target))
