@@ -82,9 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the router's mode of the B run: split (DualPath that may also split one request's reads "
                    "between both sides; beyond the paper), dualpath (each request read whole on one side, "
                    "as in the paper) or baseline (to compare our baseline with --baseline stock-router)")
-    p.add_argument("--baseline", choices=("ours", STOCK_ROUTER), default="ours",
-                   help="the A run's router: ours in baseline mode, or the stock sglang_router 0.3.2 (PD mode) "
-                   "in front of the same servers (no route hint: every hit read on the prefill side)")
+    p.add_argument("--baseline", choices=(STOCK_ROUTER, "ours"), default=STOCK_ROUTER,
+                   help="the A run's router: the stock sglang_router 0.3.2 (PD mode) in front of the same servers (no "
+                   "route hint: every hit read on the prefill side), or ours in baseline mode")
     p.add_argument("--trace", choices=DATASETS, default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
@@ -131,8 +131,6 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
             ("TPOT p99 (ms)", "tpot_p99_s", "{:.1f}"), ("ITL p50 (ms), every token", "itl_p50_s", "{:.1f}"),
             ("ITL p99 (ms), every token", "itl_p99_s", "{:.1f}"), ("hit KV read by DEs", "de_read_share", "{:.0%}"),
             ("failed requests", "failed", "{}")]
-    t.add_row(f"answers equal through the other router (top-{TOP_LOGPROBS} logprobs)",
-              *(f"{s.outputs_checked - len(s.outputs_differing)}/{s.outputs_checked}" for s in summaries), "")
     for label, field, fmt in rows:
         values = [getattr(s, field) * (1000 if field.startswith(("tpot", "itl")) else 1) for s in summaries]
         ratio = f"{values[1] / values[0]:.2f}x" if values[0] and field != "failed" else ""
@@ -140,6 +138,8 @@ def table(summaries: Sequence[RunSummary], nodes: Sequence[str]) -> Table:
         if ratio and interval:
             ratio += f" ({interval[0]:.2f}-{interval[1]:.2f})"
         t.add_row(label, *(fmt.format(v) for v in values), ratio)
+    t.add_row(f"answers equal through the other router (top-{TOP_LOGPROBS} logprobs)",
+              *(f"{s.outputs_checked - len(s.outputs_differing)}/{s.outputs_checked}" for s in summaries), "")
     for node in nodes:
         t.add_row(f"storage NIC {node} busy", *(f"{s.nic_utilisation[node]:.0%}" for s in summaries), "")
     for node in nodes:  # the whole replay, warm-up round included
