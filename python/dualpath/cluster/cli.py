@@ -27,7 +27,7 @@ from dualpath.cluster.ab import (
     write_json,
 )
 from dualpath.cluster.local import STOCK_ROUTER, ClusterConfig, LocalCluster
-from dualpath.cluster.online import DATASETS, agent_pool
+from dualpath.cluster.online import DATASETS, agent_pool, agents_for
 from dualpath.cluster.replay import TOP_LOGPROBS
 from dualpath.cluster.servers import TINY_MODEL, with_random_weights
 from dualpath.router.config import ROUTER_MODES
@@ -88,9 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", choices=DATASETS, default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
-    p.add_argument("--agents", type=int, default=6, help="agents (sessions) replayed concurrently")
-    p.add_argument("--turns", type=int, default=4, help="turns per agent at most (the first one warms up)")
-    p.add_argument("--scale", type=float, default=0.25,
+    p.add_argument("--agents", type=int, default=16, help="agents (sessions) replayed concurrently; beyond the "
+                   "trace's, copies of its sessions with token ids of their own")
+    p.add_argument("--turns", type=int, default=20, help="turns per agent at most (the first one warms up)")
+    p.add_argument("--scale", type=float, default=0.025,
                    help="token counts of every turn x this (hit ratios stay; CPU attention cost falls quadratically)")
     p.add_argument("--max-gen", type=int, default=16, help="output tokens per turn at most")
     p.add_argument("--max-context", type=int, default=20_000,
@@ -111,9 +112,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def select_agents(args: argparse.Namespace) -> list[AgentTrace]:
-    """The ``--agents`` sessions with the most turns (Mooncake's: its requests grouped by shared prefixes)."""
+    """The ``--agents`` sessions with the most turns (Mooncake's: its requests grouped by shared prefixes), then
+    copies of them."""
     try:
-        return agent_pool(args.trace, args.trace_path, args.scale, args.max_context, args.turns)[: args.agents]
+        return agents_for(agent_pool(args.trace, args.trace_path, args.scale, args.max_context, args.turns), 1,
+                          args.agents)[: args.agents]
     except ValueError as exc:
         raise SystemExit(f"dualpath ab: {exc}") from None
 
