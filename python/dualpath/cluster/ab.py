@@ -63,7 +63,7 @@ class RunSummary:
     first_error: str
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU time each node's server used during the run
     # Inter-token latency: every token interval of every measured request, pooled (TPOT's p50 is a median
-    # of per-request means, 17 values in the default run; this one has ~15 samples per request).
+    # of per-request means, one value per request; this one has ~15 samples per request).
     itl_p50_s: float = float("nan")
     itl_p99_s: float = float("nan")
     # Bytes each node had read since the run started, sampled every NicSampler.INTERVAL_S: (seconds, bytes).
