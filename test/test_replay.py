@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 from dualpath.cluster.cli import select_agents
-from dualpath.cluster.replay import Replay, _Agent
+from dualpath.cluster.replay import AgentHistory, Replay
 from dualpath.traces import AgentTrace, Turn, load_mooncake, mooncake_sessions
 
 
@@ -48,13 +48,13 @@ def test_prompts_from_blocks_share_exactly_the_shared_blocks_and_nothing_across_
                          0.0, 512)
     other = AgentTrace("o", (Turn(0, 700, 4, blocks=(0, 9)),), 0.0, 512)
     cache: dict[int, list[int]] = {}
-    first, second = _Agent(session, 1, scale, cache), _Agent(other, 1, scale, cache)
+    first, second = AgentHistory(session, 1, scale, cache), AgentHistory(other, 1, scale, cache)
     (turn0, context0), (turn1, context1) = first.prompt(0), first.prompt(1)
     assert (len(turn0), len(turn1), context0, context1) == (375, 481, 0, 256)
     assert turn1[:2 * block] == turn0[:2 * block] and turn1[2 * block] != turn0[2 * block]
     other0, _ = second.prompt(0)
     assert other0[:block] == turn0[:block] and other0[block] != turn0[block]
-    reseeded, _ = _Agent(session, 2, scale, {}).prompt(0)
+    reseeded, _ = AgentHistory(session, 2, scale, {}).prompt(0)
     assert reseeded[:block] != turn0[:block]  # another replay's KV serves none of this one's
 
 

@@ -36,8 +36,8 @@ from dualpath.cluster.replay import (
     ReplayResult,
     Streamed,
     TopLogprobs,
-    _generate,
     same_logprobs,
+    stream_generate,
 )
 from dualpath.traces import AgentTrace
 
@@ -186,7 +186,7 @@ async def cross_check(cluster: LocalCluster, replays: dict[str, Replay]) -> dict
         for mine, other in ((first, second), (second, first)):
             await asyncio.to_thread(cluster.flush)
             pairs = replays[mine].last_turns()
-            again = await asyncio.gather(*(_generate(session, replays[other].url, prompt, record.output_tokens,
+            again = await asyncio.gather(*(stream_generate(session, replays[other].url, prompt, record.output_tokens,
                                                      replays[other].timeout_s, TOP_LOGPROBS)
                                            for prompt, record in pairs), return_exceptions=True)
             differing = [f"{record.agent_id} turn {record.turn} through the {other} router: {why}"

@@ -1,6 +1,6 @@
 """Agents as a serving benchmark sees them: sessions run turn by turn against any PD front door.
 
-Each agent sends its turns in order; a turn's prompt is its conversation so far plus new ids (``replay._Agent``),
+Each agent sends its turns in order; a turn's prompt is its conversation so far plus new ids (``replay.AgentHistory``),
 so the hit KV is really the agent's own. How the load arrives follows SGLang's benchmarks:
 
 - closed loop (``bench_multiturn``): ``clients`` agents run side by side, the next one starting when one ends;
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import aiohttp
 import numpy as np
 
-from dualpath.cluster.replay import RequestRecord, _Agent, _turn
+from dualpath.cluster.replay import AgentHistory, RequestRecord, run_turn
 from dualpath.traces import AgentTrace, load_claude_code, load_mooncake, mooncake_sessions
 
 DATASETS = ("claude-code", "mooncake")
@@ -122,14 +122,14 @@ async def run_load(url: str, pool: Sequence[AgentTrace], load: Load, seed: int =
     rng = random.Random(seed)
     blocks: dict[int, list[int]] = {}
     traces = agents_for(pool, load.num_prompts, load.clients if load.agent_rate is None else 1)
-    agents = [_Agent(trace, seed, load.scale, blocks) for trace in traces]
+    agents = [AgentHistory(trace, seed, load.scale, blocks) for trace in traces]
     slots = asyncio.Semaphore(load.max_concurrency or len(agents) * max(len(a.trace.turns) for a in agents))
     pacer = _Pacer(load.request_rate, rng)
     records: list[RequestRecord] = []
     sent = in_flight = max_in_flight = 0
     t0 = time.perf_counter()
 
-    async def run_agent(agent: _Agent, arrival_s: float, session: aiohttp.ClientSession) -> None:
+    async def run_agent(agent: AgentHistory, arrival_s: float, session: aiohttp.ClientSession) -> None:
         nonlocal sent, in_flight, max_in_flight
         await asyncio.sleep(arrival_s)
         for index, turn in enumerate(agent.trace.turns):
@@ -142,7 +142,7 @@ async def run_load(url: str, pool: Sequence[AgentTrace], load: Load, seed: int =
                 sent += 1
                 in_flight += 1
                 max_in_flight = max(max_in_flight, in_flight)
-                record = await _turn(session, url, agent, index, load.max_gen, load.timeout_s, t0)
+                record = await run_turn(session, url, agent, index, load.max_gen, load.timeout_s, t0)
                 in_flight -= 1
             records.append(record)
             if on_done is not None:

@@ -80,7 +80,7 @@ class Streamed(NamedTuple):
     top_logprobs: TopLogprobs = ()
 
 
-async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], max_new: int,
+async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[int], max_new: int,
                     timeout_s: float, top_logprobs: int = 0) -> Streamed:
     """Stream one request: its output ids, the seconds to the first chunk and between the tokens after it and,
     with ``top_logprobs`` > 0, the top-k logprobs of every output token."""
@@ -121,7 +121,7 @@ async def _generate(session: aiohttp.ClientSession, url: str, ids: list[int], ma
     return Streamed(output, first, tuple(intervals), tops)
 
 
-class _Agent:
+class AgentHistory:
     """One agent's history: its previous prompts and the ids the server generated for them."""
 
     def __init__(self, trace: AgentTrace, seed: int, scale: float, blocks: dict[int, list[int]]) -> None:
@@ -154,14 +154,14 @@ class _Agent:
         return prompt[:length], min(int(t.context_tokens * self.scale), length - 1)
 
 
-async def _turn(session: aiohttp.ClientSession, url: str, agent: _Agent, index: int, max_gen: int | None,
+async def run_turn(session: aiohttp.ClientSession, url: str, agent: AgentHistory, index: int, max_gen: int | None,
                 timeout_s: float, t0: float, top_logprobs: int = 0) -> RequestRecord:
     prompt, context = agent.prompt(index)
     gen = agent.trace.turns[index].gen_tokens
     gen = min(gen, max_gen) if max_gen else gen
     start = time.perf_counter()
     try:
-        output, ttft, intervals, tops = await _generate(session, url, prompt, gen, timeout_s, top_logprobs)
+        output, ttft, intervals, tops = await stream_generate(session, url, prompt, gen, timeout_s, top_logprobs)
         record = RequestRecord(agent.trace.agent_id, index, len(prompt), context, len(output), start - t0, ttft,
                                time.perf_counter() - start, True, token_intervals_s=intervals, top_logprobs=tops)
     except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError) as exc:
@@ -187,7 +187,7 @@ class Replay:
                  timeout_s: float = 600.0, scale: float = 1.0, warmup_rounds: int = 1) -> None:
         self.url, self.max_gen, self.timeout_s, self.warmup_rounds = url, max_gen, timeout_s, warmup_rounds
         blocks: dict[int, list[int]] = {}
-        self._agents = [_Agent(a, seed, scale, blocks) for a in agents]
+        self._agents = [AgentHistory(a, seed, scale, blocks) for a in agents]
         self.rounds = max((len(a.turns) for a in agents), default=0)
         self._records: list[RequestRecord] = []
         self._round_s: list[float] = []
@@ -203,7 +203,7 @@ class Replay:
         """Run round ``index``: its records (kept for :meth:`result` when the round is measured) and prompts."""
         active = [a for a in self._agents if index < len(a.trace.turns)]
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0,
+        done = await asyncio.gather(*(run_turn(session, self.url, a, index, self.max_gen, self.timeout_s, t0,
                                             TOP_LOGPROBS)
                                       for a in active))
         if self.measured(index):
