@@ -5,6 +5,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -319,6 +320,22 @@ def test_capacity_recounts_after_drift_and_refuses_oversized_blocks(root):
     with open_store(root, capacity_bytes=size // 2) as store:
         more = keys_for(1, salt=9)
         assert store.write(more, fill(BlockBuffer(store.layout, 1), 1, seed=9)) == [BlockStatus.NO_SPACE]
+
+
+def test_node_state_follows_the_store_not_its_path_or_inode(root):
+    with open_store(root) as store:
+        keys = keys_for(2)
+        store.write(keys, fill(BlockBuffer(store.layout, 2), 2, seed=11))
+        store.read(keys, poisoned(store, 2).blocks(range(2)))
+        alias = root.parent / f"{root.name}-alias"
+        alias.symlink_to(root)
+        with open_store(alias) as same:  # another path to the same store: the same node
+            assert same.read_queue().read_tokens == 2 * 16
+        alias.unlink()
+    for path in root.iterdir():  # the store is deleted and recreated in place, maybe at the same inode
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with open_store(root) as fresh:
+        assert fresh.read_queue().read_tokens == 0
 
 
 def test_nic_reservations_are_shared_by_a_node_and_strict(root):

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,11 +66,32 @@ class ReadQueue(NamedTuple):
         return self.queued_bytes + self.inflight_bytes
 
 
+STORE_ID = ".dualpath-store-id"
+
+
+def store_id(root: Path) -> str:
+    """The store's identity, created once by whichever process gets there first: every host and every path to
+    the store (a symlink, a bind mount) reads the same id, and a store recreated at a reused inode gets a new one."""
+    path = root / STORE_ID
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        pass
+    with tempfile.NamedTemporaryFile("w", dir=root, prefix=f"{STORE_ID}.", delete=False) as draft:
+        draft.write(uuid.uuid4().hex)
+    try:
+        os.link(draft.name, path)  # atomic publish: a reader never sees a half-written id
+    except FileExistsError:
+        pass  # another process published first; its id wins
+    finally:
+        os.unlink(draft.name)
+    return path.read_text()
+
+
 def node_dir(root: Path) -> Path:
     """Where this host keeps the node state files of the store at ``root``: host-local, one directory per
-    store (named by device and inode, so every path to the store, a symlink or a bind mount, finds it)."""
-    st = os.stat(root)
-    return Path(tempfile.gettempdir()) / f"dualpath-{os.getuid()}" / "nodes" / f"{st.st_dev:x}-{st.st_ino:x}"
+    store (named by :func:`store_id`)."""
+    return Path(tempfile.gettempdir()) / f"dualpath-{os.getuid()}" / "nodes" / store_id(root)
 
 
 def _sum(node: str, header: np.ndarray, slots: np.ndarray) -> ReadQueue:
