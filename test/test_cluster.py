@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 from dualpath.cluster.ab import run_ab
-from dualpath.cluster.local import ClusterConfig, LocalCluster, _ephemeral_ports, _port_free, _ports
+from dualpath.cluster.local import (
+    STOCK,
+    STOCK_PORT_OFFSET,
+    ClusterConfig,
+    LocalCluster,
+    _ephemeral_ports,
+    _port_free,
+    _ports,
+)
 from dualpath.cluster.replay import same_logprobs
 from dualpath.cluster.servers import TINY_MODEL, live_group_members, with_random_weights
 from dualpath.traces import AgentTrace, Turn
@@ -30,14 +38,15 @@ AGENTS = [AgentTrace(f"a{i}", (Turn(0, 700 + 64 * i, 4), Turn(640, 200, 4), Turn
 
 def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path) -> None:
     model = with_random_weights(TINY_MODEL, tmp_path / "tiny_llama")  # outputs that depend on the KV
-    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.5, base_port=29000, model=model,
-                           server_args=("--load-format", "safetensors"))
+    # 625 kB/s a node: the router's alpha (3 s of reads) is ~900 tokens, so a round's hits are split.
+    config = ClusterConfig(tmp_path, prefill=1, decode=1, nic_gbps=0.005, base_port=29000, model=model,
+                           server_args=("--load-format", "safetensors"), servers="both")
     cluster = LocalCluster(config)
     try:
         cluster.start()
+        stock, ours = run_ab(cluster, AGENTS, max_gen=4, mode="baseline", baseline=STOCK)
         leaders = [s.process.pid for s in cluster.servers]
         baseline, dualpath = run_ab(cluster, AGENTS, max_gen=4, mode="split")
-        stock, ours = run_ab(cluster, AGENTS, max_gen=4, mode="baseline", baseline="stock-router")
     finally:
         cluster.stop()
     assert [s.mode for s in (baseline, dualpath)] == ["baseline", "split"]
@@ -53,8 +62,10 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
     # Negative control: with these weights answers depend on the prompt, so a changed KV would show.
     last = [r["top_logprobs"] for r in baseline.records if r["turn"] == 2]
     assert len(last) == 3 and not same_logprobs(last[0], last[1])
-    # The stock sglang_router in front of the same servers sends no route hint: the prefill side reads everything.
-    assert [stock.mode, ours.mode] == ["stock-router", "baseline"]
+    # The stock stack (stock sglang_router, stock servers with the block store as their HiCache backend) read
+    # every hit on its prefill, through the same node as ours, and answered as DualPath's servers do.
+    assert [stock.mode, ours.mode] == [STOCK, "baseline"]
+    assert (tmp_path / "logs" / f"prefill-{29000 + STOCK_PORT_OFFSET}.log").is_file()
     for run in (stock, ours):
         assert run.failed == 0 and run.requests == 6, run.first_error
         assert run.node_read_bytes["de0"] == 0 and run.node_read_bytes["pe0"] > 0
@@ -155,7 +166,8 @@ def test_up_serves_a_cluster_that_bench_attaches_to_until_interrupted(tmp_path: 
     reads; Ctrl-C (SIGINT) stops every process `up` started."""
     from test_bench import BENCH_SERVING_FIELDS
 
-    up = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "up", "--base-port", "28000", "--nic-gbps", "0.5",
+    # The default (storage-bound) NIC cap: hits beyond the router's alpha (~900 tokens) are split.
+    up = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "up", "--base-port", "28000",
                            "--work-dir", str(tmp_path / "up")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env={**os.environ, "COLUMNS": "300"})
     lines: list[str] = []
@@ -180,9 +192,13 @@ def test_up_serves_a_cluster_that_bench_attaches_to_until_interrupted(tmp_path: 
         up.send_signal(signal.SIGINT)
         assert up.wait(120) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        if up.poll() is None:  # a failed assertion: still stop what `up` started, as Ctrl-C does
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(120)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
     assert not any(live_group_members(pid) for pid in pgids)
     config = ClusterConfig(tmp_path, base_port=28000)
     assert all(_port_free(port) for port in _ports(config))

@@ -168,7 +168,9 @@ async def test_split_mode_shares_one_request_s_reads_between_idle_nodes_and_spar
     ids = store_prompt(tmp_path, blocks=4)
     prefill, decode = pd_fakes()
     channels = (KVChannelAddress.parse("agent-p0@127.0.0.1:7000"), KVChannelAddress.parse("agent-d0@127.0.0.1:7000"))
-    async with cluster(prefill, decode, store_root=tmp_path, mode="split") as (url, client, router):
+    # Reads so slow (10 tokens/s, alpha 30 tokens) that the PE's node alone would not read the hit within alpha.
+    async with cluster(prefill, decode, store_root=tmp_path, mode="split", read_tokens_per_s=10.0) as (
+            url, client, router):
         [hint] = await sides(client, url, ids, 1)
         hit = router.decider.decisions[-1]["cached_tokens"]
         # Both nodes idle, read at the same rate: each side reads about half, the PE's part in whole blocks.
@@ -184,7 +186,8 @@ async def test_split_mode_shares_one_request_s_reads_between_idle_nodes_and_spar
 async def test_split_mode_has_an_idle_decode_node_help_read_another_de_s_request(tmp_path):
     ids = store_prompt(tmp_path, blocks=6)
     prefill, decode = pd_fakes(decode=2)
-    async with cluster(prefill, decode, store_root=tmp_path, mode="split") as (url, client, router):
+    async with cluster(prefill, decode, store_root=tmp_path, mode="split", read_tokens_per_s=10.0) as (
+            url, client, router):
         [hint] = await sides(client, url, ids, 1)
         decision = router.decider.decisions[-1]
         hit, de = decision["cached_tokens"], decision["decode"]

@@ -43,20 +43,21 @@ def test_text_and_chat_prompts_hit_the_store_and_read_on_the_de_side(tmp_path: P
         shutil.copy(file, model / file.name)
     tokenizer = PromptTokenizer(str(model))
     rng = random.Random(3)
-    text = " ".join(rng.choice(WORDS) for _ in range(900))
+    text = " ".join(rng.choice(WORDS) for _ in range(1400))
     chat = {"model": "default", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "system", "content": " ".join(rng.choice(WORDS) for _ in range(500))},
-                         {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(400))}]}
+            "messages": [{"role": "system", "content": " ".join(rng.choice(WORDS) for _ in range(800))},
+                         {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(600))}]}
     generate = {"text": text, "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
     prompts = {route: list(tokenizer.with_ids(parse_request(route, json.dumps(body).encode(), set())).token_ids[0])
                for route, body in (("generate", generate), ("chat", chat))}
-    assert all(len(ids) > 640 for ids in prompts.values())
+    assert all(len(ids) > 1300 for ids in prompts.values())
 
-    config = ClusterConfig(tmp_path / "cluster", prefill=1, decode=1, nic_gbps=0.5, base_port=29400, model=model)
+    # 625 kB/s a node: the router's alpha (3 s of reads) is ~900 tokens, less than each prompt's hit.
+    config = ClusterConfig(tmp_path / "cluster", prefill=1, decode=1, nic_gbps=0.005, base_port=29400, model=model)
     cluster = LocalCluster(config)
     try:
         cluster.start()
-        url = cluster.route("split")  # idle nodes: the split puts part of every hit on the DE's NIC
+        url = cluster.route("split")  # a hit the PE's NIC cannot read within alpha: split
         chat["model"] = json.load(urllib.request.urlopen(f"{url}/v1/models", timeout=10))["data"][0]["id"]
         for route, body in (("/generate", generate), ("/v1/chat/completions", chat)):
             post(url, route, body)

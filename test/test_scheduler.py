@@ -149,7 +149,7 @@ def test_split_reads_finish_together(hit, readers):
 
 def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
     sched = GlobalScheduler([EngineGroup(0, "prefill", (0,)), EngineGroup(1, "decode", (100, 101, 102))],
-                            SchedulerConfig(read_policy="split"))
+                            SchedulerConfig(read_policy="split", alpha_tokens=500))
     sched.submit(Request(0, 96_000, 100, 10))
     sched.fetch_prefill(0, [EngineLoad(0, 0, 0, 0)], [NodeLoad(0, 0, 1000.0)])
     # DE 100 holds the fewest tokens and gets the decode; of the others, node 3 drains before node 2.
@@ -168,12 +168,17 @@ def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
     assert b.helper == -1 and b.helper_read_tokens == 0 and b.pe_read_tokens + b.de_read_tokens == 1_000
 
 
-def test_split_policy_divides_hit_between_sides():
-    sched = one_pe_one_de(read_policy="split")
+@pytest.mark.parametrize("pe_queue", [0, 40_000])
+def test_split_policy_divides_a_hit_the_pe_s_node_cannot_read_within_alpha(pe_queue):
+    sched = one_pe_one_de(read_policy="split", alpha_tokens=64_000)
     sched.submit(Request(0, 64_000, 100, 10))
-    sched.fetch_prefill(0, [EngineLoad(e, 0, 0, 0) for e in range(4)], [NodeLoad(0, 0, 1000.0)])
+    sched.fetch_prefill(0, [EngineLoad(e, 0, 0, 0) for e in range(4)], [NodeLoad(0, pe_queue, 1000.0)])
     [a] = sched.fetch_decode(1, de_loads([10**6] * 4), [NodeLoad(1, 0, 1000.0)])
-    assert a.side is ReadSide.SPLIT and a.pe_read_tokens == a.de_read_tokens == 32_000
+    if pe_queue == 0:  # the PE's node reads it within alpha: whole on the PE, no DE work
+        assert a.side is ReadSide.PE and a.pe_read_tokens == 64_000 and a.de_read_tokens == 0
+    else:  # both queues drain together: (40,000 + 64,000) / 2 each, the PE's part in whole blocks
+        assert a.side is ReadSide.SPLIT and a.pe_read_tokens + a.de_read_tokens == 64_000
+        assert abs(a.pe_read_tokens - 12_000) < 64 and a.pe_read_tokens % 64 == 0
 
 
 def test_every_mode_is_a_valid_config_and_unknown_names_list_the_choices():

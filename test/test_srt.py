@@ -608,8 +608,8 @@ def test_pd_and_de_kv_share_the_emulated_compute_nic_by_priority(servers: dict) 
 
 def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dict) -> None:
     import torch
+    from dualpath.srt.hicache import page_geometry
     from dualpath.srt.link import KVLink
-    from dualpath.srt.storage import page_geometry
 
     ids = _prompt(7)
     expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
@@ -650,7 +650,7 @@ def wrong_page_changes_logprobs(servers: dict, ids: list[int], shape: surface.Po
     (rewritten through the store: valid checksums), the PE path reads them as a hit and the logprobs change."""
     import numpy as np
     from dualpath.kv import BlockBuffer
-    from dualpath.srt.storage import page_geometry
+    from dualpath.srt.hicache import page_geometry
     from dualpath.store import BlockStatus, drop_all_blocks
 
     stock = _stock(servers, ids)
@@ -717,6 +717,21 @@ def test_launch_fails_loudly_on_a_wrong_hook_target(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "'page_transfer'" in result.stderr and "HiCacheController.gone" in result.stderr
 
+
+
+def test_the_block_store_backend_takes_only_store_keys_and_plays_no_dualpath_role() -> None:
+    from dualpath.srt.config import BACKEND, PLAIN_BACKEND
+
+    extra = {**PLAIN_BACKEND, "store_root": "/s", "node": "pe1", "nic_gbps": 0.5, "prefetch_threshold": 64}
+    config = SrtConfig.plain(extra, "m", tp_rank=1, tp_size=2)
+    assert (config.role, config.store_root, config.node, config.nic_gbps, config.tp_rank) == ("null", "/s", "pe1",
+                                                                                             0.5, 1)
+    assert SrtConfig.from_extra_config(extra, "prefill", "m", 64, "127.0.0.1") is None  # the plugin stays off
+    with pytest.raises(ValueError, match="unknown block-store backend extra-config keys \\['kv_port'\\]"):
+        SrtConfig.plain({**extra, "kv_port": 5000}, "m", 0, 1)  # a DualPath key: no KV channel here
+    with pytest.raises(ValueError, match="nic_gbps"):
+        SrtConfig.plain({**extra, "nic_gbps": -1}, "m", 0, 1)
+    assert PLAIN_BACKEND["backend_name"] != BACKEND["backend_name"]
 
 
 def test_traffic_flags_reach_the_kv_channel_and_the_emulated_nic() -> None:

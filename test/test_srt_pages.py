@@ -148,8 +148,8 @@ def test_the_forward_of_layer_i_waits_for_layer_i_only(attention: str, device_ty
     from dualpath.kv import BlockLayout
     from dualpath.srt import layers
     from dualpath.srt.blocks import BlockSlots
+    from dualpath.srt.hicache import page_geometry
     from dualpath.srt.link import layer_planes
-    from dualpath.srt.storage import page_geometry
     from dualpath.transfer.flows import Inbound
 
     device, host = _pools(attention, device_type)

@@ -3,13 +3,15 @@
 Both replays run the same trace shapes on the same servers, each with its own token ids so that neither
 finds the other's KV anywhere. Agents advance in rounds with the servers' caches flushed in between, so
 every turn's context comes from the store — the regime of agents that outnumber the GPUs' memory, where
-the storage NICs decide throughput. Only the router differs: ``baseline`` reads every hit on the prefill
-side, as the stock router does; ``dualpath`` lets the global scheduler pick the side per request
-(``split``: and split one request's reads between them).
+the storage NICs decide throughput. The baseline reads every hit on the prefill side: the stock stack
+(``stock``: sglang_router over stock SGLang servers with the block store as their HiCache backend), the stock
+router over DualPath's servers (``stock-router``) or ours in ``baseline`` mode; ``dualpath`` lets the global
+scheduler pick the side per request (``split``: and split one request's reads between them).
 
-The two replays take turns, round by round, through two routers side by side, and which one goes first
-alternates. A shared 2-core machine drifts by +-20% in decode speed over minutes; run one replay after the
-other and that drift lands on one side of the ratio. Taking turns gives both the same machine.
+The two replays take turns (:func:`schedule`). A shared 2-core machine drifts by +-20% in decode speed over
+minutes; run one replay after the other and that drift lands on one side of the ratio. On one set of servers
+the modes alternate round by round through two routers side by side; the stock stack's servers replace
+DualPath's (memory holds one set), so the baseline's rounds come in two halves around DualPath's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from dualpath.cluster.local import STOCK_ROUTER, LocalCluster
+from dualpath.cluster.local import STOCK, STOCK_ROUTER, LocalCluster
 from dualpath.cluster.replay import (
     TOP_LOGPROBS,
     Replay,
@@ -135,7 +137,7 @@ class ModeMeter:
 
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
-        self.nodes = [s.node for s in cluster.config.specs()]
+        self.nodes = cluster.config.nodes
         self.read = dict.fromkeys(self.nodes, 0)
         self.cpu_s = dict.fromkeys(self.nodes, 0.0)
         self.timeline: dict[str, list[tuple[float, int]]] = {n: [] for n in self.nodes}
@@ -157,17 +159,18 @@ class ModeMeter:
 
 def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | None, scale: float = 1.0,
            progress: object | None = None, mode: str = "dualpath", baseline: str = "baseline") -> list[RunSummary]:
-    """Replay ``agents`` on ``cluster`` (already started) through a ``baseline`` router (ours in baseline mode, or
-    ``stock-router``) and a ``mode`` router, taking turns round by round; one summary each, baseline first."""
+    """Replay ``agents`` on ``cluster`` (already started) through a ``baseline`` router (ours in baseline mode,
+    ``stock-router``, or ``stock``: the stock stack) and a ``mode`` router, taking turns round by round; one summary
+    each, baseline first."""
     if baseline == mode:
         raise ValueError(f"the A and B runs need two routers; both are {mode!r}")
     modes = (baseline, mode)
     cluster.reset()
     try:
-        replays = {m: Replay(cluster.route(m), agents, seed=i + 1, max_gen=max_gen, scale=scale)
-                   for i, m in enumerate(modes)}
+        replays = {m: Replay("", agents, seed=i + 1, max_gen=max_gen, scale=scale) for i, m in enumerate(modes)}
         meters = {m: ModeMeter(cluster) for m in modes}
-        asyncio.run(_take_turns(cluster, replays, meters, progress))
+        steps = schedule(modes, replays[mode].rounds, one_set_at_a_time=cluster.config.servers == "both")
+        asyncio.run(_take_turns(cluster, replays, meters, steps, progress))
         checks = asyncio.run(cross_check(cluster, replays))
     finally:
         cluster.stop_router()
@@ -176,17 +179,32 @@ def run_ab(cluster: LocalCluster, agents: Sequence[AgentTrace], max_gen: int | N
                     outputs_checked=checks[m][0], outputs_differing=checks[m][1]) for m in modes]
 
 
+def schedule(modes: Sequence[str], rounds: int, one_set_at_a_time: bool = False) -> list[tuple[str, int]]:
+    """The order of the A/B's (mode, round) steps. Both modes' routers up: they take turns round by round, which
+    one goes first alternating. One set of servers at a time (each swap restarts them, ~1 min): A's first half,
+    all of B, A's second half, so that a drift linear in time weighs on both alike."""
+    first, second = modes
+    if not one_set_at_a_time:
+        return [(m, index) for index in range(rounds) for m in (modes if index % 2 == 0 else modes[::-1])]
+    half = rounds // 2
+    return ([(first, i) for i in range(half)] + [(second, i) for i in range(rounds)]
+            + [(first, i) for i in range(half, rounds)])
+
+
 async def cross_check(cluster: LocalCluster, replays: dict[str, Replay]) -> dict[str, tuple[int, list[str]]]:
     """Every agent's last request of each mode, sent again through the other mode's router once every cache is
     flushed (so its hit, all but its last page, is read from the store on the other mode's path): its top-k
     logprobs must equal what the mode got. Per mode: how many were asked again, and what differed."""
     first, second = replays
+    # Through the mode being served first: one set of servers at a time, that saves a swap.
+    order = sorted(((first, second), (second, first)), key=lambda pair: not cluster.serving(pair[1]))
     checks = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        for mine, other in ((first, second), (second, first)):
+        for mine, other in order:
+            url = await asyncio.to_thread(cluster.serve, other)
             await asyncio.to_thread(cluster.flush)
             pairs = replays[mine].last_turns()
-            again = await asyncio.gather(*(stream_generate(session, replays[other].url, prompt, record.output_tokens,
+            again = await asyncio.gather(*(stream_generate(session, url, prompt, record.output_tokens,
                                                      replays[other].timeout_s, TOP_LOGPROBS)
                                            for prompt, record in pairs), return_exceptions=True)
             differing = [f"{record.agent_id} turn {record.turn} through the {other} router: {why}"
@@ -208,18 +226,17 @@ def _difference(got: TopLogprobs, again: Streamed | BaseException) -> str:
 
 
 async def _take_turns(cluster: LocalCluster, replays: dict[str, Replay], meters: dict[str, ModeMeter],
-                      progress: object | None) -> None:
-    modes = list(replays)
-    tasks = {m: progress.add_task(f"{m:>8}", total=replays[m].measured_requests) for m in modes} if progress else {}
+                      steps: Sequence[tuple[str, int]], progress: object | None) -> None:
+    tasks = {m: progress.add_task(f"{m:>8}", total=r.measured_requests) for m, r in replays.items()} if progress else {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        for index in range(max(r.rounds for r in replays.values())):
-            for m in modes if index % 2 == 0 else modes[::-1]:
-                measured = replays[m].measured(index)
-                with meters[m].round() if measured else nullcontext():
-                    records, prompts = await replays[m].round(session, index)
-                if measured and progress is not None:
-                    progress.advance(tasks[m], len(records))
-                await asyncio.to_thread(_settle, cluster, prompts)
+        for m, index in steps:
+            replays[m].url = await asyncio.to_thread(cluster.serve, m)
+            measured = replays[m].measured(index)
+            with meters[m].round() if measured else nullcontext():
+                records, prompts = await replays[m].round(session, index)
+            if measured and progress is not None:
+                progress.advance(tasks[m], len(records))
+            await asyncio.to_thread(_settle, cluster, prompts)
 
 
 def _settle(cluster: LocalCluster, prompts: list[list[int]]) -> None:
@@ -303,7 +320,9 @@ def result_records(summaries: Sequence[RunSummary], command: str, target: dict[s
             ("itl_p50", "s", base.itl_p50_s, dual.itl_p50_s), ("itl_p99", "s", base.itl_p99_s, dual.itl_p99_s),
             ("de_read_share", "fraction", base.de_read_share, dual.de_read_share)]
     baseline = {"baseline": "DualPath router in baseline mode (PE-side reads)",
-                STOCK_ROUTER: "stock sglang_router 0.3.2 (PE-side reads)"}.get(base.mode, base.mode)
+                STOCK_ROUTER: "stock sglang_router 0.3.2 over DualPath's servers (PE-side reads)",
+                STOCK: "stock sglang_router 0.3.2 over stock SGLang servers, block store as HiCache backend"
+                }.get(base.mode, base.mode)
     return [{"metric": metric, "value": d, "unit": unit, "baseline": baseline,
              "baseline_value": b, "ratio": d / b if b else None, "ratio_ci95": intervals.get(metric),
              "target": target.get(metric, ""), "command": command, "machine": machine,
@@ -317,13 +336,17 @@ def write_json(path: Path, summaries: Sequence[RunSummary], records: list[dict])
     (path.with_suffix(".runs.json")).write_text(json.dumps([s.__dict__ for s in summaries], indent=1) + "\n")
 
 
+SWAPS = 3  # server-set swaps of an A/B against the stock stack: to DualPath's, back, and for the output check
+
+
 def estimate_minutes(agents: Sequence[AgentTrace], bytes_per_token: int, nic_gbps: float, prefill: int,
-                     scale: float) -> float:
+                     scale: float, swaps: int = 0) -> float:
     """Rough wall time of both runs: every hit read through the PE NICs (they are busy ~90% of a baseline
-    run on a 2-core CPU), a warm-up round each, and starting the servers (measured, 2 cores)."""
+    run on a 2-core CPU), a warm-up round each, and starting the servers, once and at each swap of server sets
+    (measured, 2 cores)."""
     hit_bytes = sum(t.context_tokens for a in agents for t in a.turns) * bytes_per_token * scale
     per_run = 1.1 * hit_bytes / (nic_gbps * 1e9 / 8) / prefill + 60
-    return (100 + 2 * per_run) / 60
+    return (100 * (1 + swaps) + 2 * per_run) / 60
 
 
 def clock() -> str:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dualpath.cluster.ab import (
+    SWAPS,
     RunSummary,
     clock,
     estimate_minutes,
@@ -26,7 +27,7 @@ from dualpath.cluster.ab import (
     run_ab,
     write_json,
 )
-from dualpath.cluster.local import STOCK_ROUTER, ClusterConfig, LocalCluster
+from dualpath.cluster.local import STOCK, STOCK_ROUTER, ClusterConfig, LocalCluster, Servers
 from dualpath.cluster.online import DATASETS, agent_pool, agents_for
 from dualpath.cluster.replay import TOP_LOGPROBS
 from dualpath.cluster.servers import TINY_MODEL, with_random_weights
@@ -81,10 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dualpath-mode", choices=ROUTER_MODES, default="split",
                    help="the router's mode of the B run: split (DualPath that may also split one request's reads "
                    "between both sides; beyond the paper), dualpath (each request read whole on one side, "
-                   "as in the paper) or baseline (to compare our baseline with --baseline stock-router)")
-    p.add_argument("--baseline", choices=(STOCK_ROUTER, "ours"), default=STOCK_ROUTER,
-                   help="the A run's router: the stock sglang_router 0.3.2 (PD mode) in front of the same servers (no "
-                   "route hint: every hit read on the prefill side), or ours in baseline mode")
+                   "as in the paper) or baseline (to compare our baseline with the stock stack)")
+    p.add_argument("--baseline", choices=(STOCK, STOCK_ROUTER, "ours"), default=STOCK,
+                   help="the A run: stock (the stock stack: sglang_router 0.3.2 in PD mode over stock SGLang servers, "
+                   "plugin off, reading the same store through the same NIC caps as a HiCache backend), "
+                   "stock-router (sglang_router 0.3.2 over DualPath's servers: no route hint, every hit read on "
+                   "the prefill side), or ours in baseline mode")
     p.add_argument("--trace", choices=DATASETS, default="claude-code")
     p.add_argument("--trace-path", type=Path, help="trace directory (claude-code) or file (mooncake); "
                    "default: the samples shipped with the package")
@@ -105,9 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "router's URL and serve (curl, an OpenAI client, `dualpath bench --base-url`) until "
                                "Ctrl-C or SIGTERM, then stop every process.")
     add_cluster_args(up)
-    up.add_argument("--mode", choices=(*ROUTER_MODES, STOCK_ROUTER), default="split",
-                    help="the router: ours in one of its modes (baseline: every hit read on the prefill side), or the "
-                    "stock sglang_router 0.3.2")
+    up.add_argument("--mode", choices=(*ROUTER_MODES, STOCK_ROUTER, STOCK), default="split",
+                    help="the router: ours in one of its modes over DualPath's servers (baseline: every hit read on "
+                    "the prefill side), the stock sglang_router 0.3.2 over them (stock-router), or the stock stack "
+                    "(stock: the stock router over stock servers with the block store as HiCache backend)")
     up.set_defaults(run=serve)
 
 
@@ -207,7 +211,7 @@ def nic_gbps(args: argparse.Namespace) -> float:
     return REGIMES[args.regime].nic_gbps if args.nic_gbps is None else args.nic_gbps
 
 
-def cluster_config(args: argparse.Namespace, work: Path, command: str) -> ClusterConfig:
+def cluster_config(args: argparse.Namespace, work: Path, command: str, servers: Servers) -> ClusterConfig:
     """The cluster of the command line; without ``--model``, the tiny Llama with random weights (its dummy
     weights give every token the same logit, and outputs compared across modes must be able to differ)."""
     server_args = tuple(shlex.split(args.server_args))
@@ -217,7 +221,8 @@ def cluster_config(args: argparse.Namespace, work: Path, command: str) -> Cluste
         server_args = ("--load-format", "safetensors", *server_args)
     try:
         return ClusterConfig(work, args.prefill, args.decode, nic_gbps(args), args.base_port, model,
-                             on_cpu(args.device), server_args=server_args, bytes_per_token=args.kv_bytes_per_token)
+                             on_cpu(args.device), server_args=server_args, bytes_per_token=args.kv_bytes_per_token,
+                             servers=servers)
     except ValueError as exc:
         raise SystemExit(f"dualpath {command}: {exc}") from None
 
@@ -228,7 +233,7 @@ def serve(args: argparse.Namespace) -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="dualpath-up-") as scratch:
         work = args.work_dir or Path(scratch)
-        cluster = LocalCluster(cluster_config(args, work, "up"))
+        cluster = LocalCluster(cluster_config(args, work, "up", "stock" if args.mode == STOCK else "dualpath"))
         console.print(f"[{clock()}] starting {args.prefill}P{args.decode}D (logs in {work / 'logs'}) ...")
         try:
             cluster.start()
@@ -252,10 +257,11 @@ def run(args: argparse.Namespace) -> int:
     baseline = "baseline" if args.baseline == "ours" else args.baseline
     if baseline == args.dualpath_mode:
         raise SystemExit("dualpath ab: --dualpath-mode baseline compares our baseline with another router: "
-                         f"give --baseline {STOCK_ROUTER}")
+                         f"give --baseline {STOCK}")
     agents = select_agents(args)
     turns = sum(len(a.turns) for a in agents)
-    minutes = estimate_minutes(agents, args.kv_bytes_per_token, nic_gbps(args), args.prefill, args.scale)
+    minutes = estimate_minutes(agents, args.kv_bytes_per_token, nic_gbps(args), args.prefill, args.scale,
+                               SWAPS if baseline == STOCK else 0)
     model = "tiny Llama, random weights" if args.model is None else str(args.model)
     device = "CPU" if on_cpu(args.device) else "CUDA"
     console.print(f"[bold]dualpath ab[/]: {args.prefill}P{args.decode}D real SGLang servers ({model}, {device}), "
@@ -265,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                   f"Estimated ~{minutes:.0f} min.")
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
         work = args.work_dir or Path(scratch)
-        config = cluster_config(args, work, "ab")
+        config = cluster_config(args, work, "ab", "both" if baseline == STOCK else "dualpath")
         cluster = LocalCluster(config)
         console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
         try:
@@ -276,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                 summaries = run_ab(cluster, agents, args.max_gen, args.scale, progress, args.dualpath_mode, baseline)
         finally:
             cluster.stop()
-    nodes = [s.node for s in config.specs()]
+    nodes = config.nodes
     console.print(table(summaries, nodes))
     for s in summaries:
         if s.failed:

@@ -1,9 +1,11 @@
-"""A local PD cluster: P prefill and D decode real SGLang servers with the plugin, and a router.
+"""A local PD cluster: P prefill and D decode real SGLang servers, and a router.
 
 Each server is its own "node" with its own emulated storage-NIC cap over one shared store directory,
 which is what makes the prefill-side read bottleneck (and DualPath's relief of it) visible on one host.
-Routers run as subprocesses, up to two side by side (one per mode, for an A/B that takes turns); servers
-stay up while routers come and go.
+The servers run DualPath (the plugin), or stock SGLang with the block store as a plain HiCache backend
+(the stock stack), or either set in turn for an A/B: the stock set's servers are the same nodes, so both
+read through the same NIC caps. Routers run as subprocesses, up to two side by side (one per mode, for an
+A/B that takes turns); servers stay up while routers come and go.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from dualpath.cluster.servers import (
     KV_PORT_OFFSET,
@@ -32,10 +35,13 @@ from dualpath.cluster.servers import (
 from dualpath.kv import block_keys
 from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.srt.stock_router import launch_command
-from dualpath.store import StoreIndex, drop_all_blocks
+from dualpath.store import NodeReader, StoreIndex, drop_all_blocks, node_dir
 
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
-STOCK_ROUTER = "stock-router"  # sglang-router 0.3.2's own, as a mode of route()
+STOCK_ROUTER = "stock-router"  # sglang-router 0.3.2's own over DualPath's servers, as a mode of route()
+STOCK = "stock"  # the stock stack: sglang-router 0.3.2 over stock servers with the block store as HiCache backend
+Servers = Literal["dualpath", "stock", "both"]
+STOCK_PORT_OFFSET = 100  # the stock set's ports: the DualPath set's + 100
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 
@@ -59,6 +65,7 @@ class ClusterConfig:
     prefill_tokens_per_s: float = 20_000.0
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    servers: Servers = "dualpath"
 
     def __post_init__(self) -> None:
         if self.prefill < 1 or self.decode < 1:
@@ -97,12 +104,28 @@ class ClusterConfig:
         return tuple(self.base_port + 97 - i for i in range(ROUTERS))
 
     def specs(self) -> list[ServerSpec]:
+        """Every server the cluster may run: the DualPath set, the stock set (ports + :data:`STOCK_PORT_OFFSET`),
+        or both (one set at a time, :meth:`LocalCluster.serve`)."""
+        sets = {"dualpath": (True,), "stock": (False,), "both": (True, False)}[self.servers]
+        return [spec for dualpath in sets for spec in self._set(dualpath)]
+
+    def stack(self, mode: str) -> list[ServerSpec]:
+        """The servers a router of ``mode`` fronts: the stock set for :data:`STOCK`, else the DualPath set."""
+        return self._set(mode != STOCK)
+
+    def _set(self, dualpath: bool) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
-        prefill = [ServerSpec("prefill", self.base_port + 10 * i, f"pe{i}", bootstrap_port=self.base_port + 10 * i + 1,
-                              nic_gbps=self.nic_gbps, cpus=pe_cpus[i]) for i in range(self.prefill)]
-        decode = [ServerSpec("decode", self.base_port + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps,
-                             cpus=de_cpus[i]) for i in range(self.decode)]
+        base = self.base_port + (0 if dualpath else STOCK_PORT_OFFSET)
+        prefill = [ServerSpec("prefill", base + 10 * i, f"pe{i}", bootstrap_port=base + 10 * i + 1,
+                              nic_gbps=self.nic_gbps, dualpath=dualpath, block_store=not dualpath, cpus=pe_cpus[i])
+                   for i in range(self.prefill)]
+        decode = [ServerSpec("decode", base + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps, dualpath=dualpath,
+                             block_store=not dualpath, cpus=de_cpus[i]) for i in range(self.decode)]
         return prefill + decode
+
+    @property
+    def nodes(self) -> list[str]:
+        return [spec.node for spec in self._set(True)]
 
     def cpu_shares(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """On CPU, the cores of each prefill and each decode server: prefills and decodes get disjoint
@@ -151,36 +174,63 @@ class LocalCluster:
         self.config = config
         self.servers: list[Server] = []
         self.routers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # mode -> (process, port)
+        self._nodes: list[NodeReader] = []
 
     def start(self, timeout_s: float = 600.0) -> None:
+        """Start the servers: the configured set (``both``: the stock set, as an A/B starts with the stock
+        baseline's rounds; :meth:`serve` swaps them)."""
         busy = [p for p in _ports(self.config) if not _port_free(p)]
         if busy:
             raise RuntimeError(f"ports in use: {busy} (another cluster running? pick --base-port)")
+        self.config.store_root.mkdir(parents=True, exist_ok=True)
+        self._start(self.config.stack("dualpath" if self.config.servers == "dualpath" else STOCK), timeout_s)
+
+    def _start(self, specs: list[ServerSpec], timeout_s: float) -> None:
         c = self.config
-        extra = (*c.server_args, "--dualpath-staging-blocks", str(c.staging_blocks))
+        # Idle servers sleep (stock --sleep-on-idle): between rounds they leave the cores to the routers and client.
         options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, c.max_total_tokens,
-                                c.timeout_s, extra, dict(c.env))
-        self.servers = start_servers(c.specs(), options, timeout_s)
+                                c.timeout_s, c.staging_blocks, ("--sleep-on-idle", *c.server_args), dict(c.env))
+        self.servers = start_servers(specs, options, timeout_s)
+
+    def serving(self, mode: str) -> bool:
+        """Whether the servers a router of ``mode`` fronts are the ones running."""
+        return {s.port for s in self.config.stack(mode)} == {s.spec.port for s in self.servers}
+
+    def serve(self, mode: str, timeout_s: float = 600.0) -> str:
+        """The URL of ``mode``'s router, serving: its set of servers started in place of the other (one set at a
+        time: two need more memory than a 24 GB machine has, as SGLang's HiCache keeps 10 GiB of it free), and the
+        router started unless it runs. A swap happens between rounds, whose caches start empty anyway."""
+        if not self.serving(mode):
+            self.stop()
+            self._start(self.config.stack(mode), timeout_s)
+        router = self.routers.get(mode)
+        if router is not None and router[0].poll() is None:
+            return f"http://127.0.0.1:{router[1]}"
+        return self.route(mode)
 
     def route(self, mode: str, timeout_s: float = 60.0) -> str:
         """(Re)start the router of ``mode`` (``baseline``, ``dualpath`` or ``split``; ``stock-router``: the stock
-        ``sglang_router``, which sends no route hint, so every hit is read on the prefill side) next to the other
-        mode's, wait until it serves, and return its URL."""
+        ``sglang_router``, which sends no route hint, so every hit is read on the prefill side; ``stock``: the
+        stock router over the stock servers) next to the other mode's, wait until it serves, and return its URL."""
         self.stop_router(mode)
         free = [p for p in self.config.router_ports if p not in {port for _, port in self.routers.values()}]
         if not free:
             raise RuntimeError(f"at most {ROUTERS} routers run side by side; running: {sorted(self.routers)}")
-        specs = self.config.specs()
+        stock_router = mode in (STOCK_ROUTER, STOCK)
+        specs = self.config.stack(mode)
+        if not {spec.port for spec in specs} <= {server.spec.port for server in self.servers}:
+            raise RuntimeError(f"the {mode} router fronts servers this cluster did not start "
+                               f"(servers={self.config.servers!r})")
         config = RouterConfig(tuple(PrefillSpec(s.url, s.bootstrap_port) for s in specs if s.role == "prefill"),
                               tuple(s.url for s in specs if s.role == "decode"), port=free[0],
                               prometheus_port=self.config.metrics_ports[self.config.router_ports.index(free[0])]
-                              if mode == STOCK_ROUTER else 0,
-                              mode="baseline" if mode == STOCK_ROUTER else mode, store_root=self.config.store_root,
+                              if stock_router else 0,
+                              mode="baseline" if stock_router else mode, store_root=self.config.store_root,
                               read_tokens_per_s=self.config.nic_gbps * 1e9 / 8 / self.config.bytes_per_token,
                               gpu_tokens_per_s=self.config.prefill_tokens_per_s,
                               model_path=str(self.config.model) if has_tokenizer(self.config.model) else None)
         log = open(self.config.work_dir / "logs" / f"router-{mode}.log", "wb")  # noqa: SIM115 - lives with the process
-        command = (launch_command(config) if mode == STOCK_ROUTER
+        command = (launch_command(config) if stock_router
                    else [sys.executable, "-m", "dualpath.launch_router", *to_argv(config)])
         router = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -216,12 +266,19 @@ class LocalCluster:
         return False
 
     def node_read_bytes(self) -> dict[str, int]:
-        """Bytes each node's storage NIC has read, from its server's report (over HTTP, as the router sees it)."""
-        return {server.spec.node: server.report().read_bytes for server in self.servers}
+        """Bytes each node's storage NIC has read (every server of the node, stock or DualPath), from the node
+        state on this host."""
+        if not self._nodes:
+            directory = node_dir(self.config.store_root)
+            self._nodes = [NodeReader(directory, node) for node in self.config.nodes]
+        return {reader.node: reader.snapshot().read_bytes for reader in self._nodes}
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time each node's server has used so far."""
-        return {server.spec.node: server.cpu_seconds() for server in self.servers}
+        """CPU time each node's servers have used so far."""
+        used = dict.fromkeys(self.config.nodes, 0.0)
+        for server in self.servers:
+            used[server.spec.node] += server.cpu_seconds()
+        return used
 
     def reset(self) -> None:
         """Empty every cache and the store, so the next run starts cold like the previous one."""

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from dualpath.scheduler.report import REPORT_ROUTE, NodeReport
+from dualpath.srt import surface
+from dualpath.srt.config import PLAIN_BACKEND
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "srt" / "tiny_llama"
 TINY_MLA_MODEL = TINY_MODEL.parent / "tiny_deepseek_v2"
@@ -40,8 +42,10 @@ NCCL_PORT_OFFSET, KV_PORT_OFFSET = 2, 3
 @dataclass(frozen=True)
 class ServerSpec:
     """One SGLang server: its role, address and HTTP port and, for DualPath, the node whose storage NIC it
-    uses and the store's mount as that host sees it (None: the options' one); ``cpus`` pins its processes to
-    those cores (empty: wherever the kernel runs them). The server reaches every peer, and is reached, at
+    uses and the store's mount as that host sees it (None: the options' one); a stock server (``dualpath``
+    False) with ``block_store`` reads and writes that store through the same NIC cap as a plain HiCache
+    backend, stock SGLang's data paths (the stock baseline). ``cpus`` pins its processes to those cores
+    (empty: wherever the kernel runs them). The server reaches every peer, and is reached, at
     ``host`` only (SGLang's ``--host`` and ``$SGLANG_HOST_IP``), as on a host of its own."""
 
     role: Literal["prefill", "decode", "null"]
@@ -50,6 +54,7 @@ class ServerSpec:
     bootstrap_port: int | None = None
     nic_gbps: float | None = None
     dualpath: bool = True
+    block_store: bool = False
     extra_args: tuple[str, ...] = ()
     cpus: tuple[int, ...] = ()
     host: str = "127.0.0.1"
@@ -70,6 +75,7 @@ class ServerOptions:
     cpu: bool = True
     max_total_tokens: int = 65536
     transfer_timeout_s: float = 10.0
+    staging_blocks: int = 512
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -118,15 +124,34 @@ def server_command(spec: ServerSpec, options: ServerOptions) -> list[str]:
         cmd += ["--disaggregation-mode", spec.role, "--disaggregation-transfer-backend", "nixl"]
     if spec.bootstrap_port is not None:
         cmd += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
+    store_root = str(spec.store_root or options.store_root)
     if spec.dualpath:
-        cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", str(spec.store_root or options.store_root),
+        cmd += ["--dualpath-node", spec.node, "--dualpath-store-root", store_root,
                 "--dualpath-timeout", str(options.transfer_timeout_s),
-                "--dualpath-kv-port", str(spec.port + KV_PORT_OFFSET)]
+                "--dualpath-kv-port", str(spec.port + KV_PORT_OFFSET),
+                "--dualpath-staging-blocks", str(options.staging_blocks)]
         if spec.nic_gbps is not None:
             cmd += ["--dualpath-nic-gbps", str(spec.nic_gbps)]
     else:
         cmd += ["--dualpath-off", "--page-size", "64"]
+        if spec.block_store:
+            cmd += block_store_args(spec.role, {"store_root": store_root, "node": spec.node, "nic_gbps": spec.nic_gbps,
+                                                "staging_blocks": options.staging_blocks,
+                                                "timeout_s": options.transfer_timeout_s})
     return cmd + list(options.extra_args) + list(spec.extra_args)
+
+
+def block_store_args(role: str, settings: dict[str, object]) -> list[str]:
+    """Stock SGLang flags that give a server the block store as its HiCache storage backend (``settings``: the
+    backend's extra-config keys, None left out). A prefill runs HiCache as DualPath's prefills do, so that the two
+    differ only in DualPath, and backs up the prompt; a decode offloads what it generates (stock SGLang's
+    decode write-back)."""
+    extra = {**PLAIN_BACKEND, **{key: value for key, value in settings.items() if value is not None}}
+    args = ["--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", json.dumps(extra)]
+    if role == "decode":
+        return [*args, *surface.REQUIRED["hicache_mem_layout"], "--disaggregation-decode-enable-offload-kvcache"]
+    return [*args, *(arg for flag, value in surface.REQUIRED.values()
+                     for arg in ((flag,) if value is True else (flag, str(value))))]
 
 
 def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:

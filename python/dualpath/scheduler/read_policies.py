@@ -73,7 +73,11 @@ def queue(ctx: ReadContext) -> ReadSplit:
 
 
 def split(ctx: ReadContext) -> ReadSplit:
-    """Beyond the paper: the hit divided over PE, DE and a helper DE so that their read queues drain together."""
+    """Beyond the paper: the hit divided over PE, DE and a helper DE so that their read queues drain together.
+    A hit the PE's node reads within alpha, its queue included (the paper's "short" node), stays whole on the PE:
+    where reads are not the bottleneck, a split would only add DE work and a DE->PE hop."""
+    if ctx.queue(ctx.pe_node) + ctx.hit <= ctx.config.alpha_tokens:
+        return ReadSplit(ctx.hit, 0)
     helper = helper_de(ctx)
     nodes = [ctx.pe_node, ctx.de_node] + ([ctx.engine_node[helper]] if helper >= 0 else [])
     tokens = split_tokens(ctx.hit, [ctx.queue(n) for n in nodes], [ctx.rate(n) for n in nodes],

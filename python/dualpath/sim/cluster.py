@@ -301,6 +301,7 @@ class Cluster:
         for job in finished:
             request = job.request
             job.finish = now
+            job.first_token = min(job.first_token, now)  # its first step ran faster than the batch at its join
             job.tpot = (now - job.tpot) / max(request.gen_tokens, 1)
             del self.jobs[request.request_id]
             job.on_done(job)

@@ -28,6 +28,11 @@ Role = Literal["prefill", "decode", "null"]
 # The keys SGLang's `dynamic` loader needs to load the DualPath backend.
 BACKEND = {"backend_name": "dualpath", "module_path": "dualpath.srt.storage", "class_name": "DualPathStorage",
            "interface_v1": 1}
+# The keys that load the block store as a plain HiCache backend (stock SGLang's data paths, no DualPath role),
+# and the settings it takes: the stock baseline of `dualpath ab`.
+PLAIN_BACKEND = {"backend_name": "dualpath-blockstore", "module_path": "dualpath.srt.hicache",
+                 "class_name": "BlockStoreBackend", "interface_v1": 1}
+PLAIN_KEYS = ("node", "store_root", "nic_gbps", "staging_blocks", "timeout_s")
 # Extra-config keys that belong to SGLang (its parser pops the prefetch ones before the backend sees them).
 SGLANG_KEYS = frozenset({"prefetch_threshold", "prefetch_timeout_base", "prefetch_timeout_per_ki_token",
                          "prefetch_timeout_max", "hicache_storage_pass_prefix_keys", "tp_lcm_size"})
@@ -136,6 +141,20 @@ class SrtConfig:
             return msgspec.json.decode(raw, type=SrtConfig)
         except msgspec.ValidationError as exc:
             raise ValueError(f"${ENV} is not a valid DualPath configuration: {exc}") from exc
+
+    @staticmethod
+    def plain(extra: dict[str, Any], model: str, tp_rank: int, tp_size: int) -> SrtConfig:
+        """The settings of the block store as a plain HiCache backend (:data:`PLAIN_BACKEND`); ``ValueError``
+        naming what is wrong."""
+        unknown = sorted(set(extra) - set(PLAIN_KEYS) - set(PLAIN_BACKEND) - SGLANG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown block-store backend extra-config keys {unknown}; known: {list(PLAIN_KEYS)}")
+        given = {key: extra[key] for key in PLAIN_KEYS if key in extra}
+        try:
+            return msgspec.convert({**given, "role": "null", "model": model, "tp_size": tp_size, "tp_rank": tp_rank},
+                                   SrtConfig)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"block-store backend extra-config: {exc}") from exc
 
     @staticmethod
     def from_extra_config(extra: dict[str, Any], role: str, model: str, page_size: int, bind_host: str,

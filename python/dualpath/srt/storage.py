@@ -1,9 +1,6 @@
-"""HiCache storage backend on the DualPath block store (``--hicache-storage-backend dynamic``).
-
-Loaded by SGLang's backend factory in each scheduler process, zero-copy interface (``interface_v1``).
-Pages are SGLang's flat host pages in the ``layer_first`` layout (MHA: all K planes, then all V planes;
-MLA: one latent plane per layer), stored as Full Blocks of those planes under SGLang's own page keys, so
-any server finds what another wrote.
+"""DualPath's HiCache storage backend: the block-store backend (``hicache.py``: pages, keys, the stock data
+paths) with DualPath's read paths, loaded when the plugin configured the server (``--hicache-storage-backend
+dynamic`` with :data:`dualpath.srt.config.BACKEND`'s keys).
 
 Per request (see ``requests.py``):
 - PE side (stock): the prefill reads hit pages from the store through its node's storage NIC.
@@ -20,81 +17,52 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
-from dualpath.kv import KVGeometry, block_keys
+from dualpath.kv import block_keys
 from dualpath.scheduler import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
 from dualpath.scheduler.route_hint import Reader
 from dualpath.srt import surface
-from dualpath.srt.blocks import BlockSlots
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
+from dualpath.srt.hicache import BlockStoreBackend
 from dualpath.srt.layers import Landing, LayerGate
 from dualpath.srt.link import KVLink
 from dualpath.srt.requests import CAPACITY, RequestRoutes, Route
 from dualpath.srt.state import StatePublisher
-from dualpath.store import BlockStatus, BlockStore, StoreConfig
+from dualpath.store import BlockStatus
 
 log = logging.getLogger(__name__)
 EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
 
 
-def page_geometry(shape: surface.PoolShape, model_name: str, tp_rank: int = 0, tp_size: int = 1) -> KVGeometry:
-    """The Full Block of one SGLang host page: its planes (MHA: ``2 x layers``, all K then all V; MLA: one
-    latent per layer) of ``heads x head_dim`` elements per token. With tensor parallelism an MHA rank holds its
-    share of the heads, stored apart (``-tp<rank>of<size>``); MLA ranks all hold the whole latent, stored once."""
-    if shape.layout != "layer_first":
-        raise ValueError(f"DualPath stores layer_first host pages; the server uses {shape.layout!r} "
-                         "(start it with --hicache-mem-layout layer_first)")
-    dtype = str(shape.dtype).removeprefix("torch.")
-    name = re.sub(r"[^0-9A-Za-z_.-]", "_", Path(model_name).name or "model")
-    if shape.attention == "mha" and tp_size > 1:
-        name += f"-tp{tp_rank}of{tp_size}"
-    return KVGeometry(f"sglang-{name}-{dtype}", shape.planes, shape.heads * shape.head_dim * shape.dtype.itemsize,
-                      dtype, shape.attention, shape.heads, shape.head_dim)
-
-
-class DualPathStorage(surface.resolve("storage_base")):
+class DualPathStorage(BlockStoreBackend):
     def __init__(self, storage_config: Any, kwargs: dict | None = None) -> None:
+        super().__init__(storage_config, kwargs)
+        self.link: KVLink | None = None
+        self.gate: LayerGate | None = None  # a prefill's layer-by-layer landing of DE pages (layers.py)
+        self._early = EarlyReads(CAPACITY)
+        self.routes = RequestRoutes(self.config.page_size, self._on_arrival)
+        self.state = StatePublisher(self.config, lambda: self.store.stats().hits if self.store is not None else 0)
+
+    def configure(self, setup: surface.StorageSetup) -> SrtConfig:
+        """The configuration the plugin handed down from the server's main process, for this rank."""
         config = SrtConfig.from_env()
         if config is None:
             raise ValueError("the DualPath storage backend was loaded without its configuration: the plugin "
                              "(entry point sglang.srt.plugins: dualpath) did not run in the server's main process")
-        setup = surface.storage_setup(storage_config)
-        if setup.pp_size != 1:
-            raise ValueError(f"DualPath serves one pipeline stage per server in this version; got pp={setup.pp_size}")
         if setup.tp_size != config.tp_size:
             raise ValueError(f"the storage backend runs at tp={setup.tp_size}, the server was launched with "
                              f"tp={config.tp_size}")
-        config = replace(config, tp_rank=setup.tp_rank)
-        self.config = config
-        self.model_name = setup.model_name or "model"
-        self.pool: Any = None  # SGLang's host KV pool
-        self.shape: surface.PoolShape | None = None
-        self.store: BlockStore | None = None
-        self.link: KVLink | None = None
-        self.gate: LayerGate | None = None  # a prefill's layer-by-layer landing of DE pages (layers.py)
-        self._early = EarlyReads(CAPACITY)
-        self.routes = RequestRoutes(config.page_size, self._on_arrival)
-        self._pages_moved: dict[str, list[int]] = {"prefetch": [], "backup": []}  # since get_stats() was last called
-        self.state = StatePublisher(config, lambda: self.store.stats().hits if self.store is not None else 0)
+        return replace(config, tp_rank=setup.tp_rank)
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        shape = surface.pool_shape(mem_pool_host)
-        self.pool, self.shape = mem_pool_host, shape
-        geometry = page_geometry(shape, self.model_name, self.config.tp_rank, self.config.tp_size)
-        self.store = BlockStore(StoreConfig(self.config.store_root, model=geometry,
-                                            block_tokens=shape.page_size, node=self.config.node,
-                                            nic_gbps=self.config.nic_gbps))
-        self.slots = BlockSlots(self.store.layout, self.config.staging_blocks, self.config.timeout_s)
         self.link = KVLink(self.config, self.slots, self.store, self.state.count)
         if self.config.role == "prefill" and self.config.layerwise:
             self.gate = LayerGate(mem_pool_host, self.slots, self._flat, self.state.count)
@@ -113,62 +81,9 @@ class DualPathStorage(surface.resolve("storage_base")):
             route = self.routes.current()
             found = self._store().prefix_length(list(itertools.takewhile(route.read_by_de, keys)))
             return found if found * self.config.page_size >= self.config.prefetch_threshold else 0
-        return self._store().prefix_length(keys)
-
-    def exists(self, key: str) -> bool:
-        return self._store().prefix_length([key]) == 1
-
-    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        held: list[int] = []
-
-        def place(i: int, slot: int) -> None:
-            index = int(host_indices[i * self.shape.page_size])
-            if self.gate is not None and self.gate.hold(slot, index):  # a page still landing enters layer by layer
-                held.append(index)
-            else:
-                surface.set_host_page(self.pool, index, self._flat(slot))
-
-        found = self._guarded(keys, lambda: self._read(keys, place))
-        if held:
-            self.state.count(pages_layerwise=len(held))
-        return found
-
-    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[Any]:
-        targets = list(target_locations)
-        ok = self._read(keys, lambda i, slot: targets[i].view(-1).copy_(self._landed(slot)))
-        return [t if hit else None for t, hit in zip(targets, ok, strict=True)]
-
-    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
-        return self.batch_get([key], [target_location])[0]
-
-    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        return self._guarded(keys, lambda: self._write(
-            keys, lambda i: surface.host_page(self.pool, int(host_indices[i * self.shape.page_size]))))
-
-    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
-                  target_sizes: Any = None) -> bool:
-        sources = list(values)
-        return all(self._write(keys, lambda i: sources[i]))
-
-    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
-        return self.batch_set([key], [value])
-
-    def get_stats(self) -> Any:
-        """Pages per batch read and written since the last call, as SGLang's storage-metrics collector takes them
-        (``--enable-metrics``); DualPath's own counters are the ``dualpath_*`` metrics (``state.py``)."""
-        moved, self._pages_moved = self._pages_moved, {"prefetch": [], "backup": []}
-        return surface.resolve("storage_metrics")(prefetch_pgs=moved["prefetch"], backup_pgs=moved["backup"])
+        return super().batch_exists(keys, extra_info)
 
     # -- reading and writing pages -------------------------------------------------------------------------
-    @staticmethod
-    def _guarded(keys: list[str], call: Callable[[], list[bool]]) -> list[bool]:
-        """HiCache's I/O threads die on an exception; a failed batch is reported as missed pages instead."""
-        try:
-            return call()
-        except Exception:
-            log.exception("DualPath storage: %d pages failed", len(keys))
-            return [False] * len(keys)
-
     def _on_arrival(self, route: Route, input_ids: list[int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
         the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
@@ -245,37 +160,25 @@ class DualPathStorage(surface.resolve("storage_base")):
             return self.slots.fill(keys, self._from_readers(route))
         return self.slots.read(self._store(), keys)
 
-    def _read(self, keys: list[str], place: Callable[[int, int], None]) -> list[bool]:
+    def _slots_for(self, keys: list[str]) -> list[int]:
         route, started = self.routes.current(), time.monotonic()
         self._early.wait(route.rid)
         slots = self._pinned(route, keys)
         if time.monotonic() - started > 1.0:  # HiCache's one I/O thread waited: every request behind it did too
             log.info("request %s: HiCache's I/O thread waited %.1f s for %d pages (%s side)", route.rid,
                      time.monotonic() - started, len(keys), route.side.name)
-        try:
-            for i, slot in enumerate(slots):
-                place(i, slot)
-        finally:
-            self.slots.release(slots)
-        self._pages_moved["prefetch"].append(len(slots))
-        return [i < len(slots) for i in range(len(keys))]
+        return slots
+
+    def _place(self, host_index: int, slot: int) -> None:
+        if self.gate is not None and self.gate.hold(slot, host_index):  # a page still landing enters layer by layer
+            self.state.count(pages_layerwise=1)
+        else:
+            super()._place(host_index, slot)
 
     def _write(self, keys: list[str], page: Callable[[int], torch.Tensor]) -> list[bool]:
-        if self.config.role == "prefill" or (self.shape.attention == "mla" and self.config.tp_rank > 0):
-            return [True] * len(keys)  # the decode writes every block back (DESIGN.md section 2), MLA's rank 0 only
-        slots = self.slots.take(len(keys))
-        try:
-            for i, slot in enumerate(slots):
-                source = page(i)  # a strided view of the host pool: one copy, straight into the slot
-                self._flat(slot).view(source.shape).copy_(source)
-            statuses = self._store().write(keys, self.slots.buffer.blocks(slots))
-        finally:
-            self.slots.release(slots)
-        self._pages_moved["backup"].append(len(keys))
-        return [status in (BlockStatus.OK, BlockStatus.EXISTS) for status in statuses]
-
-    def _flat(self, slot: int) -> torch.Tensor:
-        return torch.from_numpy(self.slots.block(slot).reshape(-1)).view(self.shape.dtype)
+        if self.config.role == "prefill":
+            return [True] * len(keys)  # the decode writes every block back (DESIGN.md section 2)
+        return super()._write(keys, page)
 
     def _landed(self, slot: int) -> torch.Tensor:
         if self.gate is not None:
@@ -292,11 +195,6 @@ class DualPathStorage(surface.resolve("storage_base")):
             backend.slots.forget()
         return result
 
-    def _store(self) -> BlockStore:
-        if self.store is None:
-            raise RuntimeError("the DualPath storage backend is used before SGLang registered its host pool")
-        return self.store
-
     def close(self) -> None:
         self._early.close()
         if self.gate is not None:
@@ -304,5 +202,4 @@ class DualPathStorage(surface.resolve("storage_base")):
         self.state.close()
         if self.link is not None:
             self.link.close()
-        if self.store is not None:
-            self.store.close()
+        super().close()

@@ -228,6 +228,7 @@ class StorageSetup(NamedTuple):
     tp_size: int
     pp_size: int
     model_name: str | None
+    extra_config: dict[str, Any]
 
 
 class LaunchSettings(NamedTuple):
@@ -359,7 +360,7 @@ def host_page(pool: Any, index: int) -> Any:
 
 
 def storage_setup(config: Any) -> StorageSetup:
-    return StorageSetup(config.tp_rank, config.tp_size, config.pp_size, config.model_name)
+    return StorageSetup(config.tp_rank, config.tp_size, config.pp_size, config.model_name, config.extra_config or {})
 
 
 def launch_settings(server_args: Any) -> LaunchSettings:
