@@ -307,6 +307,14 @@ def ratio_intervals(base: RunSummary, dual: RunSummary) -> dict[str, tuple[float
     return intervals
 
 
+def describe(mode: str) -> str:
+    """A baseline mode, as the results records name it."""
+    return {"baseline": "DualPath router in baseline mode (PE-side reads)",
+            STOCK_ROUTER: "stock sglang_router 0.3.2 over DualPath's servers (PE-side reads)",
+            STOCK: "stock sglang_router 0.3.2 over stock SGLang servers, block store as HiCache backend"
+            }.get(mode, mode)
+
+
 def result_records(summaries: Sequence[RunSummary], command: str, target: dict[str, str]) -> list[dict]:
     """benchmark/results records: DualPath's value against the baseline's, measured in the same run, each ratio
     with its bootstrap 95% interval (``ratio_ci95``)."""
@@ -319,10 +327,7 @@ def result_records(summaries: Sequence[RunSummary], command: str, target: dict[s
             ("tpot_p50", "s", base.tpot_p50_s, dual.tpot_p50_s), ("tpot_p99", "s", base.tpot_p99_s, dual.tpot_p99_s),
             ("itl_p50", "s", base.itl_p50_s, dual.itl_p50_s), ("itl_p99", "s", base.itl_p99_s, dual.itl_p99_s),
             ("de_read_share", "fraction", base.de_read_share, dual.de_read_share)]
-    baseline = {"baseline": "DualPath router in baseline mode (PE-side reads)",
-                STOCK_ROUTER: "stock sglang_router 0.3.2 over DualPath's servers (PE-side reads)",
-                STOCK: "stock sglang_router 0.3.2 over stock SGLang servers, block store as HiCache backend"
-                }.get(base.mode, base.mode)
+    baseline = describe(base.mode)
     return [{"metric": metric, "value": d, "unit": unit, "baseline": baseline,
              "baseline_value": b, "ratio": d / b if b else None, "ratio_ci95": intervals.get(metric),
              "target": target.get(metric, ""), "command": command, "machine": machine,

@@ -21,20 +21,24 @@ from dualpath.cluster.ab import (
     SWAPS,
     RunSummary,
     clock,
+    describe,
     estimate_minutes,
     ratio_intervals,
     result_records,
     run_ab,
     write_json,
 )
-from dualpath.cluster.local import STOCK, STOCK_ROUTER, ClusterConfig, LocalCluster, Servers
-from dualpath.cluster.online import DATASETS, agent_pool, agents_for
+from dualpath.cluster.local import MIN_KV_TOKENS, STOCK, STOCK_ROUTER, ClusterConfig, LocalCluster, Servers
+from dualpath.cluster.online import DATASETS, Load, Slo, agent_pool, agents_for
+from dualpath.cluster.online_ab import online_records, online_table, plot_online, run_online_ab, write_online
 from dualpath.cluster.replay import TOP_LOGPROBS
 from dualpath.cluster.servers import TINY_MODEL, with_random_weights
 from dualpath.router.config import ROUTER_MODES
 from dualpath.traces import AgentTrace
 
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
+APS_TARGETS = {(1, 1): ">= 1.6x (the paper: 1.67x for DS27B on 1P1D)"}
+ONLINE_KV_TOKENS = 3072
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-args", default="", help="extra sglang.launch_server arguments for every server")
     p.add_argument("--kv-bytes-per-token", type=int, default=ClusterConfig.bytes_per_token,
                    help="KV bytes per token of the model (sets the router's read rate; default: the tiny Llama)")
+    p.add_argument("--kv-tokens", type=int,
+                   help="every server's KV memory in tokens (its device pool, 1.1x that host pool, as many tokens of "
+                   f"storage slots); default: room for every agent, or {ONLINE_KV_TOKENS} with --search-aps (the "
+                   "agents outnumber the memory, as in the paper, so their hits come from the store)")
     p.add_argument("--base-port", type=int, default=32000)
     p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
 
@@ -99,6 +107,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gen", type=int, default=16, help="output tokens per turn at most")
     p.add_argument("--max-context", type=int, default=20_000,
                    help="skip agents whose (scaled) prompts grow beyond this")
+    online = p.add_argument_group(
+        "online (the paper's Figure 10)", "--search-aps: agents arrive by a Poisson process and run their sessions "
+        "with their think time; for each stack, a bisection finds the highest arrival rate whose run meets the SLO")
+    online.add_argument("--search-aps", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="search the agents/s of each stack in [LOW, HIGH]")
+    online.add_argument("--aps-resolution", type=float, default=0.02, help="the search's resolution, agents/s")
+    online.add_argument("--num-prompts", type=int, default=80, help="turns each probe sends")
+    online.add_argument("--think-time-scale", type=float, default=0.25,
+                        help="an agent waits its trace's think time x this before each turn")
+    online.add_argument("--slo-ttft-ms", type=float, default=4000.0, help="mean TTFT SLO (the paper's: 4 s)")
+    online.add_argument("--slo-tpot-ms", type=float, default=50.0, help="mean TPOT SLO (the paper's: 50 ms)")
     p.add_argument("--out", type=Path, default=Path("dualpath-ab"), help="folder for the plots and records")
     p.add_argument("--name", default="cluster_ab", help="name of the records file <out>/<name>.json")
     p.set_defaults(run=run)
@@ -211,6 +230,12 @@ def nic_gbps(args: argparse.Namespace) -> float:
     return REGIMES[args.regime].nic_gbps if args.nic_gbps is None else args.nic_gbps
 
 
+def kv_tokens(args: argparse.Namespace) -> int | None:
+    if args.kv_tokens is None and getattr(args, "search_aps", None):
+        return ONLINE_KV_TOKENS
+    return args.kv_tokens
+
+
 def cluster_config(args: argparse.Namespace, work: Path, command: str, servers: Servers) -> ClusterConfig:
     """The cluster of the command line; without ``--model``, the tiny Llama with random weights (its dummy
     weights give every token the same logit, and outputs compared across modes must be able to differ)."""
@@ -222,7 +247,7 @@ def cluster_config(args: argparse.Namespace, work: Path, command: str, servers: 
     try:
         return ClusterConfig(work, args.prefill, args.decode, nic_gbps(args), args.base_port, model,
                              on_cpu(args.device), server_args=server_args, bytes_per_token=args.kv_bytes_per_token,
-                             servers=servers)
+                             servers=servers, kv_tokens=kv_tokens(args))
     except ValueError as exc:
         raise SystemExit(f"dualpath {command}: {exc}") from None
 
@@ -258,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
     if baseline == args.dualpath_mode:
         raise SystemExit("dualpath ab: --dualpath-mode baseline compares our baseline with another router: "
                          f"give --baseline {STOCK}")
+    if args.search_aps:
+        return run_online(args, console, baseline)
     agents = select_agents(args)
     turns = sum(len(a.turns) for a in agents)
     minutes = estimate_minutes(agents, args.kv_bytes_per_token, nic_gbps(args), args.prefill, args.scale,
@@ -303,3 +330,47 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.out / f"{args.name}.json", summaries, result_records(summaries, args.command_line, target))
     console.print(f"plots and records in {args.out}/")
     return 0 if all(s.failed == 0 and not s.outputs_differing and s.outputs_checked for s in summaries) else 1
+
+
+def run_online(args: argparse.Namespace, console: Console, baseline: str) -> int:
+    """``dualpath ab --search-aps``: each stack's agents/s within the SLO, baseline first."""
+    low, high = args.search_aps
+    memory = kv_tokens(args)
+    try:
+        if memory < MIN_KV_TOKENS:
+            raise ValueError(f"--kv-tokens must be >= {MIN_KV_TOKENS}, got {memory}")
+        pool = agent_pool(args.trace, args.trace_path, args.scale, min(args.max_context, memory - args.max_gen),
+                          args.turns)
+        load = Load(args.num_prompts, agent_rate=low, think_scale=args.think_time_scale, max_gen=args.max_gen,
+                    scale=args.scale)
+        slo = Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+        if not 0 < low < high or args.aps_resolution <= 0:
+            raise ValueError(f"--search-aps needs 0 < LOW < HIGH and --aps-resolution > 0, got {low} {high} "
+                             f"{args.aps_resolution}")
+    except ValueError as exc:
+        raise SystemExit(f"dualpath ab: {exc}") from None
+    console.print(f"[bold]dualpath ab --search-aps[/]: {args.prefill}P{args.decode}D, storage NIC {nic_gbps(args):g} "
+                  f"Gb/s per node, {memory} tokens of KV a server; {args.trace} agents (<= {args.turns} turns, "
+                  f"x{args.scale} tokens, think time x{args.think_time_scale}), {args.num_prompts} turns a probe; "
+                  f"agents/s in [{low:g}, {high:g}] to {args.aps_resolution:g}, {baseline} then {args.dualpath_mode}")
+    with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
+        work = args.work_dir or Path(scratch)
+        config = cluster_config(args, work, "ab", "both" if baseline == STOCK else "dualpath")
+        cluster = LocalCluster(config)
+        console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
+        try:
+            cluster.start()
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                stacks = run_online_ab(cluster, (baseline, args.dualpath_mode), pool, load, slo, low, high,
+                                       args.aps_resolution, progress=progress)
+        finally:
+            cluster.stop()
+    console.print(online_table(stacks, slo, args.aps_resolution, high))
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_online(stacks, slo, args.out / f"{args.name}.png")
+    target = APS_TARGETS.get((args.prefill, args.decode), "")
+    write_online(args.out / f"{args.name}.json", stacks,
+                 online_records(stacks, args.aps_resolution, high, args.command_line, target, describe(baseline)))
+    console.print(f"plots and records in {args.out}/")
+    return 0 if all(p.failed == 0 for s in stacks for p in s.probes) else 1

@@ -44,6 +44,8 @@ Servers = Literal["dualpath", "stock", "both"]
 STOCK_PORT_OFFSET = 100  # the stock set's ports: the DualPath set's + 100
 
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
+MIN_KV_TOKENS = 1024
+HOST_RATIO = 1.1  # host pool / device pool with kv_tokens: SGLang's HiCache wants the host pool the larger
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,18 @@ class ClusterConfig:
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     servers: Servers = "dualpath"
+    # Every server's KV memory, tokens: its device pool, its HiCache host pool (HOST_RATIO x) and its storage slots.
+    # None: max_total_tokens and staging_blocks, room for every agent of an A/B.
+    kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefill < 1 or self.decode < 1:
             raise ValueError(f"a cluster needs >= 1 prefill and >= 1 decode server, got {self.prefill}P{self.decode}D")
         if self.nic_gbps <= 0:
             raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
+        if self.kv_tokens is not None and self.kv_tokens < MIN_KV_TOKENS:
+            raise ValueError(f"kv_tokens must be >= {MIN_KV_TOKENS} (a page of {PAGE_TOKENS} tokens per request "
+                             f"side by side, and a whole prompt), got {self.kv_tokens}")
         ports = _ports(self)
         if len(set(ports)) != len(ports):  # prefill i listens on base + 10 i, decode i on base + 50 + 10 i
             raise ValueError(f"{self.prefill}P{self.decode}D: two servers would share a port; at most 5 prefill "
@@ -188,8 +196,11 @@ class LocalCluster:
     def _start(self, specs: list[ServerSpec], timeout_s: float) -> None:
         c = self.config
         # Idle servers sleep (stock --sleep-on-idle): between rounds they leave the cores to the routers and client.
-        options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, c.max_total_tokens,
-                                c.timeout_s, c.staging_blocks, ("--sleep-on-idle", *c.server_args), dict(c.env))
+        tokens, slots, memory = c.max_total_tokens, c.staging_blocks, ()
+        if c.kv_tokens is not None:
+            tokens, slots, memory = c.kv_tokens, c.kv_tokens // PAGE_TOKENS, ("--hicache-ratio", str(HOST_RATIO))
+        options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, tokens, c.timeout_s, slots,
+                                ("--sleep-on-idle", *memory, *c.server_args), dict(c.env))
         self.servers = start_servers(specs, options, timeout_s)
 
     def serving(self, mode: str) -> bool:
