@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -212,3 +213,79 @@ def test_an_answer_asked_again_differs_on_any_top_k_change():
     assert _difference(got, Streamed([7, 3], 0.1, (0.01,), ())) == "no logprobs in the answer"
     assert _difference((), Streamed([7, 3], 0.1, (0.01,), ())) == "no logprobs in the answer"  # nothing to compare
     assert "TimeoutError" in _difference(got, TimeoutError("late"))
+
+
+class QueueCluster:
+    """A stand-in for LocalCluster in the online A/B: each stack a queue whose mean TTFT grows with the agent
+    rate towards its capacity; the decode node reads a share of every probe's bytes in ``split``."""
+
+    def __init__(self) -> None:
+        self.capacity = {"stock": 0.3, "split": 0.6}
+        self.config = SimpleNamespace(bytes_per_token=10)
+        self.serving, self.resets, self.read = "", 0, {"pe0": 0, "de0": 0}
+
+    def serve(self, mode: str) -> str:
+        self.serving = mode
+        return f"http://{mode}"
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def node_read_bytes(self) -> dict[str, int]:
+        return dict(self.read)
+
+    def stop_router(self) -> None:
+        self.serving = ""
+
+    async def run_load(self, url: str, pool, load: Load, seed: int, on_done=None) -> LoadResult:
+        assert url == f"http://{self.serving}" and self.resets  # every probe after a reset, on its stack
+        utilisation = load.agent_rate / self.capacity[self.serving]
+        ttft = 1.0 / max(1 - utilisation, 1e-3)  # M/M/1-like: 1 s idle, 4 s at 75% of capacity
+        self.read["pe0"] += 600 if self.serving == "split" else 1000
+        self.read["de0"] += 400 if self.serving == "split" else 0
+        return LoadResult([RequestRecord("a", 1, 100, 80, 5, 0.0, ttft, ttft + 0.04, True)] * 2, 10.0, 1, 1)
+
+
+def test_the_online_ab_finds_each_stacks_agents_per_second_and_bounds_the_ratio(monkeypatch, tmp_path: Path):
+    from dualpath.cluster import online_ab
+
+    fake = QueueCluster()
+    monkeypatch.setattr(online_ab, "run_load", fake.run_load)
+    slo, resolution = Slo(4.0, 0.05), 0.01
+    stacks = online_ab.run_online_ab(fake, ("stock", "split"), AGENTS, Load(10), slo, 0.05, 1.0, resolution)
+    base, dual = stacks
+    # Mean TTFT reaches 4 s at 75% of capacity: 0.225 and 0.45 agents/s.
+    assert 0.225 - resolution <= base.aps <= 0.225 and 0.45 - resolution <= dual.aps <= 0.45
+    assert fake.resets == len(base.probes) + len(dual.probes) and fake.serving == ""
+    assert all(p.node_read_bytes == {"pe0": 600, "de0": 400} and p.de_read_share == 0.4 for p in dual.probes)
+    assert all(p.store_share == pytest.approx(1000 / (2 * 80 * 10)) for p in base.probes)
+    records = {r["metric"]: r for r in online_ab.online_records(stacks, resolution, 1.0, "c", ">= 1.6x", "stock")}
+    aps = records["agents_per_s_at_slo"]
+    low, high = aps["ratio_bounds"]
+    assert aps["ratio"] == pytest.approx(dual.aps / base.aps) and low <= 2.0 <= high and high - low < 0.2
+    assert records["de_read_share_at_aps"]["value"] == 0.4 and records["de_read_share_at_aps"]["baseline_value"] == 0
+    online_ab.write_online(tmp_path / "online.json", stacks, list(records.values()))
+    assert json.loads((tmp_path / "online.runs.json").read_text())[1]["aps"] == dual.aps
+
+
+def test_the_aps_ratio_is_bounded_by_the_search_resolution():
+    from dualpath.cluster.online_ab import StackCapacity, aps_bounds, ratio_bounds
+
+    assert aps_bounds(0.2, 0.05, 1.0) == (0.2, 0.25)
+    assert aps_bounds(1.0, 0.05, 1.0) == (1.0, float("inf"))  # even the highest rate met the SLO
+    base, dual = StackCapacity("stock", 0.2, []), StackCapacity("split", 0.4, [])
+    assert ratio_bounds(base, dual, 0.05, 1.0) == pytest.approx((0.4 / 0.25, 0.45 / 0.2))
+    assert ratio_bounds(StackCapacity("stock", 0.0, []), dual, 0.05, 1.0) is None  # the baseline met nothing
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--search-aps", "1", "0.5"], "needs 0 < LOW < HIGH"),
+    (["--search-aps", "0.1", "0.5", "--aps-resolution", "0"], "--aps-resolution > 0"),
+    (["--search-aps", "0.1", "0.5", "--kv-tokens", "100"], "--kv-tokens must be >= 1024"),
+    (["--search-aps", "0.1", "0.5", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+])
+def test_the_online_ab_refuses_bad_input_before_starting_anything(argv: list[str], message: str, tmp_path: Path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["ab", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *argv])
+    assert message in str(exit_info.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -105,6 +105,32 @@ def test_pages_round_trip_through_the_store_and_the_de_path(attention: str, tmp_
         decode.close()
 
 
+def test_an_early_read_skips_the_pages_the_prefills_own_cache_holds(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = list(range(1, PAGES * PAGE + 1))
+    keys, indices = block_keys(ids, PAGE), torch.arange(PAGE, PAGE * (PAGES + 1))
+    _, de_pool = _pools("mha")
+    _, pe_pool = _pools("mha")
+    decode = _backend(monkeypatch, "decode", "de0", tmp_path, de_pool)
+    prefill = _backend(monkeypatch, "prefill", "pe0", tmp_path, pe_pool)
+    try:
+        assert decode.batch_set_v1(keys, indices) == [True] * PAGES
+        de_hint = RouteHint(ReadSide.DE, prefill.config.kv_channel, decode.config.kv_channel)
+        for rid, hint, held in (("pe-cold", RouteHint(ReadSide.PE), 0), ("pe-warm", RouteHint(ReadSide.PE), 2),
+                                ("de-cold", de_hint, 0), ("de-warm", de_hint, 5)):
+            prefill.slots.forget()
+            decode.slots.forget()
+            before = prefill.store.stats().hits, decode.store.stats().hits
+            # held pages plus a part of one: only whole pages the cache holds are left out
+            prefill.routes.arrive(rid, None, hint.encode(), ids, cached_tokens=lambda h=held: h * PAGE + PAGE // 2)
+            prefill._early.wait(rid)
+            read = prefill.store.stats().hits - before[0], decode.store.stats().hits - before[1]
+            assert read == ((PAGES - held, 0) if hint.side is ReadSide.PE else (0, PAGES - held)), rid
+    finally:
+        prefill.close()
+        decode.close()
+
+
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_cpu_host_copies_move_every_layer_of_both_pool_kinds(attention: str) -> None:
     from dualpath.srt import cpu

@@ -47,15 +47,16 @@ class Route(NamedTuple):
         return self.hint is not None and self.hint.de_channel is not None and self.reader(key) == self.hint.de_channel
 
 
-ArrivalListener = Callable[[Route, list[int]], None]
+# (route, prompt ids, how many leading tokens the server's own cache holds: asked only when needed)
+ArrivalListener = Callable[[Route, list[int], Callable[[], int]], None]
 
 
 class RequestRoutes:
     """The routes of the requests one storage backend serves, and the request each thread serves now."""
 
     def __init__(self, page_size: int, on_arrival: ArrivalListener, capacity: int = CAPACITY) -> None:
-        """``on_arrival(route, prompt ids)`` is called on the scheduler thread for every arriving request; it
-        must not block."""
+        """``on_arrival(route, prompt ids, cached tokens)`` is called on the scheduler thread for every arriving
+        request; it must not block."""
         self._page_size = page_size
         self._on_arrival = on_arrival
         self._capacity = capacity
@@ -63,7 +64,8 @@ class RequestRoutes:
         self._lock = threading.Lock()
         self._current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_rid", default=None)
 
-    def arrive(self, rid: str, room: int | None, routing_key: str | None, input_ids: list[int]) -> Route:
+    def arrive(self, rid: str, room: int | None, routing_key: str | None, input_ids: list[int],
+               cached_tokens: Callable[[], int] = lambda: 0) -> Route:
         try:
             hint = RouteHint.decode(routing_key)
         except ValueError as exc:
@@ -75,7 +77,7 @@ class RequestRoutes:
             self._routes.move_to_end(rid)
             while len(self._routes) > self._capacity:
                 self._routes.popitem(last=False)
-        self._on_arrival(route, input_ids)
+        self._on_arrival(route, input_ids, cached_tokens)
         return route
 
     def current(self) -> Route:
@@ -108,7 +110,7 @@ def _serving(owner: Any, rid: Callable[[], str], call: Callable[[], Any]) -> Any
 def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     routes = _routes_of(scheduler)
     if routes is not None:
-        route = routes.arrive(*surface.arrival(req))
+        route = routes.arrive(*surface.arrival(req), cached_tokens=lambda: surface.cached_prefix_tokens(scheduler, req))
         if route.hint is not None:  # SGLang counts requests per routing key: the client's, not the router's hint
             surface.set_routing_key(req, route.hint.client_key or None)
     return _serving(scheduler, lambda: surface.request_id(req), lambda: original(scheduler, req, *args, **kwargs))

@@ -84,27 +84,29 @@ class DualPathStorage(BlockStoreBackend):
         return super().batch_exists(keys, extra_info)
 
     # -- reading and writing pages -------------------------------------------------------------------------
-    def _on_arrival(self, route: Route, input_ids: list[int]) -> None:
+    def _on_arrival(self, route: Route, input_ids: list[int], cached_tokens: Callable[[], int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
         the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
         see ``early.py``). The pages land in the slot cache, where ``batch_get_v1`` finds them once the reads
-        are done. Requests without a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
+        are done; the leading pages this server's own cache holds are not read (the router sees only the store).
+        Requests without a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
         """
         if route.hint is None or self.config.role != "prefill" or self.link is None:
             return
         # The readers of the plan's leading runs that got whole pages, and the last reader (the rest).
         readers = [*dict.fromkeys(route.page_readers.values()), route.hint.plan.readers[-1]]
-        arrived, ids = time.monotonic(), list(input_ids)
-        self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, arrived))
+        arrived, ids, held = time.monotonic(), list(input_ids), cached_tokens() // self.shape.page_size
+        self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, held, arrived))
 
-    def _fetch_early(self, route: Route, reader: Reader, input_ids: list[int],
+    def _fetch_early(self, route: Route, reader: Reader, input_ids: list[int], held: int,
                      arrived: float) -> None:
-        """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache."""
+        """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache, past the first
+        ``held`` (in this server's cache; should they be evicted by then, HiCache's prefetch reads them)."""
         name = reader.agent if reader is not None else "PE"
         try:
             store, page = self._store(), self.shape.page_size
             keys = block_keys(input_ids[: len(input_ids) // page * page], page)
-            keys = [key for key in keys[: store.prefix_length(keys)] if route.reader(key) == reader]
+            keys = [key for key in keys[held: store.prefix_length(keys)] if route.reader(key) == reader]
             started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
                 self.slots.release(self._pinned(route, keys[start:start + EARLY_BATCH]))

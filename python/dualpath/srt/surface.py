@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import pkgutil
 import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,6 +85,8 @@ TARGETS: dict[str, str] = {
     "scheduler": SCHEDULER,
     "req": "sglang.srt.managers.schedule_batch.Req",
     "radix_cache": "sglang.srt.mem_cache.hiradix_cache.HiRadixCache",
+    "radix_key": "sglang.srt.mem_cache.radix_cache.RadixKey",
+    "match_params": "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams",
     "controller": CONTROLLER,
     "prefetch_operation": "sglang.srt.managers.cache_controller.PrefetchOperation",
     "decode_queue": "sglang.srt.disaggregation.decode.DecodePreallocQueue",
@@ -111,9 +114,9 @@ CPU_REQUIRED = {"disable_overlap_schedule": ("--disable-overlap-schedule", True)
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "scheduler": ("tree_cache", "chunked_req", "waiting_queue", "page_size", "max_prefill_tokens",
                   "chunked_prefill_size"),
-    "req": ("rid", "bootstrap_room", "routing_key", "origin_input_ids", "prefix_indices", "host_hit_length",
-            "storage_hit_length"),
-    "radix_cache": ("cache_controller",),
+    "req": ("rid", "bootstrap_room", "routing_key", "origin_input_ids", "extra_key", "prefix_indices",
+            "host_hit_length", "storage_hit_length"),
+    "radix_cache": ("cache_controller", "match_prefix"),
     "controller": ("storage_backend",),
     "prefetch_operation": ("request_id",),
     "decode_queue": ("tree_cache",),
@@ -244,6 +247,18 @@ class LaunchSettings(NamedTuple):
 
 def arrival(req: Any) -> Arrival:
     return Arrival(req.rid, req.bootstrap_room, req.routing_key, req.origin_input_ids)
+
+
+def cached_prefix_tokens(scheduler: Any, req: Any) -> int:
+    """Leading prompt tokens the scheduler's radix cache holds in device or host memory now (0 without HiCache):
+    pages a store read would fetch again. Matching only refreshes those pages' place in the LRU, as the request's
+    own match will moments later."""
+    cache = scheduler.tree_cache
+    if not isinstance(cache, resolve("radix_cache")):
+        return 0
+    key = resolve("radix_key")(token_ids=array("q", req.origin_input_ids), extra_key=req.extra_key)
+    match = cache.match_prefix(resolve("match_params")(key=key))
+    return len(match.device_indices) + match.host_hit_length
 
 
 def set_routing_key(req: Any, key: str | None) -> None:
