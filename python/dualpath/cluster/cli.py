@@ -38,7 +38,7 @@ from dualpath.traces import AgentTrace
 
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
 APS_TARGETS = {(1, 1): ">= 1.6x (the paper: 1.67x for DS27B on 1P1D)"}
-ONLINE_KV_TOKENS = 3072
+ONLINE_KV_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bytes-per-token", type=int, default=ClusterConfig.bytes_per_token,
                    help="KV bytes per token of the model (sets the router's read rate; default: the tiny Llama)")
     p.add_argument("--kv-tokens", type=int,
-                   help="every server's KV memory in tokens (its device pool, 1.1x that host pool, as many tokens of "
-                   f"storage slots); default: room for every agent, or {ONLINE_KV_TOKENS} with --search-aps (the "
-                   "agents outnumber the memory, as in the paper, so their hits come from the store)")
+                   help="a prefill's KV memory in tokens (its device pool, 1.1x that host pool) and every server's "
+                   "storage slots (as many tokens); default: room for every agent, or "
+                   f"{ONLINE_KV_TOKENS} with --search-aps (the agents outnumber the memory, as in the paper, so "
+                   "their hits come from the store)")
     p.add_argument("--base-port", type=int, default=32000)
     p.add_argument("--work-dir", type=Path, help="store and logs (default: a temporary directory)")
 

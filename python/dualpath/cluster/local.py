@@ -68,8 +68,9 @@ class ClusterConfig:
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     servers: Servers = "dualpath"
-    # Every server's KV memory, tokens: its device pool, its HiCache host pool (HOST_RATIO x) and its storage slots.
-    # None: max_total_tokens and staging_blocks, room for every agent of an A/B.
+    # A prefill's KV memory in tokens (its device pool; its HiCache host pool HOST_RATIO x that), and every server's
+    # storage slots (as many tokens). None: max_total_tokens and staging_blocks, room for every agent of an A/B.
+    # Decodes keep max_total_tokens: stock SGLang's decode reuses no prefix, and each request reserves room there.
     kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -124,8 +125,11 @@ class ClusterConfig:
     def _set(self, dualpath: bool) -> list[ServerSpec]:
         pe_cpus, de_cpus = self.cpu_shares()
         base = self.base_port + (0 if dualpath else STOCK_PORT_OFFSET)
+        memory = () if self.kv_tokens is None else ("--max-total-tokens", str(self.kv_tokens),
+                                                     "--hicache-ratio", str(HOST_RATIO))
         prefill = [ServerSpec("prefill", base + 10 * i, f"pe{i}", bootstrap_port=base + 10 * i + 1,
-                              nic_gbps=self.nic_gbps, dualpath=dualpath, block_store=not dualpath, cpus=pe_cpus[i])
+                              nic_gbps=self.nic_gbps, dualpath=dualpath, block_store=not dualpath, cpus=pe_cpus[i],
+                              extra_args=memory)
                    for i in range(self.prefill)]
         decode = [ServerSpec("decode", base + 50 + 10 * i, f"de{i}", nic_gbps=self.nic_gbps, dualpath=dualpath,
                              block_store=not dualpath, cpus=de_cpus[i]) for i in range(self.decode)]
@@ -196,11 +200,9 @@ class LocalCluster:
     def _start(self, specs: list[ServerSpec], timeout_s: float) -> None:
         c = self.config
         # Idle servers sleep (stock --sleep-on-idle): between rounds they leave the cores to the routers and client.
-        tokens, slots, memory = c.max_total_tokens, c.staging_blocks, ()
-        if c.kv_tokens is not None:
-            tokens, slots, memory = c.kv_tokens, c.kv_tokens // PAGE_TOKENS, ("--hicache-ratio", str(HOST_RATIO))
-        options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, tokens, c.timeout_s, slots,
-                                ("--sleep-on-idle", *memory, *c.server_args), dict(c.env))
+        slots = c.staging_blocks if c.kv_tokens is None else c.kv_tokens // PAGE_TOKENS
+        options = ServerOptions(c.store_root, c.work_dir / "logs", c.model, c.cpu, c.max_total_tokens, c.timeout_s,
+                                slots, ("--sleep-on-idle", *c.server_args), dict(c.env))
         self.servers = start_servers(specs, options, timeout_s)
 
     def serving(self, mode: str) -> bool:
