@@ -135,8 +135,8 @@ def test_request_routes_live_in_the_storage_backend_sglang_owns() -> None:
         return SimpleNamespace(tree_cache=SimpleNamespace(cache_controller=SimpleNamespace(storage_backend=backend)))
 
     arrived: list[tuple[str, list[int]]] = []
-    ours = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids: arrived.append((route.rid, ids))))
-    other = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids: arrived.append(("other", ids))))
+    ours = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids, _: arrived.append((route.rid, ids))))
+    other = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids, _: arrived.append(("other", ids))))
     hint = RouteHint(ReadSide.DE, PE, DE).encode()
     req = SimpleNamespace(rid="r1", bootstrap_room=7, routing_key=hint, origin_input_ids=[1, 2, 3])
     seen = requests.on_add_request(lambda scheduler, r: ours.routes.current(), scheduler_with(ours), req)
@@ -759,7 +759,7 @@ def test_the_servers_give_sglang_the_clients_routing_key_back(monkeypatch: pytes
 
     from dualpath.srt import requests
 
-    routes = requests.RequestRoutes(64, lambda route, ids: None)
+    routes = requests.RequestRoutes(64, lambda route, ids, _: None)
     monkeypatch.setattr(surface, "storage_backend", lambda owner: SimpleNamespace(routes=routes))
     seen = []
     for key in ("session-7;a=b", ""):

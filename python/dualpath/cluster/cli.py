@@ -351,7 +351,7 @@ def run_online(args: argparse.Namespace, console: Console, baseline: str) -> int
     except ValueError as exc:
         raise SystemExit(f"dualpath ab: {exc}") from None
     console.print(f"[bold]dualpath ab --search-aps[/]: {args.prefill}P{args.decode}D, storage NIC {nic_gbps(args):g} "
-                  f"Gb/s per node, {memory} tokens of KV a server; {args.trace} agents (<= {args.turns} turns, "
+                  f"Gb/s per node, {memory} tokens of KV a prefill; {args.trace} agents (<= {args.turns} turns, "
                   f"x{args.scale} tokens, think time x{args.think_time_scale}), {args.num_prompts} turns a probe; "
                   f"agents/s in [{low:g}, {high:g}] to {args.aps_resolution:g}, {baseline} then {args.dualpath_mode}")
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:

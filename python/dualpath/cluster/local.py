@@ -79,8 +79,8 @@ class ClusterConfig:
         if self.nic_gbps <= 0:
             raise ValueError(f"nic_gbps must be positive, got {self.nic_gbps}")
         if self.kv_tokens is not None and self.kv_tokens < MIN_KV_TOKENS:
-            raise ValueError(f"kv_tokens must be >= {MIN_KV_TOKENS} (a page of {PAGE_TOKENS} tokens per request "
-                             f"side by side, and a whole prompt), got {self.kv_tokens}")
+            raise ValueError(f"kv_tokens must be >= {MIN_KV_TOKENS} (a prefill's pool holds whole prompts), "
+                             f"got {self.kv_tokens}")
         ports = _ports(self)
         if len(set(ports)) != len(ports):  # prefill i listens on base + 10 i, decode i on base + 50 + 10 i
             raise ValueError(f"{self.prefill}P{self.decode}D: two servers would share a port; at most 5 prefill "

@@ -3,7 +3,7 @@
 Agents arrive by a Poisson process and run their sessions turn by turn with their trace's think time
 (:func:`online.run_load`). For each stack, a bisection over the arrival rate (:func:`online.capacity`) finds the
 highest rate whose run meets the SLO (mean TTFT and mean TPOT within it, nothing failed): its agents per second
-(APS). Every probe starts cold (caches flushed, store emptied) and the servers hold ``--kv-tokens`` of KV, far
+(APS). Every probe starts cold (caches flushed, store emptied) and the prefills hold ``--kv-tokens`` of KV, far
 fewer than the agents' contexts, so hits that outlive an agent's think time come from the store, as with the
 paper's thousands of agents. One stack is served at a time (two sets of servers do not fit in memory).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -138,10 +139,12 @@ def online_records(stacks: Sequence[StackCapacity], resolution: float, high: flo
         return next((p for p in s.probes if p.met and p.agent_rate == s.aps), None)
 
     share = [p.de_read_share if (p := at_aps(s)) else None for s in stacks]
+    bounds = ratio_bounds(base, dual, resolution, high)
     common = {"baseline": baseline, "command": command, "machine": machine, "date": date.today().isoformat()}
     return [{"metric": "agents_per_s_at_slo", "value": dual.aps, "unit": "agents/s", "baseline_value": base.aps,
              "ratio": dual.aps / base.aps if base.aps else None,
-             "ratio_bounds": ratio_bounds(base, dual, resolution, high), "target": target, **common},
+             "ratio_bounds": bounds and [b if math.isfinite(b) else None for b in bounds],  # None: unbounded (JSON)
+             "target": target, **common},
             {"metric": "de_read_share_at_aps", "value": share[1], "unit": "fraction", "baseline_value": share[0],
              "ratio": None, "target": "", **common}]
 
