@@ -8,9 +8,10 @@ import argparse
 import shlex
 import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -37,6 +38,7 @@ from dualpath.router.config import ROUTER_MODES
 from dualpath.traces import AgentTrace
 
 THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
+T = TypeVar("T")
 APS_TARGETS = {(1, 1): ">= 1.6x (the paper: 1.67x for DS27B on 1P1D)"}
 ONLINE_KV_TOKENS = 2048
 
@@ -277,6 +279,25 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def on_cluster(args: argparse.Namespace, console: Console, baseline: str,
+               work: Callable[[LocalCluster, Progress], T]) -> tuple[T, list[str]]:
+    """``work(cluster, progress)`` on the command line's cluster (the stock set too for a stock baseline), started
+    in ``--work-dir`` or a temporary directory and stopped on every path; its result and the cluster's nodes."""
+    with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
+        directory = args.work_dir or Path(scratch)
+        config = cluster_config(args, directory, "ab", "both" if baseline == STOCK else "dualpath")
+        cluster = LocalCluster(config)
+        console.print(f"[{clock()}] starting servers (logs in {directory / 'logs'}) ...")
+        try:
+            cluster.start()
+            console.print(f"[{clock()}] servers ready")
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                return work(cluster, progress), config.nodes
+        finally:
+            cluster.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_term)
     console = Console()
@@ -297,20 +318,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(agents)} {args.trace} agents, "
                   f"{turns} turns x {args.scale} tokens, <= {args.max_gen} output tokens each. "
                   f"Estimated ~{minutes:.0f} min.")
-    with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
-        work = args.work_dir or Path(scratch)
-        config = cluster_config(args, work, "ab", "both" if baseline == STOCK else "dualpath")
-        cluster = LocalCluster(config)
-        console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
-        try:
-            cluster.start()
-            console.print(f"[{clock()}] servers ready; replaying")
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console) as progress:
-                summaries = run_ab(cluster, agents, args.max_gen, args.scale, progress, args.dualpath_mode, baseline)
-        finally:
-            cluster.stop()
-    nodes = config.nodes
+    summaries, nodes = on_cluster(args, console, baseline, lambda cluster, progress: run_ab(
+        cluster, agents, args.max_gen, args.scale, progress, args.dualpath_mode, baseline))
     console.print(table(summaries, nodes))
     for s in summaries:
         if s.failed:
@@ -354,19 +363,8 @@ def run_online(args: argparse.Namespace, console: Console, baseline: str) -> int
                   f"Gb/s per node, {memory} tokens of KV a prefill; {args.trace} agents (<= {args.turns} turns, "
                   f"x{args.scale} tokens, think time x{args.think_time_scale}), {args.num_prompts} turns a probe; "
                   f"agents/s in [{low:g}, {high:g}] to {args.aps_resolution:g}, {baseline} then {args.dualpath_mode}")
-    with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
-        work = args.work_dir or Path(scratch)
-        config = cluster_config(args, work, "ab", "both" if baseline == STOCK else "dualpath")
-        cluster = LocalCluster(config)
-        console.print(f"[{clock()}] starting servers (logs in {work / 'logs'}) ...")
-        try:
-            cluster.start()
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console) as progress:
-                stacks = run_online_ab(cluster, (baseline, args.dualpath_mode), pool, load, slo, low, high,
-                                       args.aps_resolution, progress=progress)
-        finally:
-            cluster.stop()
+    stacks, _ = on_cluster(args, console, baseline, lambda cluster, progress: run_online_ab(
+        cluster, (baseline, args.dualpath_mode), pool, load, slo, low, high, args.aps_resolution, progress=progress))
     console.print(online_table(stacks, slo, args.aps_resolution, high))
     args.out.mkdir(parents=True, exist_ok=True)
     plot_online(stacks, slo, args.out / f"{args.name}.png")
