@@ -9,8 +9,9 @@ mode (every read on the PE side).
 
 With ``--tokenizer PATH`` the sessions are chat conversations instead (a first message of the same context,
 then one message of ~429 tokens a turn) sent as OpenAI chat bodies, and the timed path is what the router
-does for them: parse the body, tokenize it (chat template, segment cache; ``router/tokens.py``), then
-decide; the baseline is the same decisions given the token ids (no parse, no tokenizer).
+does for them: parse the body, tokenize it as far as the store's hit reaches (chat template, segment cache,
+store probe; ``router/tokens.py``), then decide; the baseline is the same decisions given the token ids (no
+parse, no tokenizer), and a diagnostic the same bodies tokenized whole before deciding (no probe).
 
     .venv/bin/python benchmark/router_bench.py [--sessions 32] [--turns 40] [--engines 64] [--tokenizer PATH]
 """
@@ -116,7 +117,7 @@ class Timings(NamedTuple):
 
 
 async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], keys: list[list[str]],
-                     writer: BlockStore, tokenizer: PromptTokenizer | None) -> Timings:
+                     writer: BlockStore, tokenizer: PromptTokenizer | None, probe: bool) -> Timings:
     """Time the decision of every request, in arrival order."""
     half = engines // 2
     config = RouterConfig(tuple(PrefillSpec(f"http://127.0.0.1:{20000 + i}") for i in range(half)),
@@ -141,7 +142,7 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
         parsed = ParsedRequest("generate", {}, False, None, (ids,), 0, 176, None)
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         if tokenizer is not None:  # what the router does for a chat body: parse, tokenize, then decide
-            parsed = tokenizer.with_ids(parse_request("chat", body, set()))
+            parsed = tokenizer.with_ids(parse_request("chat", body, set()), decider.probe if probe else None)
         placement = await decider.place(parsed)
         cpu = (time.thread_time_ns() - start_cpu) / 1e3
         elapsed = (time.perf_counter_ns() - start) / 1e3
@@ -154,13 +155,18 @@ async def decide_all(mode: str, engines: int, root: Path, turns: list[Turn], key
             done = in_flight.popleft()
             decider.release_prefill(done)
             decider.release_decode(done)
-        full = len(prompt) // BLOCK  # the decode writes the turn's blocks back for the next turn
-        turn_keys = keys[session] if keys else block_keys(prompt, BLOCK)  # chats: not a prefix of the next turn
-        for key in turn_keys[written[session] if keys else 0:full]:
+        full = len(prompt) // BLOCK  # the decode writes the turn's new blocks back for the next turn
+        if keys:
+            turn_keys = keys[session][written[session]:full]
+        else:  # a chat's prompt is not a prefix of the next turn's (the generation prompt): its own keys
+            turn_keys = [key for key in block_keys(prompt, BLOCK) if not writer.index.exists(key)]
+        for key in turn_keys:
             path = writer.path(key)
             path.parent.mkdir(exist_ok=True)
             path.touch()
         written[session] = full
+        if tokenizer is not None:  # the agent's think time, which the bench does not replay, covers this
+            tokenizer.wait_background()
     return timings
 
 
@@ -190,12 +196,13 @@ def write(records: list[dict], name: str) -> None:
 
 
 def run(engines: int, mode: str, turns: list[Turn], keys: list[list[str]],
-        tokenizer: PromptTokenizer | None = None) -> Timings:
-    """Time ``turns`` in ``mode`` against a fresh store directory."""
+        tokenizer: PromptTokenizer | None = None, probe: bool = True) -> Timings:
+    """Time ``turns`` in ``mode`` against a fresh store directory (chat bodies tokenized as far as the store's
+    hit with ``probe``, else whole)."""
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         root = Path(tmp)
         with BlockStore(StoreConfig(root, "tiny", BLOCK, node="writer", io_threads=1)) as writer:
-            return asyncio.run(decide_all(mode, engines, root, turns, keys, writer, tokenizer))
+            return asyncio.run(decide_all(mode, engines, root, turns, keys, writer, tokenizer, probe))
 
 
 def _record(metric: str, value: float, baseline_value: float, baseline: str, target: str, load: float) -> dict:
@@ -244,24 +251,32 @@ def main() -> int:
 
 
 def tokenized(args: argparse.Namespace, load: float) -> int:
-    """Chat bodies parsed, tokenized and decided vs the same decisions given their ids; tokenizer caches cold."""
+    """Chat bodies parsed, tokenized and decided vs the same decisions given their ids, and vs the same bodies
+    tokenized whole before the decision (no store probe); tokenizer caches cold."""
     order = chat_sessions(args.sessions, args.turns, 1, PromptTokenizer(str(args.tokenizer)))
     mean_context = np.mean([len(turn.prompt) for turn in order])
     run(args.engines, "dualpath", order[:2 * args.sessions], [])  # warm-up pass, thrown away
     chat = Stats.of(run(args.engines, "dualpath", order, [], PromptTokenizer(str(args.tokenizer))), args.sessions)
     ids = Stats.of(run(args.engines, "dualpath", order, []), args.sessions)
+    whole = Stats.of(run(args.engines, "dualpath", order, [], PromptTokenizer(str(args.tokenizer)), probe=False),
+                     args.sessions)
     print(f"{args.engines} engines, {len(order)} chat requests, mean context {mean_context:,.0f} tokens "
           f"({args.sessions} sessions x {args.turns} turns, tokenizer {args.tokenizer}); load {load:.1f} at start")
     print(chat.line("chat"))
     print(ids.line("ids"))
+    print(whole.line("whole"))
     (p50, p99, warm99, cold, _), (b50, b99, bwarm99, bcold, _) = chat, ids
     where = f"{args.engines} engines, {mean_context / 1000:.1f}K-token chat prompts"
     baseline = f"the same decisions given the token ids ({where})"
+    whole_baseline = f"the same chat bodies tokenized whole before the decision ({where})"
     records = [_record("router_tokenize_and_decide_p50", p50, b50, baseline, "< 1000 us", load),
                _record("router_tokenize_and_decide_p99", p99, b99, baseline, "< 1000 us", load),
                _record("router_tokenize_and_decide_p99_after_first_turn", warm99, bwarm99, baseline, "< 1000 us",
                        load),
-               _record("router_tokenize_and_decide_first_turn_p50", cold, bcold, baseline, "diagnostic", load)]
+               _record("router_tokenize_and_decide_first_turn_p50", cold, bcold, baseline, "diagnostic", load),
+               _record("router_tokenize_and_decide_p99_vs_whole", p99, whole.p99, whole_baseline, "diagnostic", load),
+               _record("router_tokenize_and_decide_first_turn_p50_vs_whole", cold, whole.first_turn_p50,
+                       whole_baseline, "diagnostic", load)]
     write(records, "router_bench_tokenized.json")
     return 0
 

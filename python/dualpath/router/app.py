@@ -68,6 +68,8 @@ class Router:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
+                if self.tokenizer is not None:
+                    await asyncio.to_thread(self.tokenizer.close)
 
     def generation_route(self, route: Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -76,8 +78,8 @@ class Router:
                                 f"{self.config.max_body_bytes}-byte limit")
             parsed = parse_request(route, await request.read(), self.registry.models,
                                    request.headers.get(ROUTING_KEY_HEADER))
-            if self.tokenizer is not None and parsed.text_chars:  # Rust tokenizers let the event loop go on
-                parsed = await asyncio.to_thread(self.tokenizer.with_ids, parsed)
+            if self.tokenizer is not None and parsed.text_chars:  # encoding releases the GIL: the loop goes on
+                parsed = await asyncio.to_thread(self.tokenizer.with_ids, parsed, self.decider.probe)
             started = time.monotonic()
             response = await self.forwarder.handle(request, parsed)
             self.metrics.generation(parsed.model_label, route, parsed.stream, time.monotonic() - started)

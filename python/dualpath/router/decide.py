@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 from dualpath.router.config import RouterConfig
 from dualpath.router.engines import Engine, EngineRegistry
 from dualpath.router.protocol import CHARS_PER_TOKEN, ParsedRequest
-from dualpath.router.store_view import StoreView
+from dualpath.router.store_view import NOTHING_STORED, StoreView
+from dualpath.router.tokens import Probe
 from dualpath.scheduler import (
     MODES,
     Assignment,
@@ -115,16 +116,27 @@ class Decider:
         return self.scheduler.waiting_prefill + self.scheduler.waiting_decode
 
     def estimate(self, parsed: ParsedRequest) -> tuple[int, int]:
-        """(hit tokens, new tokens) of a request; text prompts count as new (the router does not tokenize)."""
+        """(hit tokens, new tokens) of a request; text the router did not tokenize counts as new."""
         store, block_tokens, namespace = self.store, self.registry.page_size, self.registry.store_namespace
         cached = new = 0
-        for ids in parsed.token_ids:
-            hit = 0
-            if store is not None and block_tokens and namespace:  # the last prompt token is always computed
-                hit = min(store.hit_tokens(ids, namespace, block_tokens), len(ids) - 1)
+        for index, ids in enumerate(parsed.token_ids):
+            if parsed.hit_tokens:
+                hit = parsed.hit_tokens[index]
+            elif store is not None and block_tokens and namespace:
+                hit = store.hit_tokens(ids, namespace, block_tokens)
+            else:
+                hit = 0
+            hit = min(hit, len(ids) - 1)  # the last prompt token is always computed
             cached, new = cached + hit, new + len(ids) - hit
         new += -(-parsed.text_chars // CHARS_PER_TOKEN)
         return cached, max(new, 1)
+
+    def probe(self) -> Probe:
+        """A probe of the store for one prompt that the router's tokenizer encodes (``PromptTokenizer.with_ids``)."""
+        store, block_tokens, namespace = self.store, self.registry.page_size, self.registry.store_namespace
+        if store is None or not block_tokens or not namespace:
+            return NOTHING_STORED
+        return store.probe(namespace, block_tokens)
 
     async def place(self, parsed: ParsedRequest) -> Placement:
         """Queue the request and wait (at most ``queue_timeout_s``, then TimeoutError) for its placement."""

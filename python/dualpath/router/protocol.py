@@ -42,6 +42,7 @@ class ParsedRequest:
 
     token_ids: the prompt ids of each item as uint32 arrays, when the client sent ids (for hit estimates).
     text_chars: characters of the items sent as text (a rough token count for the load only).
+    hit_tokens: each item's hit, where the router's tokenizer found it while encoding (else the decider looks).
     """
 
     route: Route
@@ -53,6 +54,7 @@ class ParsedRequest:
     gen_tokens: int
     model: str | None
     routing_key: str = ""  # the client's own (``routing_key`` of /generate, ``X-SMG-Routing-Key`` of the others)
+    hit_tokens: tuple[int, ...] = ()
 
     @property
     def items(self) -> int:

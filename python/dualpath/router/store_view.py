@@ -68,6 +68,53 @@ class KeyMemo:
         return keys + fresh
 
 
+class PrefixProbe:
+    """The stored prefix of one prompt whose ids grow: the router's tokenizer encodes a long prompt only while the
+    store holds every page so far (``__call__``), then asks for the hit (``hit_tokens``). Each call keys and looks
+    up only the pages that are new since the last one (a chain's stored pages form a prefix)."""
+
+    def __init__(self, index: StoreIndex, memo: KeyMemo, namespace: str) -> None:
+        self.index, self.memo, self.namespace = index, memo, namespace
+        self.keys: list[str] = []
+        self.stored = 0  # leading keys found in the store
+        self.missed = False  # a key past them is not: nothing further can be
+
+    def __call__(self, ids: array) -> bool:
+        """Whether the store holds every full page of the uint32 ``ids`` (then the hit may go on past them)."""
+        self._extend(ids)
+        return not self.missed
+
+    def hit_tokens(self, ids: array) -> int:
+        self._extend(ids)
+        return self.stored * self.memo.block_tokens
+
+    def _extend(self, ids: array) -> None:
+        block_tokens = self.memo.block_tokens
+        if len(ids) // block_tokens <= len(self.keys):
+            return
+        if not self.keys:  # the first look: the memo has the keys of what earlier turns sent
+            self.keys = self.memo.keys(ids)
+        else:
+            tokens = np.frombuffer(ids, dtype=np.uint32)[len(self.keys) * block_tokens:]
+            self.keys += block_keys(tokens, block_tokens, prior_key=self.keys[-1])
+        if not self.missed:
+            self.stored += self.index.stored_prefix(self.keys[self.stored:], self.namespace)
+            self.missed = self.stored < len(self.keys)
+
+
+class _NothingStored:
+    """The probe where the router has no store to look in (no ``--store-root`` or no namespace yet)."""
+
+    def __call__(self, ids: array) -> bool:
+        return False
+
+    def hit_tokens(self, ids: array) -> int:
+        return 0
+
+
+NOTHING_STORED = _NothingStored()
+
+
 class StoreView:
     """What the router reads from the store at ``root``; every method is safe on a store that does not exist."""
 
@@ -75,10 +122,17 @@ class StoreView:
         self.index = StoreIndex(root)
         self._memos: dict[int, KeyMemo] = {}
 
+    def probe(self, namespace: str, block_tokens: int) -> PrefixProbe:
+        """A :class:`PrefixProbe` for one prompt in ``namespace``."""
+        return PrefixProbe(self.index, self._memo(block_tokens), namespace)
+
     def hit_tokens(self, token_ids: array, namespace: str, block_tokens: int) -> int:
         """Tokens of the uint32 ``token_ids`` whose Full Blocks are stored in ``namespace`` (whole blocks from
         the start; a namespace is one model and block size, ``StoreConfig.namespace``)."""
+        return self.index.stored_prefix(self._memo(block_tokens).keys(token_ids), namespace) * block_tokens
+
+    def _memo(self, block_tokens: int) -> KeyMemo:
         memo = self._memos.get(block_tokens)
         if memo is None:
             memo = self._memos[block_tokens] = KeyMemo(block_tokens)
-        return self.index.stored_prefix(memo.keys(token_ids), namespace) * block_tokens
+        return memo
