@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -12,9 +16,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dualpath.scheduler.modes import MODES, Mode, get_mode
+from dualpath.sim.calibrate import Calibration, MeasuredAB, Prediction, fit, predict
 from dualpath.sim.cluster import ClusterSpec
 from dualpath.sim.hardware import MODELS, HardwareSpec, ModelSpec, get_model
-from dualpath.sim.plots import offline_chart, online_chart
+from dualpath.sim.plots import bar_chart, offline_chart, online_chart
 from dualpath.sim.runner import RunResult, capacity_at_slo, run_offline, run_online
 from dualpath.sim.workloads import WORKLOADS, build_workload, parse_pd
 
@@ -33,6 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--storage-efficiency", type=float, default=HardwareSpec().storage_efficiency)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("sim-results"), help="folder for results.json and plots")
+    measured = parser.add_argument_group(
+        "calibrated on a real cluster", "the simulator stands for a cluster that `dualpath ab` measured: the cost "
+        "model fitted on some of its runs (<name>.runs.json, with <name>.json beside it) predicts others")
+    measured.add_argument("--calibrate", nargs="+", type=Path, metavar="RUNS",
+                          help="fit the cost model on these runs; writes <out>/calibration.json")
+    measured.add_argument("--predict", nargs="+", type=Path, metavar="RUNS",
+                          help="replay these runs' requests, round by round, with the calibration; prints the "
+                          "predicted A/B beside the measured one and writes <out>/<name>.json and .png")
+    measured.add_argument("--calibration", type=Path,
+                          help="a calibration.json to predict with (default: --calibrate's)")
+    measured.add_argument("--name", default="sim_predict", help="records of --predict: <out>/<name>.json")
     parser.set_defaults(run=run)
 
 
@@ -51,6 +67,8 @@ def _table(results: list[RunResult], baseline: RunResult | None) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    if args.calibrate or args.predict:
+        return _run_measured(args, console)
     prefill, decode = parse_pd(args.pd)
     model = get_model(args.model)
     modes = [get_mode(name.strip()) for name in args.modes.split(",") if name.strip()]
@@ -103,3 +121,71 @@ def _run_online(args: argparse.Namespace, console: Console, prefill: int, decode
     chart = online_chart(args.out / "online_ttft.png", sweeps, rates)
     console.print(f"wrote {args.out / 'online.json'} and {chart}")
     return 0
+
+
+def _run_measured(args: argparse.Namespace, console: Console) -> int:
+    """--calibrate and/or --predict: fit the cost model on measured runs, replay others with it."""
+    if args.predict and not (args.calibrate or args.calibration):
+        raise SystemExit("dualpath simulate: --predict needs --calibrate RUNS or --calibration FILE")
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["dualpath", "simulate",
+                          *(["--calibrate", *map(str, args.calibrate)] if args.calibrate else []),
+                          *(["--calibration", str(args.calibration)] if args.calibration else []),
+                          *(["--predict", *map(str, args.predict)] if args.predict else []),
+                          "--out", str(args.out), "--name", args.name])
+    try:
+        if args.calibrate:
+            fitted = [MeasuredAB.load(path) for path in args.calibrate]
+            with console.status(f"fitting the cost model on {len(fitted)} runs"):
+                calibration = fit(fitted)
+            calibration.save(args.out / "calibration.json")
+            console.print(_measured_table("calibration runs, replayed", predict(calibration, fitted)))
+            console.print(f"fitted (mean squared log error {calibration.fit_error:.4f}): prefill "
+                          f"{calibration.prefill_overhead_s * 1e3:.0f} ms + "
+                          f"{calibration.prefill_per_token_s * 1e6:.2f} us/token + "
+                          f"{calibration.prefill_per_pair_s * 1e9:.2f} ns/pair; decode step "
+                          f"{calibration.decode_base_s * 1e3:.1f} ms + {calibration.decode_per_request_s * 1e3:.2f} "
+                          f"ms/request; storage NIC {calibration.storage_efficiency:.3f} x cap; "
+                          f"wrote {args.out / 'calibration.json'}")
+        else:
+            calibration = Calibration.load(args.calibration)
+        if args.predict:
+            predictions = predict(calibration, [MeasuredAB.load(path) for path in args.predict])
+            console.print(_measured_table("predicted (not used to calibrate)", predictions))
+            records = [record for p in predictions for record in _prediction_records(p, calibration, command)]
+            (args.out / f"{args.name}.json").write_text(json.dumps(records, indent=2) + "\n")
+            chart = bar_chart(args.out / f"{args.name}.png", "throughput ratio B / A: simulated vs measured",
+                              [p.run.name for p in predictions], [p.ratio for p in predictions], "B / A",
+                              [p.run.measured_ratio for p in predictions], reference_label="measured")
+            console.print(f"wrote {args.out / f'{args.name}.json'} and {chart}")
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"dualpath simulate: {exc}") from None
+    return 0
+
+
+def _measured_table(title: str, predictions: list[Prediction]) -> Table:
+    table = Table(title=title)
+    for column in ("run", "shape", "A / B", "B/A measured", "B/A simulated", "error", "TTFT p50 A meas / sim",
+                   "TTFT p50 B meas / sim"):
+        table.add_column(column, justify="right")
+    for p in predictions:
+        run = p.run
+        table.add_row(run.name, f"{run.prefill}P{run.decode}D {run.nic_gbps:g} Gb/s", f"{run.a.mode} / {run.b.mode}",
+                      f"{run.measured_ratio:.2f}x", f"{p.ratio:.2f}x", f"{p.ratio / run.measured_ratio - 1:+.0%}",
+                      f"{run.a.ttft_p50_s:.2f} / {p.a.ttft_p50_s:.2f} s",
+                      f"{run.b.ttft_p50_s:.2f} / {p.b.ttft_p50_s:.2f} s")
+    return table
+
+
+def _prediction_records(p: Prediction, calibration: Calibration, command: str) -> list[dict]:
+    run = p.run
+    target = f"within 10% (calibrated on {', '.join(calibration.fitted_on)})"
+    measured = f"measured by `{run.command}`"
+    rows = [(f"throughput_ratio[{run.name}]", p.ratio, "x", run.measured_ratio),
+            (f"ttft_p50[{run.name}][{run.a.mode}]", p.a.ttft_p50_s, "s", run.a.ttft_p50_s),
+            (f"ttft_p50[{run.name}][{run.b.mode}]", p.b.ttft_p50_s, "s", run.b.ttft_p50_s)]
+    calibrated_by = " && ".join(f"dualpath ab ... ({c})" for c in calibration.fitted_on)
+    return [{"metric": metric, "value": value, "unit": unit, "baseline": measured, "baseline_value": baseline,
+             "ratio": value / baseline, "target": target, "command": command, "calibrated_on": calibrated_by,
+             "machine": f"{platform.machine()} {os.cpu_count()} cores (the simulator's host)",
+             "date": datetime.now(UTC).date().isoformat()} for metric, value, unit, baseline in rows]

@@ -39,6 +39,12 @@ class ClusterSpec:
     fetch_interval_s: float = 0.2
     quota_s: float = 0.3
     seed: int = 0
+    # The scheduler's thresholds as a router was configured (a simulated copy of a real cluster); None: the
+    # paper's, profiled from this spec's hardware and model.
+    scheduler: SchedulerConfig | None = None
+    # The router's grouping: every PE in one group and every DE in another, each fetch seeing every node's read
+    # queue (``dualpath.router.decide``); else the paper's, a group per node that sees its own node.
+    role_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_nodes < 1 or self.decode_nodes < 1:
@@ -62,17 +68,25 @@ class Cluster:
         self.des = [DecodeEngine(first_de + i, spec.prefill_nodes + i // gpus, model.de_hbm_tokens,
                                  model.decode_step_seconds) for i in range(spec.decode_nodes * gpus)]
         self._de_by_id = {de.engine_id: de for de in self.des}
-        groups = [EngineGroup(n, "prefill", tuple(range(n * gpus, (n + 1) * gpus))) for n in range(spec.prefill_nodes)]
-        groups += [EngineGroup(spec.prefill_nodes + n, "decode", tuple(first_de + n * gpus + i for i in range(gpus)))
-                   for n in range(spec.decode_nodes)]
+        if spec.role_groups:
+            groups = [EngineGroup(0, "prefill", tuple(pe.engine_id for pe in self.pes)),
+                      EngineGroup(1, "decode", tuple(de.engine_id for de in self.des))]
+            self._group_of_node = [0] * spec.prefill_nodes + [1] * spec.decode_nodes
+            self._group_nodes = [list(range(nodes))] * 2
+        else:  # a group id is its node id
+            groups = [EngineGroup(n, "prefill", tuple(range(n * gpus, (n + 1) * gpus)))
+                      for n in range(spec.prefill_nodes)]
+            groups += [EngineGroup(spec.prefill_nodes + n, "decode", tuple(range(first_de + n * gpus,
+                                                                                 first_de + (n + 1) * gpus)))
+                       for n in range(spec.decode_nodes)]
+            self._group_of_node = list(range(nodes))
+            self._group_nodes = [[node] for node in range(nodes)]
         self.groups = groups
-        # A group id is its node id.
         self._group_engines = {g.group_id: [self.pes[e] for e in g.engine_ids] if g.role == "prefill"
                                else [self._de_by_id[e] for e in g.engine_ids] for g in groups}
-        read_tokens_per_s = hw.node_read_bps(nodes) / self.bpt
-        gpu_tokens_per_s = self._prompt_tokens_per_gpu_second()
-        self.scheduler = GlobalScheduler(groups, spec.mode.scheduler_config(SchedulerConfig(
-            alpha_tokens=int(3 * read_tokens_per_s), beta_tokens=int(5 * gpu_tokens_per_s), seed=spec.seed)))
+        thresholds = spec.scheduler or SchedulerConfig.profiled(
+            hw.node_read_bps(nodes) / self.bpt, self._prompt_tokens_per_gpu_second(), seed=spec.seed)
+        self.scheduler = GlobalScheduler(groups, spec.mode.scheduler_config(thresholds))
         # The batcher's quota bounds the attention part of the forward (paper 6.2), summed over layers.
         cap = None if spec.mode.layerwise else model.basic_pe_hbm_tokens
         self.batcher = ComputeQuotaBatcher(PrefillCost(model, hw.peak_flops, attention_only=True),
@@ -152,7 +166,7 @@ class Cluster:
                     continue
                 loads = [pe.report() for pe in self._group_engines[gid]]
                 start = timer() if timer else 0.0
-                picks = sched.fetch_prefill(gid, loads, [self._node_load(gid)])
+                picks = sched.fetch_prefill(gid, loads, [self._node_load(n) for n in self._group_nodes[gid]])
                 if timer and picks:
                     self.prefill_decision_s.append((timer() - start) / len(picks))
                 if sched.waiting_prefill:  # the fetch stopped because the whole group is above beta
@@ -167,7 +181,7 @@ class Cluster:
                     continue
                 loads = [de.report() for de in self._group_engines[gid]]
                 start = timer() if timer else 0.0
-                assignments = sched.fetch_decode(gid, loads, [self._node_load(gid)])
+                assignments = sched.fetch_decode(gid, loads, [self._node_load(n) for n in self._group_nodes[gid]])
                 if timer and assignments:
                     self.decode_decision_s.append((timer() - start) / len(assignments))
                 self._backlog_seen[gid] = sched.private_backlog(gid)
@@ -268,7 +282,7 @@ class Cluster:
             if chunk.cached + chunk.new < request.total_tokens:
                 continue
             pe.release(request)
-            self._may_fetch.add(pe.node_id)
+            self._may_fetch.add(self._group_of_node[pe.node_id])
             job.prefill_done = now
             # The DE buffer -> DE HBM copy before decoding starts.
             h2d = request.total_tokens * self.bpt / self._kv_cnic_bps if self.spec.mode.io else 0.0
@@ -306,6 +320,6 @@ class Cluster:
             del self.jobs[request.request_id]
             job.on_done(job)
         if finished:
-            self._may_fetch.add(de.node_id)
+            self._may_fetch.add(self._group_of_node[de.node_id])
             self._kick()
         self._wake(de)

@@ -14,14 +14,15 @@ from dualpath.sim.runner import RunResult
 
 
 def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
-              reference: Sequence[float | None] | None = None) -> Path:
-    """One bar per label; `reference` (the paper's values, None where it gives none) drawn beside ours."""
+              reference: Sequence[float | None] | None = None, reference_label: str = "paper") -> Path:
+    """One bar per label; `reference` (the paper's values, or measured ones; None where there is none) drawn
+    beside ours."""
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.6))
     xs = range(len(labels))
     width = 0.4 if reference else 0.7
     ax.bar([x - (width / 2 if reference else 0) for x in xs], values, width, label="simulated")
     if reference:
-        ax.bar([x + width / 2 for x in xs], [r or 0.0 for r in reference], width, label="paper")
+        ax.bar([x + width / 2 for x in xs], [r or 0.0 for r in reference], width, label=reference_label)
         ax.legend()
     ax.set_xticks(list(xs), labels, rotation=20, ha="right")
     ax.set_ylabel(ylabel)

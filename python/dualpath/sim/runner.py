@@ -174,6 +174,50 @@ def run_offline(spec: ClusterSpec, agents: Sequence[AgentTrace], setting: str = 
                       replay.ttft)
 
 
+@dataclass(frozen=True)
+class RoundsResult:
+    """A round-by-round replay: each round's wall time, and each request's TTFT and TPOT in round order."""
+
+    round_s: tuple[float, ...]
+    ttft_s: tuple[float, ...]
+    tpot_s: tuple[float, ...]
+
+    @property
+    def makespan_s(self) -> float:
+        return sum(self.round_s)
+
+
+def run_rounds(spec: ClusterSpec, rounds: Sequence[Sequence[Request]]) -> RoundsResult:
+    """Send each round's requests together and the next round once every one is answered, as ``dualpath ab``
+    replays its agents (turn i of every agent is round i). Request ids must be unique across rounds."""
+    cluster = Cluster(spec)
+    env = cluster.env
+    round_s: list[float] = []
+    ttft: list[float] = []
+    tpot: list[float] = []
+
+    def replay() -> Iterator[simpy.Event]:
+        for requests in rounds:
+            start, answered, left = env.now, env.event(), [len(requests)]
+
+            def done(job: Job, answered: simpy.Event = answered, left: list[int] = left) -> None:
+                ttft.append(job.first_token - job.arrival)
+                tpot.append(job.tpot)
+                left[0] -= 1
+                if not left[0]:
+                    answered.succeed()
+
+            for request in requests:
+                cluster.submit(request, done)
+            if requests:
+                yield answered
+            round_s.append(env.now - start)
+
+    with _cyclic_gc_paused():
+        env.run(until=env.process(replay()))
+    return RoundsResult(tuple(round_s), tuple(ttft), tuple(tpot))
+
+
 def run_online(spec: ClusterSpec, pool: Sequence[AgentTrace], aps: float, duration_s: float,
                warmup_s: float, setting: str = "", seed: int = 0) -> RunResult:
     """Poisson agent arrivals at `aps` agents/s for `duration_s`, each replaying a trajectory drawn from
