@@ -92,7 +92,7 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
         cli_main(["simulate", "--predict", str(RESULTS / "cluster_ab_1p2d.runs.json"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"lonely\.json: not found"):
         cli_main(["simulate", "--calibrate", str(tmp_path / "lonely.runs.json"), "--out", str(tmp_path)])
-    assert not (tmp_path / "calibration.json").exists()
+    assert not list(tmp_path.glob("*.calibration.json"))
 
 
 def test_calibrate_then_predict_writes_records_and_a_calibration_that_reloads(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_calibrate_then_predict_writes_records_and_a_calibration_that_reloads(tm
         assert record["ratio"] == pytest.approx(record["value"] / record["baseline_value"])
         assert record["command"].startswith("dualpath simulate --calibrate")
     assert (tmp_path / "p.png").stat().st_size > 0
-    reloaded = Calibration.load(tmp_path / "calibration.json")
+    reloaded = Calibration.load(tmp_path / "p.calibration.json")
     assert reloaded.fitted_on == ("cluster_ab",)
     (again,) = predict(reloaded, [MeasuredAB.load(RESULTS / "cluster_ab_1p2d.runs.json")])
     ratio = next(r for r in records if r["metric"].startswith("throughput_ratio"))["value"]

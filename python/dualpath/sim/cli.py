@@ -42,13 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "calibrated on a real cluster", "the simulator stands for a cluster that `dualpath ab` measured: the cost "
         "model fitted on some of its runs (<name>.runs.json, with <name>.json beside it) predicts others")
     measured.add_argument("--calibrate", nargs="+", type=Path, metavar="RUNS",
-                          help="fit the cost model on these runs; writes <out>/calibration.json")
+                          help="fit the cost model on these runs; writes <out>/<name>.calibration.json")
     measured.add_argument("--predict", nargs="+", type=Path, metavar="RUNS",
                           help="replay these runs' requests, round by round, with the calibration; prints the "
                           "predicted A/B beside the measured one and writes <out>/<name>.json and .png")
     measured.add_argument("--calibration", type=Path,
                           help="a calibration.json to predict with (default: --calibrate's)")
-    measured.add_argument("--name", default="sim_predict", help="records of --predict: <out>/<name>.json")
+    measured.add_argument("--name", default="sim_calibrated",
+                          help="files: <out>/<name>.calibration.json, and --predict's records <out>/<name>.json")
     parser.set_defaults(run=run)
 
 
@@ -138,7 +139,7 @@ def _run_measured(args: argparse.Namespace, console: Console) -> int:
             fitted = [MeasuredAB.load(path) for path in args.calibrate]
             with console.status(f"fitting the cost model on {len(fitted)} runs"):
                 calibration = fit(fitted)
-            calibration.save(args.out / "calibration.json")
+            calibration.save(args.out / f"{args.name}.calibration.json")
             console.print(_measured_table("calibration runs, replayed", predict(calibration, fitted)))
             console.print(f"fitted (mean squared log error {calibration.fit_error:.4f}): prefill "
                           f"{calibration.prefill_overhead_s * 1e3:.0f} ms + "
@@ -146,7 +147,7 @@ def _run_measured(args: argparse.Namespace, console: Console) -> int:
                           f"{calibration.prefill_per_pair_s * 1e9:.2f} ns/pair; decode step "
                           f"{calibration.decode_base_s * 1e3:.1f} ms + {calibration.decode_per_request_s * 1e3:.2f} "
                           f"ms/request; storage NIC {calibration.storage_efficiency:.3f} x cap; "
-                          f"wrote {args.out / 'calibration.json'}")
+                          f"wrote {args.out / f'{args.name}.calibration.json'}")
         else:
             calibration = Calibration.load(args.calibration)
         if args.predict:
