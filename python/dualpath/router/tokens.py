@@ -146,7 +146,9 @@ class PromptTokenizer:
         """The leading ids of ``text`` that the hit estimate needs, and the characters left out (all the ids and 0
         without ``reaches``, or where the tokenizer cannot be chunked)."""
         if not self.cached:
-            return array("I", self.tokenizer.encode(text, add_special_tokens=add_special_tokens)), 0
+            if self._backend is None:  # a slow (Python) tokenizer
+                return array("I", self.tokenizer.encode(text, add_special_tokens=add_special_tokens)), 0
+            return self._encode(text, add_special_tokens), 0
         ids = array("I", self._prefix if add_special_tokens else ())
         pieces = self._split.split(text)
         for index, piece in enumerate(pieces):
@@ -206,9 +208,9 @@ class PromptTokenizer:
             self.segments.put(piece, ids)
         return ids
 
-    def _encode(self, text: str) -> array:
+    def _encode(self, text: str, add_special_tokens: bool = False) -> array:
         # encode_batch releases the GIL, encode does not: a 30K-token prompt would stall the event loop 30 ms.
-        return array("I", self._backend.encode_batch([text], add_special_tokens=False)[0].ids)
+        return array("I", self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def _encode_later(self, pieces: Iterator[str]) -> None:
         for piece in pieces:

@@ -176,11 +176,10 @@ def run_offline(spec: ClusterSpec, agents: Sequence[AgentTrace], setting: str = 
 
 @dataclass(frozen=True)
 class RoundsResult:
-    """A round-by-round replay: each round's wall time, and each request's TTFT and TPOT in round order."""
+    """A round-by-round replay: each round's wall time, and each request's TTFT in round order."""
 
     round_s: tuple[float, ...]
     ttft_s: tuple[float, ...]
-    tpot_s: tuple[float, ...]
 
     @property
     def makespan_s(self) -> float:
@@ -194,7 +193,6 @@ def run_rounds(spec: ClusterSpec, rounds: Sequence[Sequence[Request]]) -> Rounds
     env = cluster.env
     round_s: list[float] = []
     ttft: list[float] = []
-    tpot: list[float] = []
 
     def replay() -> Iterator[simpy.Event]:
         for requests in rounds:
@@ -202,7 +200,6 @@ def run_rounds(spec: ClusterSpec, rounds: Sequence[Sequence[Request]]) -> Rounds
 
             def done(job: Job, answered: simpy.Event = answered, left: list[int] = left) -> None:
                 ttft.append(job.first_token - job.arrival)
-                tpot.append(job.tpot)
                 left[0] -= 1
                 if not left[0]:
                     answered.succeed()
@@ -215,7 +212,7 @@ def run_rounds(spec: ClusterSpec, rounds: Sequence[Sequence[Request]]) -> Rounds
 
     with _cyclic_gc_paused():
         env.run(until=env.process(replay()))
-    return RoundsResult(tuple(round_s), tuple(ttft), tuple(tpot))
+    return RoundsResult(tuple(round_s), tuple(ttft))
 
 
 def run_online(spec: ClusterSpec, pool: Sequence[AgentTrace], aps: float, duration_s: float,
