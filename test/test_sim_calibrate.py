@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from dualpath.cli import main as cli_main
+from dualpath.cluster.local import ClusterConfig
 from dualpath.scheduler import Request
 from dualpath.sim.calibrate import Calibration, MeasuredAB, ModeRun, fit, predict, replay
 from dualpath.sim.runner import run_rounds
@@ -31,7 +32,8 @@ def rounds(seed: int, count: int = 6, agents: int = 12) -> tuple[tuple[Request, 
 def measured(prefill: int, decode: int, nic_gbps: float, seed: int, truth: Calibration = TRUTH) -> MeasuredAB:
     """What a cluster whose costs are ``truth`` would have measured (its runs simulated with them)."""
     shell = MeasuredAB(f"{prefill}p{decode}d-{nic_gbps:g}", "dualpath ab", prefill, decode, nic_gbps, 2048,
-                       *(ModeRun(mode, rounds(seed), 1.0, 1.0, 1.0, 0.0, (), ()) for mode in ("stock", "split")))
+                       ClusterConfig.prefill_tokens_per_s,
+                       *(ModeRun(mode, rounds(seed), 1.0, 1.0, 1.0, (), ()) for mode in ("stock", "split")))
     cap = shell.cap_bytes_per_s
 
     def mode_run(empty: ModeRun) -> ModeRun:

@@ -37,8 +37,8 @@ from dualpath.cluster.servers import TINY_MODEL, with_random_weights
 from dualpath.router.config import ROUTER_MODES
 from dualpath.traces import AgentTrace
 
-THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
 T = TypeVar("T")
+THROUGHPUT_TARGETS = {(1, 1): 1.8, (1, 2): 2.5}  # DualPath / baseline, (prefill, decode) servers
 APS_TARGETS = {(1, 1): ">= 1.6x (the paper: 1.67x for DS27B on 1P1D)"}
 ONLINE_KV_TOKENS = 2048
 

@@ -24,7 +24,7 @@ import json
 import math
 import shlex
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,14 +32,13 @@ import numpy as np
 from scipy.optimize import minimize
 
 from dualpath.kv import KVGeometry
+from dualpath.router.decide import SPLIT_BLOCK_TOKENS
 from dualpath.scheduler import Request, SchedulerConfig
 from dualpath.scheduler.modes import get_mode
 from dualpath.sim.cluster import ClusterSpec
 from dualpath.sim.hardware import HardwareSpec, ModelSpec
 from dualpath.sim.runner import RoundsResult, run_rounds
 
-ROUTER_BETA_TOKENS_PER_S = 20_000.0  # ``ClusterConfig.prefill_tokens_per_s``: the local cluster's router's beta
-SPLIT_BLOCK_TOKENS = 64
 KV_BYTES_PER_S = 2e9  # PD and DE->PE KV on loopback: never the bottleneck of the CPU cluster
 NO_TOPK = 1 << 40  # dense attention: every prefix token attended
 BUSY_FLOOR = 0.5  # a timeline interval counts as busy above this share of the cap
@@ -54,14 +53,13 @@ class ModeRun:
     makespan_s: float
     tokens_per_s: float
     ttft_p50_s: float
-    itl_p50_s: float
-    busy_rates: tuple[float, ...]  # bytes/s of each busy stretch of each node's NIC, weighted by its bytes
+    busy_rates: tuple[float, ...]  # bytes/s of each NIC over each of its busy stretches
     decode_samples: tuple[tuple[float, float], ...]  # (requests decoding per decode server, median interval s)
 
     @property
     def sim_mode(self) -> str:
         """The simulator's mode: the stock stacks read every hit on the prefill side, as baseline mode does."""
-        return "baseline" if self.mode in ("stock", "stock-router", "ours") else self.mode
+        return "baseline" if self.mode in ("stock", "stock-router") else self.mode
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,7 @@ class MeasuredAB:
     decode: int
     nic_gbps: float
     bytes_per_token: int
+    prefill_tokens_per_s: float  # the router's beta rate, as the run's cluster configured it
     a: ModeRun
     b: ModeRun
 
@@ -100,28 +99,19 @@ class MeasuredAB:
         command = next((r.get("command", "") for r in records if r.get("command", "").startswith("dualpath ab")), "")
         if not command or len(runs) != 2:
             raise ValueError(f"{records_path} and {runs_path} are not the records of a closed-loop dualpath ab run")
-        args = _ab_args(command)
-        decodes = args.decode
-        return cls(name, command, args.prefill, decodes, _nic_gbps(args), args.kv_bytes_per_token,
-                   *(_mode_run(run, args.kv_bytes_per_token, decodes) for run in runs))
+        # The command read by ``dualpath ab``'s own parser, so that its defaults are the run's (imported here: the
+        # cluster package is needed only to read a run).
+        from dualpath.cluster import cli
+        from dualpath.cluster.local import ClusterConfig
+
+        parser = argparse.ArgumentParser()
+        cli.register(parser.add_subparsers())
+        args = parser.parse_args(shlex.split(command)[1:])
+        return cls(name, command, args.prefill, args.decode, cli.nic_gbps(args), args.kv_bytes_per_token,
+                   ClusterConfig.prefill_tokens_per_s, *(_mode_run(run, args.decode) for run in runs))
 
 
-def _ab_args(command: str) -> argparse.Namespace:
-    """The command parsed by ``dualpath ab``'s own parser, so that its defaults are the run's."""
-    from dualpath.cluster import cli  # the cluster's CLI: only to read a run's command as it was read
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    return parser.parse_args(shlex.split(command)[1:])
-
-
-def _nic_gbps(args: argparse.Namespace) -> float:
-    from dualpath.cluster import cli
-
-    return cli.nic_gbps(args)
-
-
-def _mode_run(run: dict[str, Any], bytes_per_token: int, decodes: int) -> ModeRun:
+def _mode_run(run: dict[str, Any], decodes: int) -> ModeRun:
     records = [r for r in run["records"] if r["ok"]]
     by_round: dict[int, list[dict[str, Any]]] = {}
     for record in records:
@@ -138,7 +128,7 @@ def _mode_run(run: dict[str, Any], bytes_per_token: int, decodes: int) -> ModeRu
                 decode_samples.append((len(by_round[turn]) / decodes, statistics.median(record["token_intervals_s"])))
         rounds.append(tuple(requests))
     return ModeRun(run["mode"], tuple(rounds), run["makespan_s"], run["tokens_per_s"], run["ttft_p50_s"],
-                   run["itl_p50_s"], tuple(_busy_rates(run["nic_timeline"])), tuple(decode_samples))
+                   tuple(_busy_rates(run["nic_timeline"])), tuple(decode_samples))
 
 
 def _busy_rates(timelines: dict[str, list[list[float]]]) -> list[float]:
@@ -168,7 +158,7 @@ class Calibration:
     storage_efficiency: float
     fitted_on: tuple[str, ...] = ()
     fit_error: float = 0.0  # the objective at the optimum: mean squared log error of makespan and TTFT p50
-    commands: tuple[str, ...] = field(default=())
+    commands: tuple[str, ...] = ()
 
     def spec(self, run: MeasuredAB, mode: str) -> ClusterSpec:
         """The simulated copy of ``run``'s cluster in ``mode``."""
@@ -180,7 +170,7 @@ class Calibration:
             decode_per_context_token_s=0.0, de_hbm_tokens=1 << 40, basic_pe_hbm_tokens=1 << 40)
         hardware = HardwareSpec(gpus_per_node=1, snic_bps=run.cap_bytes_per_s, cnic_bps=KV_BYTES_PER_S,
                                 storage_efficiency=self.storage_efficiency, kv_cnic_share=1.0, peak_flops=1.0)
-        thresholds = SchedulerConfig.profiled(run.cap_bytes_per_s / run.bytes_per_token, ROUTER_BETA_TOKENS_PER_S,
+        thresholds = SchedulerConfig.profiled(run.cap_bytes_per_s / run.bytes_per_token, run.prefill_tokens_per_s,
                                               split_block_tokens=SPLIT_BLOCK_TOKENS)
         return ClusterSpec(run.prefill, run.decode, model, get_mode(mode), hardware, fetch_interval_s=0.001,
                            scheduler=thresholds, role_groups=True)
@@ -239,7 +229,7 @@ def fit(runs: list[MeasuredAB], max_evaluations: int = 200) -> Calibration:
     # prefill constants at the efficiency the NICs showed, then all four from there.
     options = {"maxfev": max_evaluations // 2, "xatol": 0.02, "fatol": 1e-4}
     compute = minimize(lambda x: objective(np.append(x, math.log(efficiency))),
-                       np.log([0.05, 1 / ROUTER_BETA_TOKENS_PER_S, 1e-8]), method="Nelder-Mead", options=options)
+                       np.log([0.05, 1 / runs[0].prefill_tokens_per_s, 1e-8]), method="Nelder-Mead", options=options)
     start = np.append(compute.x, math.log(efficiency))
     best = minimize(objective, start, method="Nelder-Mead", options=options)
     return calibration(best.x, float(best.fun)) if best.fun < compute.fun else calibration(start, float(compute.fun))
