@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +25,7 @@ from dualpath.cluster.local import (
     ClusterConfig,
     LocalCluster,
     _ephemeral_ports,
-    _port_free,
-    _ports,
+    busy_ports,
 )
 from dualpath.cluster.replay import same_logprobs
 from dualpath.cluster.servers import TINY_MODEL, live_group_members, with_random_weights
@@ -72,7 +72,7 @@ def test_ab_replay_reads_where_the_router_says_and_stops_cleanly(tmp_path: Path)
         assert run.outputs_checked == 3 and not run.outputs_differing, run.outputs_differing
     assert min(dualpath.node_read_bytes.values()) > 0  # split reads: both NICs read
     assert not any(live_group_members(pid) for pid in leaders)  # no server process left behind
-    assert all(_port_free(port) for port in _ports(config))
+    assert not busy_ports(config)
 
 
 def _get(url: str) -> dict:
@@ -135,7 +135,18 @@ def test_a_decode_killed_while_it_reads_for_a_request_loses_no_request(tmp_path:
     finally:
         cluster.stop()
     assert not any(live_group_members(pid) for pid in leaders)
-    assert all(_port_free(port) for port in _ports(config))
+    assert not busy_ports(config)
+
+
+def test_busy_ports_names_each_held_port_with_the_states_of_its_sockets(tmp_path: Path) -> None:
+    config = ClusterConfig(tmp_path, base_port=28400)
+    port = config.router_ports[0]
+    assert not busy_ports(config)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert busy_ports(config) == {port: ["LISTEN"]}
+    assert not busy_ports(config)
 
 
 def test_cluster_config_rejects_bad_shapes(tmp_path: Path) -> None:
@@ -208,4 +219,4 @@ def test_up_serves_a_cluster_that_bench_attaches_to_until_interrupted(tmp_path: 
                 up.wait()
     assert not any(live_group_members(pid) for pid in pgids)
     config = ClusterConfig(tmp_path, base_port=28000)
-    assert all(_port_free(port) for port in _ports(config))
+    assert not busy_ports(config)

@@ -168,17 +168,23 @@ def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
     assert b.helper == -1 and b.helper_read_tokens == 0 and b.pe_read_tokens + b.de_read_tokens == 1_000
 
 
-@pytest.mark.parametrize("pe_queue", [0, 40_000])
-def test_split_policy_divides_a_hit_the_pe_s_node_cannot_read_within_alpha(pe_queue):
-    sched = one_pe_one_de(read_policy="split", alpha_tokens=64_000)
+@pytest.mark.parametrize(("pe_queue", "de_queue", "pe_tokens"), [
+    (0, 0, 64_000),  # short and no longer than the DE's: whole on the PE, no DE work
+    (40_000, 50_000, 64_000),
+    (40_000, 0, 12_000),  # short, but the PE's queue is the longer: (40,000 + 64,000) / 2 each
+    (80_000, 100_000, 42_000),  # the shorter, but not short: (80,000 + 100,000 + 64,000) / 2 each
+])
+def test_split_policy_keeps_a_hit_whole_on_the_pe_only_where_its_node_is_short_and_the_shorter(
+        pe_queue, de_queue, pe_tokens):
+    sched = one_pe_one_de(read_policy="split", alpha_tokens=128_000)
     sched.submit(Request(0, 64_000, 100, 10))
     sched.fetch_prefill(0, [EngineLoad(e, 0, 0, 0) for e in range(4)], [NodeLoad(0, pe_queue, 1000.0)])
-    [a] = sched.fetch_decode(1, de_loads([10**6] * 4), [NodeLoad(1, 0, 1000.0)])
-    if pe_queue == 0:  # the PE's node reads it within alpha: whole on the PE, no DE work
-        assert a.side is ReadSide.PE and a.pe_read_tokens == 64_000 and a.de_read_tokens == 0
-    else:  # both queues drain together: (40,000 + 64,000) / 2 each, the PE's part in whole blocks
-        assert a.side is ReadSide.SPLIT and a.pe_read_tokens + a.de_read_tokens == 64_000
-        assert abs(a.pe_read_tokens - 12_000) < 64 and a.pe_read_tokens % 64 == 0
+    [a] = sched.fetch_decode(1, de_loads([10**6] * 4), [NodeLoad(1, de_queue, 1000.0)])
+    assert a.pe_read_tokens + a.de_read_tokens == 64_000
+    if pe_tokens == 64_000:
+        assert a.side is ReadSide.PE and a.de_read_tokens == 0
+    else:  # both queues drain together, the PE's part in whole blocks
+        assert a.side is ReadSide.SPLIT and abs(a.pe_read_tokens - pe_tokens) < 64 and a.pe_read_tokens % 64 == 0
 
 
 def test_every_mode_is_a_valid_config_and_unknown_names_list_the_choices():

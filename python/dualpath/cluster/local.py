@@ -10,6 +10,7 @@ A/B that takes turns); servers stay up while routers come and go.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -37,6 +38,8 @@ from dualpath.router.config import PrefillSpec, RouterConfig, to_argv
 from dualpath.srt.stock_router import launch_command
 from dualpath.store import NodeReader, StoreIndex, drop_all_blocks, node_dir
 
+log = logging.getLogger(__name__)
+
 ROUTERS = 2  # an A/B runs its two modes' routers side by side
 STOCK_ROUTER = "stock-router"  # sglang-router 0.3.2's own over DualPath's servers, as a mode of route()
 STOCK = "stock"  # the stock stack: sglang-router 0.3.2 over stock servers with the block store as HiCache backend
@@ -46,6 +49,11 @@ STOCK_PORT_OFFSET = 100  # the stock set's ports: the DualPath set's + 100
 PAGE_TOKENS = 64  # the servers' page size (dualpath.launch_server's default)
 MIN_KV_TOKENS = 1024
 HOST_RATIO = 1.1  # host pool / device pool with kv_tokens: SGLang's HiCache wants the host pool the larger
+# A killed server's connections linger in the kernel (FIN_WAIT2 until its peers close, TIME_WAIT after), up to
+# tcp_fin_timeout (60 s) each; a listener that did not set SO_REUSEADDR leaves them blocking its port.
+PORT_RELEASE_S = 75.0
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+              "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,22 @@ def _ports(config: ClusterConfig) -> list[int]:
             if p is not None] + list(config.router_ports) + list(config.metrics_ports)
 
 
+def busy_ports(config: ClusterConfig) -> dict[int, list[str]]:
+    """The cluster's ports that a server cannot bind now, each with the TCP states of the sockets on it."""
+    busy = [p for p in _ports(config) if not _port_free(p)]
+    states: dict[int, list[str]] = {p: [] for p in busy}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for fields in (line.split() for line in lines):
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port in states:
+                states[port].append(TCP_STATES.get(fields[3], fields[3]))
+    return states
+
+
 class LocalCluster:
     """Start with :meth:`start`, pick a router mode with :meth:`route`, always :meth:`stop` (context manager)."""
 
@@ -191,7 +215,7 @@ class LocalCluster:
     def start(self, timeout_s: float = 600.0) -> None:
         """Start the servers: the configured set (``both``: the stock set, as an A/B starts with the stock
         baseline's rounds; :meth:`serve` swaps them)."""
-        busy = [p for p in _ports(self.config) if not _port_free(p)]
+        busy = busy_ports(self.config)
         if busy:
             raise RuntimeError(f"ports in use: {busy} (another cluster running? pick --base-port)")
         self.config.store_root.mkdir(parents=True, exist_ok=True)
@@ -312,9 +336,18 @@ class LocalCluster:
                 router.wait(10)
 
     def stop(self) -> None:
+        """Stop every router and server, and wait until their ports can be bound again (so that the next
+        :meth:`start`, or the other set's in :meth:`serve`, finds them free)."""
+        stopped = bool(self.routers or self.servers)
         self.stop_router()
         stop_servers(self.servers)
         self.servers = []
+        deadline = time.monotonic() + PORT_RELEASE_S
+        while stopped and (busy := busy_ports(self.config)):
+            if time.monotonic() > deadline:
+                log.warning("ports still held %.0f s after the cluster stopped: %s", PORT_RELEASE_S, busy)
+                break
+            time.sleep(0.5)
 
     def __enter__(self) -> LocalCluster:
         self.start()

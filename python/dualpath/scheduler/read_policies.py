@@ -74,9 +74,11 @@ def queue(ctx: ReadContext) -> ReadSplit:
 
 def split(ctx: ReadContext) -> ReadSplit:
     """Beyond the paper: the hit divided over PE, DE and a helper DE so that their read queues drain together.
-    A hit the PE's node reads within alpha, its queue included (the paper's "short" node), stays whole on the PE:
-    where reads are not the bottleneck, a split would only add DE work and a DE->PE hop."""
-    if ctx.queue(ctx.pe_node) + ctx.hit <= ctx.config.alpha_tokens:
+    A hit stays whole on the PE while the PE's node is both "short" (its queue plus the hit within alpha) and the
+    side the paper's policy would pick (its queue no longer than the DE's): where reads are not the bottleneck, a
+    split would only add DE work and a DE->PE hop, and where they are, the PE's queue outgrows the DE's."""
+    pe_q = ctx.queue(ctx.pe_node)
+    if pe_q + ctx.hit <= ctx.config.alpha_tokens and read_side(pe_q, ctx.queue(ctx.de_node)) is ReadSide.PE:
         return ReadSplit(ctx.hit, 0)
     helper = helper_de(ctx)
     nodes = [ctx.pe_node, ctx.de_node] + ([ctx.engine_node[helper]] if helper >= 0 else [])
