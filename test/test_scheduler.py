@@ -168,15 +168,15 @@ def test_a_split_read_takes_the_least_loaded_other_de_as_helper():
     assert b.helper == -1 and b.helper_read_tokens == 0 and b.pe_read_tokens + b.de_read_tokens == 1_000
 
 
-@pytest.mark.parametrize(("pe_queue", "de_queue", "pe_tokens"), [
-    (0, 0, 64_000),  # short and no longer than the DE's: whole on the PE, no DE work
-    (40_000, 50_000, 64_000),
-    (40_000, 0, 12_000),  # short, but the PE's queue is the longer: (40,000 + 64,000) / 2 each
-    (80_000, 100_000, 42_000),  # the shorter, but not short: (80,000 + 100,000 + 64,000) / 2 each
+@pytest.mark.parametrize(("gpu_rate", "pe_queue", "de_queue", "pe_tokens"), [
+    (500, 0, 0, 64_000),  # reads of 64 s before 128 s of compute: whole on the PE, no DE work
+    (500, 40_000, 0, 64_000),  # 104 s of reads, still within the compute
+    (2_000, 0, 0, 32_000),  # 64 s of reads for 32 s of compute: both queues drain together
+    (500, 80_000, 100_000, 42_000),  # not short (beyond alpha): (80,000 + 100,000 + 64,000) / 2 each
 ])
-def test_split_policy_keeps_a_hit_whole_on_the_pe_only_where_its_node_is_short_and_the_shorter(
-        pe_queue, de_queue, pe_tokens):
-    sched = one_pe_one_de(read_policy="split", alpha_tokens=128_000)
+def test_split_policy_keeps_a_hit_whole_on_the_pe_only_where_reads_are_not_its_bottleneck(
+        gpu_rate, pe_queue, de_queue, pe_tokens):
+    sched = one_pe_one_de(read_policy="split", alpha_tokens=128_000, beta_tokens=5 * gpu_rate)
     sched.submit(Request(0, 64_000, 100, 10))
     sched.fetch_prefill(0, [EngineLoad(e, 0, 0, 0) for e in range(4)], [NodeLoad(0, pe_queue, 1000.0)])
     [a] = sched.fetch_decode(1, de_loads([10**6] * 4), [NodeLoad(1, de_queue, 1000.0)])

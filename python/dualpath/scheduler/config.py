@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dualpath.scheduler.placement import ALPHA_SECONDS, BETA_SECONDS
 from dualpath.scheduler.read_policies import READ_POLICIES
 
 PlacementPolicy = Literal["dualpath", "round_robin"]
@@ -22,6 +23,8 @@ class SchedulerConfig:
         "round_robin" (alternate sides) or "split" (one request's hit over both sides and a helper DE so that
         their queues drain together; beyond the paper).
     split_block_tokens: "split" cuts at multiples of this (the store's Full Block size).
+    prefill_tokens_per_s: a PE's prompt tokens per second of compute alone ("split" keeps a hit whole on the PE
+        where its node reads it before the PE has computed what it holds); 0: beta's rate.
     seed: tie-breaks among equal candidates use a seeded order, so a given state always gives one answer.
     """
 
@@ -31,6 +34,7 @@ class SchedulerConfig:
     placement: PlacementPolicy = "dualpath"
     read_policy: str = "queue"
     split_block_tokens: int = 64
+    prefill_tokens_per_s: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +46,8 @@ class SchedulerConfig:
             raise ValueError(f"unknown placement {self.placement!r}")
         if self.read_policy not in READ_POLICIES:
             raise ValueError(f"unknown read_policy {self.read_policy!r}; choose from {', '.join(READ_POLICIES)}")
+        if self.prefill_tokens_per_s < 0:
+            raise ValueError(f"prefill_tokens_per_s must be >= 0, got {self.prefill_tokens_per_s}")
         if self.split_block_tokens < 1:
             raise ValueError(f"split_block_tokens must be >= 1, got {self.split_block_tokens}")
 
@@ -51,5 +57,6 @@ class SchedulerConfig:
         if read_tokens_per_s <= 0 or gpu_tokens_per_s <= 0:
             raise ValueError(f"rates must be positive, got {read_tokens_per_s}, {gpu_tokens_per_s}")
         return SchedulerConfig(
-            alpha_tokens=int(3 * read_tokens_per_s), beta_tokens=int(5 * gpu_tokens_per_s), **overrides  # type: ignore[arg-type]
+            alpha_tokens=int(ALPHA_SECONDS * read_tokens_per_s), beta_tokens=int(BETA_SECONDS * gpu_tokens_per_s),
+            **{"prefill_tokens_per_s": gpu_tokens_per_s, **overrides}  # type: ignore[arg-type]
         )

@@ -105,7 +105,7 @@ class GlobalScheduler:
                 break
             request = self._prefill_queue.popleft()
             slot.take(request, hbm=False)
-            pick = PrefillPick(request, slot.engine_id)
+            pick = PrefillPick(request, slot.engine_id, slot.tok)
             picks.append(pick)
             self._decode_queue.append(pick)
         return picks
@@ -197,7 +197,7 @@ class GlobalScheduler:
         pe_node, de_node, read_q = self._engine_node[pick.pe], de.node_id, self._read_q
         pe_tokens, de_tokens, helper, helper_tokens = self._read_policy(ReadContext(
             self.config, request.cached_tokens, pe_node, de_node, self._groups[group_id].engine_ids, self._reads,
-            self._engine_node, read_q, self._drain_rate))
+            self._engine_node, read_q, self._drain_rate, pick.pe_tokens))
         self._reads += 1
         side = (ReadSide.SPLIT if helper >= 0 or (pe_tokens and de_tokens)
                 else ReadSide.PE if de_tokens == 0 else ReadSide.DE)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from dualpath.scheduler.messages import EngineLoad, ReadSide, Request
 
 _MASK = (1 << 64) - 1
+ALPHA_SECONDS, BETA_SECONDS = 3.0, 5.0  # alpha: a node's reads in 3 s; beta: a PE's prefill in 5 s (paper A.4)
 
 
 def tiebreak(seed: int, engine_id: int) -> int:

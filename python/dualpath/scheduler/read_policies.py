@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from dualpath.scheduler.messages import NodeLoad, ReadSide
-from dualpath.scheduler.placement import read_side, split_tokens
+from dualpath.scheduler.placement import BETA_SECONDS, read_side, split_tokens
 
 if TYPE_CHECKING:
     from dualpath.scheduler.config import SchedulerConfig
@@ -34,6 +34,7 @@ class ReadContext:
     engine_node: Mapping[int, int]  # engine id -> node id, for the engines that reported
     read_q: Mapping[int, int]  # node id -> tokens in its read queue
     drain_rate: Mapping[int, float]  # node id -> its last reported drain rate (tokens/s)
+    pe_tokens: int = 0  # the PE's unfinished prompt tokens, this request's included
 
     def queue(self, node: int) -> int:
         return self.read_q.get(node, 0)
@@ -41,6 +42,11 @@ class ReadContext:
     def rate(self, node: int) -> float:
         """A node's last reported drain rate; a node that has not reported counts as ``NodeLoad(node, 0)``."""
         return self.drain_rate.get(node, UNREPORTED_RATE)
+
+    def pe_compute_s(self) -> float:
+        """Seconds of prefill the PE has queued (at the profiled compute rate, else at beta's)."""
+        rate = self.config.prefill_tokens_per_s or self.config.beta_tokens / BETA_SECONDS
+        return self.pe_tokens / rate if rate else 0.0
 
 
 class ReadSplit(NamedTuple):
@@ -74,11 +80,11 @@ def queue(ctx: ReadContext) -> ReadSplit:
 
 def split(ctx: ReadContext) -> ReadSplit:
     """Beyond the paper: the hit divided over PE, DE and a helper DE so that their read queues drain together.
-    A hit stays whole on the PE while the PE's node is both "short" (its queue plus the hit within alpha) and the
-    side the paper's policy would pick (its queue no longer than the DE's): where reads are not the bottleneck, a
-    split would only add DE work and a DE->PE hop, and where they are, the PE's queue outgrows the DE's."""
-    pe_q = ctx.queue(ctx.pe_node)
-    if pe_q + ctx.hit <= ctx.config.alpha_tokens and read_side(pe_q, ctx.queue(ctx.de_node)) is ReadSide.PE:
+    A hit stays whole on the PE where reads are not the PE's bottleneck: its node is "short" (its queue plus the
+    hit within alpha) and reads them before the PE has computed what it holds. There a split would only add DE
+    work and a DE->PE hop; where the PE's reads outlast its compute, the split brings them in sooner."""
+    pe_reads = ctx.queue(ctx.pe_node) + ctx.hit
+    if pe_reads <= ctx.config.alpha_tokens and pe_reads / ctx.rate(ctx.pe_node) <= ctx.pe_compute_s():
         return ReadSplit(ctx.hit, 0)
     helper = helper_de(ctx)
     nodes = [ctx.pe_node, ctx.de_node] + ([ctx.engine_node[helper]] if helper >= 0 else [])
