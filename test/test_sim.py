@@ -121,6 +121,9 @@ def test_online_capacity_separates_light_and_overload():
     light = run_online(spec, pool, aps=0.05, duration_s=300, warmup_s=100)
     heavy = run_online(spec, pool, aps=20.0, duration_s=150, warmup_s=50)
     assert light.mean_ttft_s < 4.0 < heavy.mean_ttft_s
+    # A trajectory's JCT is its turns' latencies end to end (no think time here): at least the TTFTs of its turns.
+    shortest = min(len(a.turns) for a in pool)
+    assert light.mean_trajectory_jct_s >= shortest * light.mean_ttft_s > 0
     with pytest.raises(ValueError, match="aps"):
         run_online(spec, pool, aps=0, duration_s=10, warmup_s=0)
 
@@ -137,6 +140,30 @@ def test_synthetic_sets_match_table_2():
             for prev, cur in zip(a.turns, a.turns[1:], strict=False):
                 assert cur.context_tokens == prev.prompt_tokens + prev.gen_tokens
     assert synthetic_agents("64k", 3, seed=5) == synthetic_agents("64k", 3, seed=5)
+
+
+def test_length_scales_multiply_every_turn_and_truncate_at_the_mal():
+    base = build_workload("synthetic-64k", 600)
+    assert build_workload("synthetic-64k", 600, append_scale=1.0, gen_scale=1.0) == base
+    mal = SYNTHETIC["64k"].max_len
+    longer = build_workload("synthetic-64k", 600, append_scale=4.0)
+    for short, long in zip(base, longer, strict=True):
+        assert 1 <= len(long.turns) <= len(short.turns)
+        assert long.turns[-1].prompt_tokens + long.turns[-1].gen_tokens <= mal
+        for turn, scaled in zip(short.turns, long.turns, strict=False):
+            assert (scaled.append_tokens, scaled.gen_tokens) == (4 * turn.append_tokens, turn.gen_tokens)
+        for prev, cur in zip(long.turns, long.turns[1:], strict=False):
+            assert cur.context_tokens == prev.prompt_tokens + prev.gen_tokens
+    assert sum(len(a.turns) for a in longer) < 0.5 * sum(len(a.turns) for a in base)  # rounds cut at the MAL
+    assert longer[500].turns is longer[0].turns  # copies still share their records
+    shorter = build_workload("synthetic-64k", 10, gen_scale=0.5)
+    assert [len(a.turns) for a in shorter] == [len(a.turns) for a in base[:10]]
+    assert all(t.gen_tokens >= 1 for a in shorter for t in a.turns)
+    assert {len(a.turns) for a in build_workload("synthetic-64k", 10, append_scale=100.0)} == {1}
+    with pytest.raises(ValueError, match="synthetic sets only"):
+        build_workload("mooncake", 1, append_scale=2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        build_workload("synthetic-64k", 1, gen_scale=0.0)
 
 
 def test_trace_loaders_read_the_shared_traces():

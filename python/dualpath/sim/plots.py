@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 
 from dualpath.sim.runner import RunResult
 
+Points = tuple[Sequence[float], Sequence[float]]  # xs, ys
+
 
 def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
               reference: Sequence[float | None] | None = None, reference_label: str = "paper") -> Path:
@@ -27,6 +29,31 @@ def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[fl
     ax.set_xticks(list(xs), labels, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def line_chart(path: Path, title: str, panels: dict[str, dict[str, Points]], ylabel: str,
+               reference: dict[str, Points] | None = None, logx: bool = False) -> Path:
+    """One panel per x-axis label (the keys of `panels`) with one line per series; `reference` (the paper's
+    readings) as crosses on every panel. Ticks sit at the measured xs: sweeps use a few chosen values."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 3.8), squeeze=False, sharey=True)
+    for ax, (xlabel, series) in zip(axes[0], panels.items(), strict=True):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+        for label, (xs, ys) in (reference or {}).items():
+            ax.plot(xs, ys, marker="x", markersize=9, linestyle="none", color="black", label=label)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel(xlabel)
+        ax.legend()
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,6 +41,7 @@ class RunResult:
     snic_max_over_avg: float
     wall_s: float
     median_decision_us: float = 0.0
+    mean_trajectory_jct_s: float = 0.0  # agents that started after the warm-up and finished within the run
 
 
 @contextmanager
@@ -63,10 +64,10 @@ class _Agent:
     """An agent replaying its trajectory: one object per agent, its bound methods serve as the callbacks of
     all its turns (no closure per request)."""
 
-    __slots__ = ("next_turn", "replay", "trace")
+    __slots__ = ("next_turn", "replay", "started", "trace")
 
-    def __init__(self, replay: _Replay, trace: AgentTrace) -> None:
-        self.replay, self.trace, self.next_turn = replay, trace, 0
+    def __init__(self, replay: _Replay, trace: AgentTrace, started: float) -> None:
+        self.replay, self.trace, self.next_turn, self.started = replay, trace, 0, started
 
     def send(self, _event: object = None) -> None:
         self.replay.send(self)
@@ -88,10 +89,11 @@ class _Replay:
         self.prompt_tokens = 0
         self.ttft = array("d")
         self.tpot = array("d")
+        self.trajectory_jct = array("d")
         self.last_finish = 0.0
 
     def start(self, trace: AgentTrace, at: float) -> None:
-        self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(_Agent(self, trace).send)
+        self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(_Agent(self, trace, at).send)
 
     def send(self, agent: _Agent) -> None:
         turn = agent.trace.turns[agent.next_turn]
@@ -108,6 +110,8 @@ class _Replay:
             self.ttft.append(job.first_token - job.arrival)
             self.tpot.append(job.tpot)
         agent.next_turn += 1
+        if agent.next_turn == len(agent.trace.turns) and agent.started >= self.measure_from:
+            self.trajectory_jct.append(job.finish - agent.started)
         if agent.next_turn < len(agent.trace.turns):
             think = agent.trace.turns[agent.next_turn].think_s
             if think > 0:
@@ -136,6 +140,7 @@ def _summarise(cluster: Cluster, replay: _Replay, setting: str, agents: int, wal
         # The loaded first half: later, the tail of straggling agents leaves most NICs idle.
         snic_max_over_avg=cluster.snic_max_over_avg(0.0, horizon / 2), wall_s=wall,
         median_decision_us=statistics.median(decisions) * 1e6 if decisions else 0.0,
+        mean_trajectory_jct_s=statistics.fmean(replay.trajectory_jct) if replay.trajectory_jct else 0.0,
     )
 
 
