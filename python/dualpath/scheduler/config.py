@@ -56,7 +56,8 @@ class SchedulerConfig:
         """The paper's definitions: alpha = 3 s of one node's reads, beta = 5 s of one GPU's processing."""
         if read_tokens_per_s <= 0 or gpu_tokens_per_s <= 0:
             raise ValueError(f"rates must be positive, got {read_tokens_per_s}, {gpu_tokens_per_s}")
+        overrides.setdefault("prefill_tokens_per_s", gpu_tokens_per_s)
         return SchedulerConfig(
             alpha_tokens=int(ALPHA_SECONDS * read_tokens_per_s), beta_tokens=int(BETA_SECONDS * gpu_tokens_per_s),
-            **{"prefill_tokens_per_s": gpu_tokens_per_s, **overrides}  # type: ignore[arg-type]
+            **overrides  # type: ignore[arg-type]
         )

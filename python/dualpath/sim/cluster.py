@@ -86,7 +86,7 @@ class Cluster:
                                else [self._de_by_id[e] for e in g.engine_ids] for g in groups}
         thresholds = spec.scheduler or SchedulerConfig.profiled(
             hw.node_read_bps(nodes) / self.bpt, self._prompt_tokens_per_gpu_second(),
-            prefill_tokens_per_s=self._prompt_tokens_per_gpu_second(read_share=False), seed=spec.seed)
+            prefill_tokens_per_s=self._prompt_tokens_per_gpu_second(capped_by_reads=False), seed=spec.seed)
         self.scheduler = GlobalScheduler(groups, spec.mode.scheduler_config(thresholds))
         # The batcher's quota bounds the attention part of the forward (paper 6.2), summed over layers.
         cap = None if spec.mode.layerwise else model.basic_pe_hbm_tokens
@@ -125,14 +125,14 @@ class Cluster:
 
     # -- models --------------------------------------------------------------------------------------------
 
-    def _prompt_tokens_per_gpu_second(self, read_share: bool = True) -> float:
+    def _prompt_tokens_per_gpu_second(self, capped_by_reads: bool = True) -> float:
         """beta's rate, as a profile of this cluster would measure it: prompt tokens (hit + new) one PE clears
-        per second at a typical agent turn (32K hit, 429 new), limited by compute or (``read_share``) by its
+        per second at a typical agent turn (32K hit, 429 new), limited by compute or (``capped_by_reads``) by its
         share of the storage NICs that may read for it."""
         spec = self.spec
         per_request = spec.model.prefill_seconds([(32_000, 429)], spec.hardware.peak_flops)
         rate = 32_429 / per_request
-        if spec.mode.io and read_share:
+        if spec.mode.io and capped_by_reads:
             readers = spec.prefill_nodes if spec.mode.read_policy == "pe_only" else len(self.nics)
             read_share = self.nics[0].rate / self.bpt * readers / len(self.pes)
             rate = min(rate, read_share * 32_429 / 32_000)

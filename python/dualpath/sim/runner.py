@@ -41,7 +41,7 @@ class RunResult:
     snic_max_over_avg: float
     wall_s: float
     median_decision_us: float = 0.0
-    mean_trajectory_jct_s: float = 0.0  # agents that started after the warm-up and finished within the run
+    mean_trajectory_jct_s: float = 0.0  # online: agents in the system / arrival rate over the measured stretch
 
 
 @contextmanager
@@ -64,10 +64,10 @@ class _Agent:
     """An agent replaying its trajectory: one object per agent, its bound methods serve as the callbacks of
     all its turns (no closure per request)."""
 
-    __slots__ = ("next_turn", "replay", "started", "trace")
+    __slots__ = ("next_turn", "replay", "trace")
 
-    def __init__(self, replay: _Replay, trace: AgentTrace, started: float) -> None:
-        self.replay, self.trace, self.next_turn, self.started = replay, trace, 0, started
+    def __init__(self, replay: _Replay, trace: AgentTrace) -> None:
+        self.replay, self.trace, self.next_turn = replay, trace, 0
 
     def send(self, _event: object = None) -> None:
         self.replay.send(self)
@@ -89,13 +89,25 @@ class _Replay:
         self.prompt_tokens = 0
         self.ttft = array("d")
         self.tpot = array("d")
-        self.trajectory_jct = array("d")
         self.last_finish = 0.0
+        self.active = 0  # agents between their first turn's arrival and their last turn's end
+        self.agent_seconds = 0.0  # the integral of `active` over the measured stretch
+        self._counted_to = measure_from
 
     def start(self, trace: AgentTrace, at: float) -> None:
-        self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(_Agent(self, trace, at).send)
+        self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(_Agent(self, trace).send)
+
+    def count_active(self, change: int = 0) -> None:
+        """Add ``active`` since the last change to ``agent_seconds``, then apply ``change``."""
+        now = self.env.now
+        if now > self._counted_to:
+            self.agent_seconds += self.active * (now - self._counted_to)
+            self._counted_to = now
+        self.active += change
 
     def send(self, agent: _Agent) -> None:
+        if agent.next_turn == 0:
+            self.count_active(+1)
         turn = agent.trace.turns[agent.next_turn]
         request = Request(self.next_id, turn.context_tokens, turn.append_tokens, turn.gen_tokens)
         self.next_id += 1
@@ -110,14 +122,14 @@ class _Replay:
             self.ttft.append(job.first_token - job.arrival)
             self.tpot.append(job.tpot)
         agent.next_turn += 1
-        if agent.next_turn == len(agent.trace.turns) and agent.started >= self.measure_from:
-            self.trajectory_jct.append(job.finish - agent.started)
-        if agent.next_turn < len(agent.trace.turns):
-            think = agent.trace.turns[agent.next_turn].think_s
-            if think > 0:
-                self.env.timeout(think).callbacks.append(agent.send)
-            else:
-                self.send(agent)
+        if agent.next_turn == len(agent.trace.turns):
+            self.count_active(-1)
+            return
+        think = agent.trace.turns[agent.next_turn].think_s
+        if think > 0:
+            self.env.timeout(think).callbacks.append(agent.send)
+        else:
+            self.send(agent)
 
     def stuck_waits(self) -> list[float]:
         """Requests measured but not yet answered count with the wait so far (a lower bound on their TTFT)."""
@@ -127,7 +139,7 @@ class _Replay:
 
 
 def _summarise(cluster: Cluster, replay: _Replay, setting: str, agents: int, wall: float, horizon: float,
-               ttft: Sequence[float]) -> RunResult:
+               ttft: Sequence[float], trajectory_jct_s: float = 0.0) -> RunResult:
     decisions = [a + b for a, b in zip(sorted(cluster.prefill_decision_s), sorted(cluster.decode_decision_s),
                                        strict=False)]
     return RunResult(
@@ -140,7 +152,7 @@ def _summarise(cluster: Cluster, replay: _Replay, setting: str, agents: int, wal
         # The loaded first half: later, the tail of straggling agents leaves most NICs idle.
         snic_max_over_avg=cluster.snic_max_over_avg(0.0, horizon / 2), wall_s=wall,
         median_decision_us=statistics.median(decisions) * 1e6 if decisions else 0.0,
-        mean_trajectory_jct_s=statistics.fmean(replay.trajectory_jct) if replay.trajectory_jct else 0.0,
+        mean_trajectory_jct_s=trajectory_jct_s,
     )
 
 
@@ -240,7 +252,11 @@ def run_online(spec: ClusterSpec, pool: Sequence[AgentTrace], aps: float, durati
     with _cyclic_gc_paused():
         cluster.env.run(until=duration_s)
     ttft = [*replay.ttft, *replay.stuck_waits()]
-    return _summarise(cluster, replay, setting, started, time.perf_counter() - wall, duration_s, ttft)
+    # Little's law: agents in the system = arrival rate x trajectory JCT, in a steady state. Unlike averaging the
+    # agents that finished in the run, it does not leave out the trajectories longer than what is left of it.
+    replay.count_active()
+    trajectory_jct = replay.agent_seconds / (duration_s - warmup_s) / aps
+    return _summarise(cluster, replay, setting, started, time.perf_counter() - wall, duration_s, ttft, trajectory_jct)
 
 
 def meets_slo(result: RunResult, ttft_s: float = 4.0, tpot_s: float = 0.05) -> bool:
