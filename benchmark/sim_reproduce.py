@@ -198,7 +198,7 @@ def fig11(out: Path, rates: Sequence[float], duration: float) -> None:
     print("Fig. 11  online DS 660B 2P4D: mean trajectory JCT against agents/s", flush=True)
     modes = ("basic", "dualpath")
     runs = {m: [online("ds660b", (2, 4), m, aps, duration) for aps in rates] for m in modes}
-    # Agents that finished within the run: over capacity (no steady state) the longest are missing.
+    # Little's law over the run's second half; over capacity (no steady state) it grows with the run.
     jct = {m: [r.mean_trajectory_jct_s for r in results] for m, results in runs.items()}
     for aps, basic, basic_jct, dual_jct in zip(rates, runs["basic"], jct["basic"], jct["dualpath"], strict=True):
         reading = FIG11_PAPER.get(aps)
