@@ -463,8 +463,11 @@ async def test_sigterm_drains_every_accepted_request_then_the_router_restarts(tm
             return subprocess.Popen([sys.executable, "-m", "dualpath.launch_router", *argv], stdout=log, stderr=log)
 
     async def healthy(client: aiohttp.ClientSession) -> bool:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with client.get(f"http://127.0.0.1:{port}/readiness") as resp:
+        # A connect racing the listener's close can stall (a dropped SYN is resent after 1 s, then 3 s, ...): the
+        # probe gives up early, so that the held requests are released well within the router's drain.
+        probe = aiohttp.ClientTimeout(total=0.5)
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with client.get(f"http://127.0.0.1:{port}/readiness", timeout=probe) as resp:
                 return resp.status == 200
         return False
 
