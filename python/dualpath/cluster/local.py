@@ -190,6 +190,8 @@ def _ports(config: ClusterConfig) -> list[int]:
 def busy_ports(config: ClusterConfig) -> dict[int, list[str]]:
     """The cluster's ports that a server cannot bind now, each with the TCP states of the sockets on it."""
     busy = [p for p in _ports(config) if not _port_free(p)]
+    if not busy:
+        return {}
     states: dict[int, list[str]] = {p: [] for p in busy}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:

@@ -83,7 +83,7 @@ class PrefillPick:
 
     request: Request
     pe: int
-    pe_tokens: int = 0  # the PE's tok_e once it took the request (its unfinished prompt tokens, this one's included)
+    pe_tokens: int  # the PE's tok_e once it took the request (its unfinished prompt tokens, this one's included)
 
 
 @dataclass(frozen=True, slots=True)

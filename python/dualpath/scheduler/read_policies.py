@@ -34,7 +34,7 @@ class ReadContext:
     engine_node: Mapping[int, int]  # engine id -> node id, for the engines that reported
     read_q: Mapping[int, int]  # node id -> tokens in its read queue
     drain_rate: Mapping[int, float]  # node id -> its last reported drain rate (tokens/s)
-    pe_tokens: int = 0  # the PE's unfinished prompt tokens, this request's included
+    pe_tokens: int  # the PE's unfinished prompt tokens, this request's included
 
     def queue(self, node: int) -> int:
         return self.read_q.get(node, 0)
