@@ -578,6 +578,22 @@ def test_hit_kv_is_read_through_the_chosen_nic(servers: dict, side: ReadSide) ->
     assert _entered_layer_by_layer(servers["prefill"], prefill_before, de_tokens // 64)
 
 
+def test_a_decode_forwards_the_pages_its_host_pool_holds_without_reading_them(servers: dict) -> None:
+    ids = _prompt(12)
+    expected, _ = _pd_generate(servers, ids, RouteHint(ReadSide.PE))
+    hit = 64 * len(_stored(servers, ids))  # written back from the decode's host pool, which keeps them
+    flush_cache(servers["prefill"].url, 30)
+    store, decode_before = servers["store"], servers["decode"].report()
+    before = {n: _node_read_tokens(store, n) for n in ("pe0", "de0")}
+    out, prefill_meta = _pd_generate(servers, ids, RouteHint(ReadSide.DE, *_channels(servers)))
+    assert same_logprobs(out, expected)
+    assert prefill_meta["cached_tokens_details"]["storage"] == hit  # a store hit to the prefill ...
+    assert {n: _node_read_tokens(store, n) - before[n] for n in ("pe0", "de0")} == {"pe0": 0, "de0": 0}
+    # ... that no NIC read: the decode forwarded every page from its memory.
+    assert _report_reaches(servers["decode"], "pages_forwarded_from_memory",
+                           decode_before.pages_forwarded_from_memory + hit // 64)
+
+
 def test_pd_and_de_kv_share_the_emulated_compute_nic_by_priority(servers: dict) -> None:
     from dualpath.srt.traffic import compute_nic
     from dualpath.transfer import PriorityLimiter
@@ -621,7 +637,7 @@ def test_a_helper_de_reads_its_part_of_a_split_read_for_the_prefill(servers: dic
     store = BlockStore(StoreConfig(root, model=geometry, block_tokens=64, node="de1"))
     assert (root / store.config.namespace).is_dir()  # the servers' namespace: the same pages
     helper = KVLink(SrtConfig("decode", "de1", str(root), "127.0.0.1", 31390, timeout_s=3.0),
-                    BlockSlots(store.layout, 16, 3.0), store)
+                    (slots := BlockSlots(store.layout, 16, 3.0)), slots.from_store(store))
     try:
         before = {n: _node_read_tokens(root, n) for n in ("pe0", "de0", "de1")}
         pe, de = _channels(servers)

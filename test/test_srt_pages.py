@@ -47,6 +47,14 @@ def _backend(monkeypatch: pytest.MonkeyPatch, role: str, node: str, root: Path, 
     return backend
 
 
+def _free(pool: object, indices: torch.Tensor) -> None:
+    """SGLang frees the host pages at ``indices`` (placed by the test without allocating them: the pool's own
+    bookkeeping is left out) through the decode's hook."""
+    from dualpath.srt.held import on_host_free
+
+    on_host_free(lambda _pool, freed: len(freed), pool, indices)
+
+
 def _page(pool: object, index: int) -> torch.Tensor:
     return surface.host_page(pool, index).clone()
 
@@ -74,10 +82,15 @@ def test_pages_round_trip_through_the_store_and_the_de_path(attention: str, tmp_
         assert decode.store.config.namespace == prefill.store.config.namespace
         assert decode.store.layout.geometry.layers == shape.planes
 
-        for rid, hint in (("pe", RouteHint(ReadSide.PE)),
-                          ("de", RouteHint(ReadSide.DE, prefill.config.kv_channel, decode.config.kv_channel))):
+        de_hint = RouteHint(ReadSide.DE, prefill.config.kv_channel, decode.config.kv_channel)
+        # The decode forwards the pages its host pool holds from memory; once SGLang frees them, from the store.
+        for rid, hint in (("pe", RouteHint(ReadSide.PE)), ("de-held", de_hint), ("de", de_hint)):
+            if rid == "de":
+                _free(de_pool, indices)
+                assert len(decode.held) == 0
             prefill.slots.forget()
             decode.slots.forget()
+            from_memory = decode.state.snapshot().pages_forwarded_from_memory
             for page in range(PAGES):
                 surface.set_host_page(pe_pool, PAGE * (page + 1), torch.zeros_like(expected[page]).view(-1))
             before = prefill.store.stats().hits, decode.store.stats().hits
@@ -88,7 +101,9 @@ def test_pages_round_trip_through_the_store_and_the_de_path(attention: str, tmp_
             for page in range(PAGES):
                 assert torch.equal(_page(pe_pool, PAGE * (page + 1)), expected[page]), (rid, page)
             read = prefill.store.stats().hits - before[0], decode.store.stats().hits - before[1]
-            assert read == ((PAGES, 0) if rid == "pe" else (0, PAGES)), rid
+            assert read == {"pe": (PAGES, 0), "de-held": (0, 0), "de": (0, PAGES)}[rid]
+            forwarded_from_memory = decode.state.snapshot().pages_forwarded_from_memory - from_memory
+            assert forwarded_from_memory == (PAGES if rid == "de-held" else 0), rid
 
         # Negative control: a page the store no longer holds ends the hit there; the oracle above sees it.
         prefill.slots.forget()
@@ -115,6 +130,7 @@ def test_an_early_read_skips_the_pages_the_prefills_own_cache_holds(tmp_path: Pa
     prefill = _backend(monkeypatch, "prefill", "pe0", tmp_path, pe_pool)
     try:
         assert decode.batch_set_v1(keys, indices) == [True] * PAGES
+        _free(de_pool, indices)  # the decode reads what it forwards
         de_hint = RouteHint(ReadSide.DE, prefill.config.kv_channel, decode.config.kv_channel)
         for rid, hint, held in (("pe-cold", RouteHint(ReadSide.PE), 0), ("pe-warm", RouteHint(ReadSide.PE), 2),
                                 ("de-cold", de_hint, 0), ("de-warm", de_hint, 5)):

@@ -83,6 +83,7 @@ class NodeReport(msgspec.Struct, frozen=True, kw_only=True):
     pages_read: int = 0  # through its own NIC
     pages_from_peers: int = 0  # prefill: pages a DE read and forwarded
     pages_forwarded: int = 0  # decode: pages it read and forwarded to a prefill
+    pages_forwarded_from_memory: int = 0  # decode: of those, pages its host pool held (not read from the store)
     bytes_forwarded: int = 0
     fallbacks: int = 0  # prefill: a DE's part read through its own NIC after the DE path failed
     transfer_timeouts: int = 0

@@ -18,6 +18,17 @@ import numpy as np
 from dualpath.kv import BlockBuffer, BlockLayout
 from dualpath.store import BlockStatus, BlockStore
 
+SlotSource = Callable[[list[str], list[int]], list[bool]]  # writes the blocks it can into the slots, says which
+
+
+def fill_missing(source: SlotSource, keys: list[str], slots: list[int], ok: list[bool]) -> list[bool]:
+    """``ok`` with the blocks not ok yet asked of ``source`` (a source that tried first, then a fallback)."""
+    rest = [i for i, done in enumerate(ok) if not done]
+    if rest:
+        for i, filled in zip(rest, source([keys[i] for i in rest], [slots[i] for i in rest]), strict=True):
+            ok[i] = filled
+    return ok
+
 
 class SlotsExhausted(RuntimeError):
     """Every slot is pinned and none was released in time."""
@@ -66,13 +77,17 @@ class BlockSlots:
 
     def read(self, store: BlockStore, keys: Sequence[str]) -> list[int]:
         """:meth:`fill` from ``store``."""
-        def from_store(missing: list[str], slots: list[int]) -> list[bool]:
-            statuses = store.read(missing, self.buffer.blocks(slots))
+        return self.fill(keys, self.from_store(store))
+
+    def from_store(self, store: BlockStore) -> SlotSource:
+        """A :meth:`fill` source that reads the blocks from ``store`` through this node's NIC."""
+        def source(keys: list[str], slots: list[int]) -> list[bool]:
+            statuses = store.read(keys, self.buffer.blocks(slots))
             return [status is BlockStatus.OK for status in statuses]
 
-        return self.fill(keys, from_store)
+        return source
 
-    def fill(self, keys: Sequence[str], source: Callable[[list[str], list[int]], list[bool]]) -> list[int]:
+    def fill(self, keys: Sequence[str], source: SlotSource) -> list[int]:
         """Pinned slots holding the leading ``keys`` that are cached or that ``source`` could provide.
 
         ``source(keys, slots)`` writes the blocks it can into the slots and says which. Keys another

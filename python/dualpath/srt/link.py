@@ -1,11 +1,12 @@
 """The DE read path between two SGLang servers: a PE asks a DE for blocks, the DE reads and forwards them.
 
 The PE drives: when its HiCache prefetch of a DE-side request needs blocks, it expects them from the
-request's DE (``KVChannel.expect`` with the page keys as ``meta``). The DE reads those blocks through
-its own storage NIC into its block slots (a block it read for its own decode comes from the cache) and
-writes them into the PE's slots with NIXL, one layer at a time at the low-priority KV traffic class
-(``traffic.py``): the K plane of layer 0, its V plane, then layer 1, ... Either side failing fails the
-request on both; the PE then reads the blocks itself (see ``storage.py``, ``layers.py``), so nothing is lost.
+request's DE (``KVChannel.expect`` with the page keys as ``meta``). The DE gets those blocks into its block
+slots (a block it read for its own decode comes from the cache, one its host pool holds is copied from there,
+``held.py``; the rest is read through its own storage NIC) and writes them into the PE's slots with NIXL, one
+layer at a time at the low-priority KV traffic class (``traffic.py``): the K plane of layer 0, its V plane,
+then layer 1, ... Either side failing fails the request on both; the PE then reads the blocks itself (see
+``storage.py``, ``layers.py``), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from typing import NamedTuple
 import msgspec
 from dualpath.kv import KVGeometry
 from dualpath.scheduler.report import KVChannelAddress
-from dualpath.srt.blocks import BlockSlots
+from dualpath.srt.blocks import BlockSlots, SlotSource
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.traffic import compute_nic, kv_qos
-from dualpath.store import BlockStore
 from dualpath.transfer import KVChannel, TrafficClass, TransferConfig, TransferFailed, grid_for_buffer
 from dualpath.transfer.flows import Inbound
 from dualpath.transfer.messages import Expect
@@ -56,13 +56,14 @@ def layer_by_layer(geometry: KVGeometry) -> list[int]:
 class KVLink:
     """One server's KV channel over its block slots: fetch from a DE (PE side), serve a PE (DE side)."""
 
-    def __init__(self, config: SrtConfig, slots: BlockSlots, store: BlockStore,
+    def __init__(self, config: SrtConfig, slots: BlockSlots, source: SlotSource,
                  count: Callable[..., None] = lambda **_: None) -> None:
-        """``count(**deltas)`` tallies the server's transfer counters (``StatePublisher.count``)."""
+        """``source`` fills slots with the blocks a PE asks for (``BlockSlots.fill``); ``count(**deltas)`` tallies
+        the server's transfer counters (``StatePublisher.count``)."""
         self.config = config
         self._count = count
         self._slots = slots
-        self._store = store
+        self._source = source
         self._plane_order = layer_by_layer(slots.buffer.layout.geometry)
         self._serving = ThreadPoolExecutor(2, thread_name_prefix="dualpath-serve")
         self._connect_lock = threading.Lock()
@@ -112,9 +113,10 @@ class KVLink:
         slots: list[int] = []
         try:
             keys = msgspec.msgpack.decode(expect.meta, type=list[str])
-            slots = self._slots.read(self._store, keys)
+            slots = self._slots.fill(keys, self._source)
             if len(slots) < len(keys):
-                raise TransferFailed(expect.request_id, f"{len(keys) - len(slots)} of {len(keys)} blocks not in store")
+                raise TransferFailed(expect.request_id, f"{len(keys) - len(slots)} of {len(keys)} blocks not held or "
+                                                        "stored")
             outbound = self.channel.open_send(expect.request_id, peer, GRID, slots)
             for plane in self._plane_order:
                 outbound.send_layer(plane)

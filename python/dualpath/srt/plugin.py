@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from dualpath.scheduler.batcher import AttentionCostModel
-from dualpath.srt import cpu, layers, requests, surface, traffic
+from dualpath.srt import cpu, held, layers, requests, surface, traffic
 from dualpath.srt.batching import BatchTimer, CostProfile, QuotaHook
 from dualpath.srt.config import CPU_ENV, SrtConfig
 
@@ -81,6 +81,8 @@ def register() -> None:
             hooks.append((surface.TARGETS["pd_send"], traffic.PdTransferPacing(link)))
         if config.role == "prefill" and config.layerwise:
             hooks += [(surface.TARGETS[name], hook) for name, hook in LAYER_HOOKS]
+        if config.role == "decode":  # it forwards the pages its host pool holds until they are freed
+            hooks.append((surface.TARGETS["host_free"], held.on_host_free))
     for path, hook in hooks:
         registry.register(path, hook, around)
     log.info("DualPath plugin: %s (CPU support: %s)",

@@ -28,6 +28,7 @@ class ServerState(msgspec.Struct, kw_only=True):
     pages_read: int = 0
     pages_from_peers: int = 0
     pages_forwarded: int = 0
+    pages_forwarded_from_memory: int = 0
     bytes_forwarded: int = 0
     fallbacks: int = 0
     transfer_timeouts: int = 0
@@ -41,6 +42,8 @@ METRICS = {
     "pages_read": ("dualpath_blocks_read", "pe", "KV blocks read for this server, by the NIC that read them"),
     "pages_from_peers": ("dualpath_blocks_read", "de", "KV blocks read for this server, by the NIC that read them"),
     "pages_forwarded": ("dualpath_blocks_forwarded", "", "KV blocks a decode server read and forwarded to a prefill"),
+    "pages_forwarded_from_memory": ("dualpath_blocks_forwarded_from_memory", "", "KV blocks a decode server "
+                                    "forwarded to a prefill from its own host memory, not read from the store"),
     "bytes_forwarded": ("dualpath_bytes_forwarded", "", "bytes of KV forwarded DE -> PE"),
     "fallbacks": ("dualpath_fallbacks", "", "a decode server's part read on the prefill's NIC after a failure"),
     "transfer_timeouts": ("dualpath_transfer_timeouts", "", "DE -> PE KV transfers that timed out"),
@@ -80,6 +83,10 @@ class StatePublisher:
         with self._lock:
             self._state.store_namespace = namespace
         self._dirty.set()
+
+    def snapshot(self) -> ServerState:
+        with self._lock:
+            return msgspec.structs.replace(self._state)
 
     def count(self, **deltas: int) -> None:
         with self._lock:

@@ -11,6 +11,8 @@ Per request (see ``requests.py``):
 - Split: the DE reads the leading pages (for itself and the prefill), a helper DE (optional) the next
   ones, the prefill the rest; the prefill fetches the DEs' pages as above and sends the DE what follows its own.
 - Write-back: the decode writes every full page; the prefill never writes.
+- A decode forwards the pages its host pool holds (what it wrote back or read, ``held.py``) from there: only
+  the others are read through its storage NIC.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from dualpath.scheduler import ReadSide
 from dualpath.scheduler.report import KVChannelAddress
 from dualpath.scheduler.route_hint import Reader
 from dualpath.srt import surface
+from dualpath.srt.blocks import fill_missing
 from dualpath.srt.config import SrtConfig
 from dualpath.srt.early import EarlyReads
+from dualpath.srt.held import HeldPages
 from dualpath.srt.hicache import BlockStoreBackend
 from dualpath.srt.layers import Landing, LayerGate
 from dualpath.srt.link import KVLink
 from dualpath.srt.requests import CAPACITY, RequestRoutes, Route
 from dualpath.srt.state import StatePublisher
-from dualpath.store import BlockStatus
 
 log = logging.getLogger(__name__)
 EARLY_BATCH = 128  # pages per early read, as HiCache batches its own reads
@@ -45,6 +48,7 @@ class DualPathStorage(BlockStoreBackend):
     def __init__(self, storage_config: Any, kwargs: dict | None = None) -> None:
         super().__init__(storage_config, kwargs)
         self.link: KVLink | None = None
+        self.held: HeldPages | None = None  # a decode's host-pool pages, forwarded from memory
         self.gate: LayerGate | None = None  # a prefill's layer-by-layer landing of DE pages (layers.py)
         self._early = EarlyReads(CAPACITY)
         self.routes = RequestRoutes(self.config.page_size, self._on_arrival)
@@ -63,7 +67,9 @@ class DualPathStorage(BlockStoreBackend):
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        self.link = KVLink(self.config, self.slots, self.store, self.state.count)
+        if self.config.role == "decode":
+            self.held = HeldPages(mem_pool_host, self.shape.page_size)
+        self.link = KVLink(self.config, self.slots, self._forwarded, self.state.count)
         if self.config.role == "prefill" and self.config.layerwise:
             self.gate = LayerGate(mem_pool_host, self.slots, self._flat, self.state.count)
             surface.set_layer_counter(surface.device_pool_of(mem_pool_host), self.gate)
@@ -83,7 +89,29 @@ class DualPathStorage(BlockStoreBackend):
             return found if found * self.config.page_size >= self.config.prefetch_threshold else 0
         return super().batch_exists(keys, extra_info)
 
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        ok = super().batch_get_v1(keys, host_indices, extra_info)
+        self._hold([key for key, hit in zip(keys, ok, strict=True) if hit], host_indices)  # hits lead: i-th at i
+        return ok
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        ok = super().batch_set_v1(keys, host_indices, extra_info)
+        self._hold(keys, host_indices)  # in the host pool whether or not the store took them
+        return ok
+
     # -- reading and writing pages -------------------------------------------------------------------------
+    def _hold(self, keys: list[str], host_indices: torch.Tensor) -> None:
+        if self.held is not None and keys:
+            self.held.add(keys, lambda i: int(host_indices[i * self.shape.page_size]))
+
+    def _forwarded(self, keys: list[str], slots: list[int]) -> list[bool]:
+        """A decode's source of the blocks a prefill asks for: its host pool's, then the store's."""
+        ok = [self.held is not None and self.held.copy(key, self._flat(slot)) 
+              for key, slot in zip(keys, slots, strict=True)]
+        if any(ok):
+            self.state.count(pages_forwarded_from_memory=sum(ok))
+        return fill_missing(self.slots.from_store(self._store()), keys, slots, ok)
+
     def _on_arrival(self, route: Route, input_ids: list[int], cached_tokens: Callable[[], int]) -> None:
         """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
         the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
@@ -140,20 +168,14 @@ class DualPathStorage(BlockStoreBackend):
                     self.state.count(fallbacks=len(indices))
                     log.warning("request %s: read path through %s failed (%s); reading on the PE side", route.rid,
                                 reader.agent, fetched.reason)
-            rest = [i for i in range(len(keys)) if not ok[i]]
-            if rest:
-                blocks = self.slots.buffer.blocks([slots[i] for i in rest])
-                for i, status in zip(rest, self._store().read([keys[i] for i in rest], blocks), strict=True):
-                    ok[i] = status is BlockStatus.OK
-            return ok
+            return fill_missing(self.slots.from_store(self._store()), keys, slots, ok)
 
         return source
 
     def _recover(self, keys: list[str], slots: list[int]) -> bool:
         """Read blocks a DE failed to finish forwarding from the store into their slots."""
         self.state.count(fallbacks=len(keys))
-        statuses = self._store().read(keys, self.slots.buffer.blocks(slots))
-        return all(status is BlockStatus.OK for status in statuses)
+        return all(self.slots.from_store(self._store())(keys, slots))
 
     def _pinned(self, route: Route, keys: list[str]) -> list[int]:
         """Pinned slots holding the leading ``keys``: on a prefill, from the request's DE for the pages the DE
@@ -195,6 +217,8 @@ class DualPathStorage(BlockStoreBackend):
         backend = surface.storage_backend(controller)
         if isinstance(backend, DualPathStorage) and backend.store is not None:
             backend.slots.forget()
+            if backend.held is not None:  # the pool was cleared without freeing its pages
+                backend.held.clear()
         return result
 
     def close(self) -> None:
@@ -204,4 +228,6 @@ class DualPathStorage(BlockStoreBackend):
         self.state.close()
         if self.link is not None:
             self.link.close()
+        if self.held is not None:
+            self.held.close()
         super().close()
