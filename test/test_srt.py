@@ -134,23 +134,38 @@ def test_request_routes_live_in_the_storage_backend_sglang_owns() -> None:
     def scheduler_with(backend: object) -> SimpleNamespace:
         return SimpleNamespace(tree_cache=SimpleNamespace(cache_controller=SimpleNamespace(storage_backend=backend)))
 
-    arrived: list[tuple[str, list[int]]] = []
-    ours = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids, _: arrived.append((route.rid, ids))))
-    other = SimpleNamespace(routes=requests.RequestRoutes(64, lambda route, ids, _: arrived.append(("other", ids))))
+    prefetched: list[tuple[str, list[int], str | None]] = []
+    ours = SimpleNamespace(routes=requests.RequestRoutes(64), prefetching=lambda *call: prefetched.append(call))
+    other = SimpleNamespace(routes=requests.RequestRoutes(64))
     hint = RouteHint(ReadSide.DE, PE, DE).encode()
     req = SimpleNamespace(rid="r1", bootstrap_room=7, routing_key=hint, origin_input_ids=[1, 2, 3])
     seen = requests.on_add_request(lambda scheduler, r: ours.routes.current(), scheduler_with(ours), req)
     assert seen.rid == "r1" and seen.room == 7 and seen.side is ReadSide.DE and seen.reader("k") == DE
-    assert arrived == [("r1", [1, 2, 3])]
+    assert ours.routes.get("r1") == seen and other.routes.get("r1") is None
     assert ours.routes.current().hint is None  # outside the call: no current request
     assert other.routes.current().rid == ""  # two backends in one process share nothing
     operation = SimpleNamespace(request_id="r1")
     controller = SimpleNamespace(storage_backend=ours)
     assert requests.on_operation(lambda c, op: ours.routes.current(), controller, operation).side is ReadSide.DE
+    # The early read starts where HiCache starts a prefetch, for its pages; where HiCache recomputes, none does.
+    cache = SimpleNamespace(cache_controller=controller, ongoing_prefetch={})
+
+    def hicache_prefetch(cache: SimpleNamespace, rid: str, node: object, tokens: list[int],
+                         last_key: str | None = None) -> str:
+        if len(tokens) >= 256:  # HiCache's prefetch_threshold
+            cache.ongoing_prefetch[rid] = node
+        return "done"
+
+    assert requests.on_prefetch(hicache_prefetch, cache, "r1", None, list(range(128))) == "done"
+    assert not prefetched
+    assert requests.on_prefetch(hicache_prefetch, cache, "r1", None, list(range(320)), "ab" * 32) == "done"
+    assert prefetched == [("r1", list(range(320)), "ab" * 32)]
     # A server whose storage backend is not DualPath's is left alone.
     stock = scheduler_with(SimpleNamespace())
     assert requests.on_add_request(lambda scheduler, r: "stock", stock, req) == "stock"
-    assert arrived == [("r1", [1, 2, 3])]
+    assert requests.on_prefetch(hicache_prefetch, SimpleNamespace(cache_controller=SimpleNamespace(
+        storage_backend=SimpleNamespace()), ongoing_prefetch={}), "r2", None, list(range(320))) == "done"
+    assert len(prefetched) == 1
 
 
 def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -775,7 +790,7 @@ def test_the_servers_give_sglang_the_clients_routing_key_back(monkeypatch: pytes
 
     from dualpath.srt import requests
 
-    routes = requests.RequestRoutes(64, lambda route, ids, _: None)
+    routes = requests.RequestRoutes(64)
     monkeypatch.setattr(surface, "storage_backend", lambda owner: SimpleNamespace(routes=routes))
     seen = []
     for key in ("session-7;a=b", ""):

@@ -120,8 +120,8 @@ def test_pages_round_trip_through_the_store_and_the_de_path(attention: str, tmp_
         decode.close()
 
 
-def test_an_early_read_skips_the_pages_the_prefills_own_cache_holds(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_early_read_reads_the_pages_hicache_prefetches_on_the_routed_side(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     ids = list(range(1, PAGES * PAGE + 1))
     keys, indices = block_keys(ids, PAGE), torch.arange(PAGE, PAGE * (PAGES + 1))
     _, de_pool = _pools("mha")
@@ -137,8 +137,9 @@ def test_an_early_read_skips_the_pages_the_prefills_own_cache_holds(tmp_path: Pa
             prefill.slots.forget()
             decode.slots.forget()
             before = prefill.store.stats().hits, decode.store.stats().hits
-            # held pages plus a part of one: only whole pages the cache holds are left out
-            prefill.routes.arrive(rid, None, hint.encode(), ids, cached_tokens=lambda h=held: h * PAGE + PAGE // 2)
+            prefill.routes.arrive(rid, None, hint.encode(), ids)
+            # HiCache prefetches what its memory does not hold: the tokens past ``held`` pages, chained to the last
+            prefill.prefetching(rid, ids[held * PAGE:], keys[held - 1] if held else None)
             prefill._early.wait(rid)
             read = prefill.store.stats().hits - before[0], decode.store.stats().hits - before[1]
             assert read == ((PAGES - held, 0) if hint.side is ReadSide.PE else (0, PAGES - held)), rid

@@ -1,4 +1,4 @@
-"""Early reads: a prefill reads a request's stored prefix as soon as the request arrives, where the router said.
+"""Early reads: a prefill reads the pages HiCache prefetches for a request at once, on the NIC the router chose.
 
 HiCache reads pages for one request after another on a single I/O thread. Reading only when it gets
 there would leave one NIC idle while the other reads: a DE-side request at the head of that queue would

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Hooks of every DualPath server: (target name, AROUND hook).
 REQUEST_HOOKS = (
     ("add_request", requests.on_add_request),
+    ("storage_prefetch", requests.on_prefetch),
     ("storage_hit_query", requests.on_operation),
     ("page_transfer", requests.on_operation),
     ("decode_prefix_match", requests.on_prefix_match),
@@ -40,7 +41,7 @@ LAYER_HOOKS = (
 # Targets the scheduler processes need; the server entry points are checked by the launcher.
 SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS + LAYER_HOOKS), "storage_base", "prefill_batch",
                      "run_batch", "controller_reset", "storage_metrics", "pd_send", "pd_manager", "schedule_batch",
-                     "scheduler", "req", "radix_cache", "radix_key", "match_params", "controller", "prefetch_operation",
+                     "scheduler", "req", "radix_cache", "controller", "prefetch_operation",
                      "decode_queue", "host_pool", "device_pool", "mla_host_pool", "mla_device_pool", "storage_config",
                      "layer_done_counter")
 CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool", "mla_host_pool",

@@ -47,25 +47,17 @@ class Route(NamedTuple):
         return self.hint is not None and self.hint.de_channel is not None and self.reader(key) == self.hint.de_channel
 
 
-# (route, prompt ids, how many leading tokens the server's own cache holds: asked only when needed)
-ArrivalListener = Callable[[Route, list[int], Callable[[], int]], None]
-
-
 class RequestRoutes:
     """The routes of the requests one storage backend serves, and the request each thread serves now."""
 
-    def __init__(self, page_size: int, on_arrival: ArrivalListener, capacity: int = CAPACITY) -> None:
-        """``on_arrival(route, prompt ids, cached tokens)`` is called on the scheduler thread for every arriving
-        request; it must not block."""
+    def __init__(self, page_size: int, capacity: int = CAPACITY) -> None:
         self._page_size = page_size
-        self._on_arrival = on_arrival
         self._capacity = capacity
         self._routes: OrderedDict[str, Route] = OrderedDict()
         self._lock = threading.Lock()
         self._current: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_rid", default=None)
 
-    def arrive(self, rid: str, room: int | None, routing_key: str | None, input_ids: list[int],
-               cached_tokens: Callable[[], int] = lambda: 0) -> Route:
+    def arrive(self, rid: str, room: int | None, routing_key: str | None, input_ids: list[int]) -> Route:
         try:
             hint = RouteHint.decode(routing_key)
         except ValueError as exc:
@@ -77,8 +69,11 @@ class RequestRoutes:
             self._routes.move_to_end(rid)
             while len(self._routes) > self._capacity:
                 self._routes.popitem(last=False)
-        self._on_arrival(route, input_ids, cached_tokens)
         return route
+
+    def get(self, rid: str) -> Route | None:
+        with self._lock:
+            return self._routes.get(rid)
 
     def current(self) -> Route:
         """The route of the request the calling thread serves (PE side, stock, when unknown)."""
@@ -110,10 +105,22 @@ def _serving(owner: Any, rid: Callable[[], str], call: Callable[[], Any]) -> Any
 def on_add_request(original: Callable[..., Any], scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     routes = _routes_of(scheduler)
     if routes is not None:
-        route = routes.arrive(*surface.arrival(req), cached_tokens=lambda: surface.cached_prefix_tokens(scheduler, req))
+        route = routes.arrive(*surface.arrival(req))
         if route.hint is not None:  # SGLang counts requests per routing key: the client's, not the router's hint
             surface.set_routing_key(req, route.hint.client_key or None)
     return _serving(scheduler, lambda: surface.request_id(req), lambda: original(scheduler, req, *args, **kwargs))
+
+
+def on_prefetch(original: Callable[..., Any], cache: Any, rid: str, last_host_node: Any, new_input_tokens: list[int],
+                last_hash: str | None = None, *args: Any, **kwargs: Any) -> Any:
+    """AROUND HiCache's ``prefetch_from_storage``: where it starts a prefetch, DualPath's backend starts reading those
+    pages at once (``DualPathStorage.prefetching``). Where it does not, it recomputes them: reading them would be
+    wasted."""
+    result = original(cache, rid, last_host_node, new_input_tokens, last_hash, *args, **kwargs)
+    backend = surface.storage_backend(cache.cache_controller)
+    if surface.prefetch_issued(cache, rid) and callable(prefetching := getattr(backend, "prefetching", None)):
+        prefetching(rid, new_input_tokens, last_hash)
+    return result
 
 
 def on_operation(original: Callable[..., Any], controller: Any, operation: Any, *args: Any, **kwargs: Any) -> Any:

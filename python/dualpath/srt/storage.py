@@ -51,7 +51,7 @@ class DualPathStorage(BlockStoreBackend):
         self.held: HeldPages | None = None  # a decode's host-pool pages, forwarded from memory
         self.gate: LayerGate | None = None  # a prefill's layer-by-layer landing of DE pages (layers.py)
         self._early = EarlyReads(CAPACITY)
-        self.routes = RequestRoutes(self.config.page_size, self._on_arrival)
+        self.routes = RequestRoutes(self.config.page_size)
         self.state = StatePublisher(self.config, lambda: self.store.stats().hits if self.store is not None else 0)
 
     def configure(self, setup: surface.StorageSetup) -> SrtConfig:
@@ -112,29 +112,32 @@ class DualPathStorage(BlockStoreBackend):
             self.state.count(pages_forwarded_from_memory=sum(ok))
         return fill_missing(self.slots.from_store(self._store()), keys, slots, ok)
 
-    def _on_arrival(self, route: Route, input_ids: list[int], cached_tokens: Callable[[], int]) -> None:
-        """A request the DualPath router placed reached the prefill: start reading its stored prefix now, in
-        the background, where the router chose (this node's NIC, the DE's or a helper DE's through the KV link;
-        see ``early.py``). The pages land in the slot cache, where ``batch_get_v1`` finds them once the reads
-        are done; the leading pages this server's own cache holds are not read (the router sees only the store).
-        Requests without a route (stock routers) are read when HiCache gets to them, as in stock SGLang.
+    def prefetching(self, rid: str, tokens: list[int], last_key: str | None) -> None:
+        """HiCache starts prefetching ``tokens`` for request ``rid``: the prompt past what its device and host memory
+        hold (``last_key``: the key of the page before them, None from the start). A request the DualPath router
+        placed starts reading their stored pages now, in the background, where the router chose (this node's NIC,
+        the DE's or a helper DE's through the KV link; see ``early.py``). The pages land in the slot cache, where
+        ``batch_get_v1`` finds them once the reads are done. Requests without a route (stock routers) are read when
+        HiCache gets to them, as in stock SGLang. Where HiCache does not prefetch (too short a part, or its
+        prefetches in flight fill half its host pool), it recomputes, and nothing is read early either.
         """
-        if route.hint is None or self.config.role != "prefill" or self.link is None:
+        route = self.routes.get(rid)
+        if route is None or route.hint is None or self.config.role != "prefill" or self.link is None:
             return
         # The readers of the plan's leading runs that got whole pages, and the last reader (the rest).
         readers = [*dict.fromkeys(route.page_readers.values()), route.hint.plan.readers[-1]]
-        arrived, ids, held = time.monotonic(), list(input_ids), cached_tokens() // self.shape.page_size
-        self._early.start(route.rid, readers, lambda reader: self._fetch_early(route, reader, ids, held, arrived))
+        started, tokens = time.monotonic(), list(tokens)
+        self._early.start(rid, readers, lambda reader: self._fetch_early(route, reader, tokens, last_key, started))
 
-    def _fetch_early(self, route: Route, reader: Reader, input_ids: list[int], held: int,
+    def _fetch_early(self, route: Route, reader: Reader, tokens: list[int], last_key: str | None,
                      arrived: float) -> None:
-        """Read the stored prefix pages of ``route`` that ``reader`` reads into the slot cache, past the first
-        ``held`` (in this server's cache; should they be evicted by then, HiCache's prefetch reads them)."""
+        """Read the stored pages of ``tokens`` (following the page keyed ``last_key``) that ``reader`` reads for
+        ``route`` into the slot cache."""
         name = reader.agent if reader is not None else "PE"
         try:
             store, page = self._store(), self.shape.page_size
-            keys = block_keys(input_ids[: len(input_ids) // page * page], page)
-            keys = [key for key in keys[held: store.prefix_length(keys)] if route.reader(key) == reader]
+            keys = block_keys(tokens[: len(tokens) // page * page], page, prior_key=last_key)
+            keys = [key for key in keys[: store.prefix_length(keys)] if route.reader(key) == reader]
             started = time.monotonic()
             for start in range(0, len(keys), EARLY_BATCH):
                 self.slots.release(self._pinned(route, keys[start:start + EARLY_BATCH]))

@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import pkgutil
 import sys
-from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +31,8 @@ TARGETS: dict[str, str] = {
     "hook_type": "sglang.srt.plugins.hook_registry.HookType",
     # Request arrival (all modes): the request's RouteHint is recorded by rid.
     "add_request": f"{SCHEDULER}._add_request_to_queue",
+    # HiCache's decision to prefetch a request's pages beyond its memory from storage (DualPath's early read).
+    "storage_prefetch": "sglang.srt.mem_cache.hiradix_cache.HiRadixCache.prefetch_from_storage",
     # Prefill batch selection (the PE compute quota) and running (its cost model's timings).
     "prefill_batch": f"{SCHEDULER}.get_new_batch_prefill",
     "run_batch": f"{SCHEDULER}.run_batch",
@@ -85,8 +86,6 @@ TARGETS: dict[str, str] = {
     "scheduler": SCHEDULER,
     "req": "sglang.srt.managers.schedule_batch.Req",
     "radix_cache": "sglang.srt.mem_cache.hiradix_cache.HiRadixCache",
-    "radix_key": "sglang.srt.mem_cache.radix_cache.RadixKey",
-    "match_params": "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams",
     "controller": CONTROLLER,
     "prefetch_operation": "sglang.srt.managers.cache_controller.PrefetchOperation",
     "decode_queue": "sglang.srt.disaggregation.decode.DecodePreallocQueue",
@@ -116,7 +115,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                   "chunked_prefill_size"),
     "req": ("rid", "bootstrap_room", "routing_key", "origin_input_ids", "extra_key", "prefix_indices",
             "host_hit_length", "storage_hit_length"),
-    "radix_cache": ("cache_controller", "match_prefix"),
+    "radix_cache": ("cache_controller", "ongoing_prefetch"),
     "controller": ("storage_backend",),
     "prefetch_operation": ("request_id",),
     "decode_queue": ("tree_cache",),
@@ -249,16 +248,10 @@ def arrival(req: Any) -> Arrival:
     return Arrival(req.rid, req.bootstrap_room, req.routing_key, req.origin_input_ids)
 
 
-def cached_prefix_tokens(scheduler: Any, req: Any) -> int:
-    """Leading prompt tokens the scheduler's radix cache holds in device or host memory now (0 without HiCache):
-    pages a store read would fetch again. Matching only refreshes those pages' place in the LRU, as the request's
-    own match will moments later."""
-    cache = scheduler.tree_cache
-    if not isinstance(cache, resolve("radix_cache")):
-        return 0
-    key = resolve("radix_key")(token_ids=array("q", req.origin_input_ids), extra_key=req.extra_key)
-    match = cache.match_prefix(resolve("match_params")(key=key))
-    return len(match.device_indices) + match.host_hit_length
+def prefetch_issued(radix_cache: Any, rid: str) -> bool:
+    """Whether HiCache started a storage prefetch for request ``rid`` (it does not for a prompt whose part beyond
+    its memory is short of ``prefetch_threshold``, nor while prefetches in flight fill half its host pool)."""
+    return rid in radix_cache.ongoing_prefetch
 
 
 def set_routing_key(req: Any, key: str | None) -> None:
