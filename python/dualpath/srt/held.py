@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from dualpath.srt import surface
 
-_BY_POOL: dict[int, HeldPages] = {}  # id(host pool) -> its pages: the free hook only sees the pool
-
 
 class HeldPages:
     """Page keys -> host-pool pages of one server (page-aligned host index / page size)."""
@@ -31,7 +29,7 @@ class HeldPages:
         self._page_of: dict[str, int] = {}
         self._key_of: dict[int, str] = {}
         self._lock = threading.Lock()
-        _BY_POOL[id(pool)] = self
+        surface.set_held_pages(pool, self)  # the free hook only sees the pool
 
     def __len__(self) -> int:
         return len(self._page_of)
@@ -69,7 +67,7 @@ class HeldPages:
 
     def close(self) -> None:
         self.clear()
-        _BY_POOL.pop(id(self.pool), None)
+        surface.set_held_pages(self.pool, None)
 
     def _forget_page(self, page: int) -> None:
         key = self._key_of.pop(page, None)
@@ -79,7 +77,7 @@ class HeldPages:
 
 def on_host_free(original: Callable[..., Any], host_pool: Any, indices: torch.Tensor) -> Any:
     """AROUND ``HostKVCache.free``: the freed pages leave :class:`HeldPages` before their slots can be reused."""
-    held = _BY_POOL.get(id(host_pool))
-    if held is not None:
+    held = surface.held_pages(host_pool)
+    if isinstance(held, HeldPages):
         held.drop(indices)
     return original(host_pool, indices)

@@ -362,6 +362,17 @@ def set_host_page(pool: Any, index: int, flat: Any) -> None:
     pool.set_from_flat_data_page(index, flat)
 
 
+HELD_PAGES = "dualpath_held_pages"  # DualPath's own attribute on a decode's host pool (held.HeldPages)
+
+
+def set_held_pages(pool: Any, held: Any) -> None:
+    setattr(pool, HELD_PAGES, held)
+
+
+def held_pages(pool: Any) -> Any:
+    return getattr(pool, HELD_PAGES, None)
+
+
 def host_page(pool: Any, index: int) -> Any:
     """The page at host index ``index``: a strided view of the pool (no copy)."""
     return pool.get_data_page(index, flat=False)
