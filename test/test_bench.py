@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import itertools
 import json
 import re
@@ -16,8 +17,11 @@ import pytest
 from dualpath.cli import main as cli_main
 from dualpath.cluster.ab import RunSummary, _difference, ratio_interval, result_records, summarise
 from dualpath.cluster.online import Load, LoadResult, Slo, agent_pool, agents_for, capacity, run_load
+from dualpath.cluster.progress import LineProgress, progress_for
 from dualpath.cluster.replay import ReplayResult, RequestRecord, Streamed
 from dualpath.traces import AgentTrace, Turn
+from rich.console import Console
+from rich.progress import Progress
 from router_fakes import FakeEngine
 from test_router import cluster, pd_fakes, run_async
 
@@ -289,3 +293,17 @@ def test_the_online_ab_refuses_bad_input_before_starting_anything(argv: list[str
         cli_main(["ab", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *argv])
     assert message in str(exit_info.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_long_runs_print_progress_lines_where_the_console_is_not_a_terminal():
+    log = io.StringIO()
+    with progress_for(Console(file=log, force_terminal=False)) as progress:
+        assert isinstance(progress, LineProgress)
+        task = progress.add_task("   split", total=40)
+        for _ in range(39):
+            progress.advance(task)
+        assert log.getvalue().count("\n") == 9  # a line at every tenth passed, none before
+        progress.advance(task)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].endswith("split 4/40 (0 s)") and "split 40/40" in lines[-1]
+    assert isinstance(progress_for(Console(file=io.StringIO(), force_terminal=True)), Progress)

@@ -26,9 +26,9 @@ import aiohttp
 import msgspec
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dualpath.cluster.online import DATASETS, Load, LoadResult, Slo, agent_pool, capacity, run_load
+from dualpath.cluster.progress import AnyProgress, progress_for
 from dualpath.cluster.replay import RequestRecord
 from dualpath.scheduler.report import REPORT_ROUTE, NodeReport
 from dualpath.traces import AgentTrace
@@ -141,7 +141,7 @@ def dualpath_fields(before: dict[str, tuple[str, int]] | None, after: dict[str, 
 
 
 async def measure(url: str, agents: Sequence[AgentTrace], load: Load, seed: int, slo: Slo,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: AnyProgress | None = None) -> dict[str, Any]:
     """One run: bench_serving's fields, DualPath's node reads and the SLO, and the run's records."""
     before = await node_reads(url)
     task = progress.add_task(f"agent rate {load.agent_rate}" if load.agent_rate else "requests",
@@ -169,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
     server_info = asyncio.run(_server_info(url))
     if server_info is None:
         raise SystemExit(f"dualpath bench: nothing answers at {url} (start one with `dualpath up`)")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_for(console) as progress:
         if args.search_aps:
             low, high = args.search_aps
             runs: list[dict[str, Any]] = []

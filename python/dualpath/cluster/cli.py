@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dualpath.cluster.ab import (
@@ -32,6 +31,7 @@ from dualpath.cluster.ab import (
 from dualpath.cluster.local import MIN_KV_TOKENS, STOCK, STOCK_ROUTER, ClusterConfig, LocalCluster, Servers
 from dualpath.cluster.online import DATASETS, Load, Slo, agent_pool, agents_for
 from dualpath.cluster.online_ab import online_records, online_table, plot_online, run_online_ab, write_online
+from dualpath.cluster.progress import AnyProgress, progress_for
 from dualpath.cluster.replay import TOP_LOGPROBS
 from dualpath.cluster.servers import TINY_MODEL, with_random_weights
 from dualpath.router.config import ROUTER_MODES
@@ -280,7 +280,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def on_cluster(args: argparse.Namespace, console: Console, baseline: str,
-               work: Callable[[LocalCluster, Progress], T]) -> tuple[T, list[str]]:
+               work: Callable[[LocalCluster, AnyProgress], T]) -> tuple[T, list[str]]:
     """``work(cluster, progress)`` on the command line's cluster (the stock set too for a stock baseline), started
     in ``--work-dir`` or a temporary directory and stopped on every path; its result and the cluster's nodes."""
     with tempfile.TemporaryDirectory(prefix="dualpath-ab-") as scratch:
@@ -291,8 +291,7 @@ def on_cluster(args: argparse.Namespace, console: Console, baseline: str,
         try:
             cluster.start()
             console.print(f"[{clock()}] servers ready")
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console) as progress:
+            with progress_for(console) as progress:
                 return work(cluster, progress), config.nodes
         finally:
             cluster.stop()
