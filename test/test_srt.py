@@ -168,6 +168,19 @@ def test_request_routes_live_in_the_storage_backend_sglang_owns() -> None:
     assert len(prefetched) == 1
 
 
+def test_on_cpu_hicache_keeps_less_dram_free_beside_its_host_pool() -> None:
+    pytest.importorskip("sglang", reason="SGLang's host pool module")
+    from dualpath.srt import cpu
+    from sglang.srt.mem_cache.pool_host import base
+
+    stock = base.HICACHE_HOST_MEMORY_RESERVE_BYTES
+    try:
+        cpu.reserve_less_host_memory()
+        assert base.HICACHE_HOST_MEMORY_RESERVE_BYTES == cpu.CPU_HOST_RESERVE_BYTES < stock
+    finally:
+        base.HICACHE_HOST_MEMORY_RESERVE_BYTES = stock
+
+
 def test_an_idle_cpu_scheduler_turn_gives_the_core_back(monkeypatch: pytest.MonkeyPatch) -> None:
     from dualpath.srt import cpu
 

@@ -16,6 +16,10 @@ Registered only when ``torch.cuda.is_available()`` is false, so GPU servers run 
   spinning loop, holding the GIL, starves the server's own I/O threads (HiCache reads, KV transfers) and
   the other servers of the machine. Each idle turn sleeps ``IDLE_YIELD_S``; a running batch never waits
   for it (the loop reaches ``on_idle`` only when it has nothing to run).
+- Host memory reserve: SGLang refuses a HiCache host pool that would leave less than 10 GiB of DRAM free, a
+  margin for a GPU server whose DRAM holds little else. On CPU the device pools, the models and every server of
+  the machine live in that DRAM as well, so four tiny servers (a 2P2D cluster, about 4 GB each) could not start
+  on 24 GB though they fit: the reserve is ``CPU_HOST_RESERVE_BYTES``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dualpath.srt.config import CPU_ENV
 
 STANDIN = Path(__file__).with_name("vllm_standin")
 IDLE_YIELD_S = 0.001
+CPU_HOST_RESERVE_BYTES = 1 << 30
 
 _CUDA_COMMUNICATORS = ("use_pynccl", "use_pymscclpp", "use_custom_allreduce", "use_torch_symm_mem_all_reduce")
 # nixl_agent method -> positional index of its mem_type argument (self excluded).
@@ -61,6 +66,10 @@ def export(tp_size: int = 1) -> None:
 def install_rotary_standin() -> None:
     if importlib.util.find_spec("vllm") is None and str(STANDIN) not in sys.path:
         sys.path.append(str(STANDIN))
+
+
+def reserve_less_host_memory() -> None:
+    surface.set_host_memory_reserve(CPU_HOST_RESERVE_BYTES)
 
 
 def _dram(kind: object) -> object:

@@ -45,7 +45,7 @@ SCHEDULER_TARGETS = (*(name for name, _ in REQUEST_HOOKS + LAYER_HOOKS), "storag
                      "decode_queue", "host_pool", "device_pool", "mla_host_pool", "mla_device_pool", "storage_config",
                      "layer_done_counter")
 CPU_TARGETS = tuple(sorted({name for name, _, _ in cpu.hooks()} | {"host_pool", "device_pool", "mla_host_pool",
-                                                                   "mla_device_pool"}))
+                                                                   "mla_device_pool", "host_memory_reserve"}))
 
 
 def register() -> None:
@@ -67,6 +67,7 @@ def register() -> None:
     hooks: list[tuple[str, Any]] = []
     if on_cpu:  # first: SGLang wraps later hooks around earlier ones, and DualPath's layer hooks call these
         cpu.install_rotary_standin()
+        cpu.reserve_less_host_memory()
         hooks += [(surface.TARGETS[name] + (f".{method}" if method else ""), hook)
                   for name, method, hook in cpu.hooks()]
     if config is not None:

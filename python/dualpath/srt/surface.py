@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import pkgutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,8 @@ TARGETS: dict[str, str] = {
     "host_load_layer": f"{HOST_POOL}.load_to_device_per_layer",
     "mla_host_load_layer": f"{MLA_HOST_POOL}.load_to_device_per_layer",
     "host_free": "sglang.srt.mem_cache.pool_host.base.HostKVCache.free",
+    # The DRAM HiCache keeps free beside its host pool (a module constant; a CPU stand-in sets it, cpu.py).
+    "host_memory_reserve": "sglang.srt.mem_cache.pool_host.base.HICACHE_HOST_MEMORY_RESERVE_BYTES",
     "layer_done_counter": "sglang.srt.managers.cache_controller.LayerDoneCounter",
     # SGLang's own PD KV transfer (NIXL connector), paced on an emulated compute NIC (traffic.py).
     "pd_send": "sglang.srt.disaggregation.nixl.conn.NixlKVManager.send_kvcache",
@@ -363,6 +366,11 @@ def set_host_page(pool: Any, index: int, flat: Any) -> None:
 
 
 HELD_PAGES = "dualpath_held_pages"  # DualPath's own attribute on a decode's host pool (held.HeldPages)
+
+
+def set_host_memory_reserve(reserve_bytes: int) -> None:
+    module, _, name = TARGETS["host_memory_reserve"].rpartition(".")
+    setattr(importlib.import_module(module), name, reserve_bytes)
 
 
 def set_held_pages(pool: Any, held: Any) -> None:
