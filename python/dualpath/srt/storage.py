@@ -106,7 +106,7 @@ class DualPathStorage(BlockStoreBackend):
 
     def _forwarded(self, keys: list[str], slots: list[int]) -> list[bool]:
         """A decode's source of the blocks a prefill asks for: its host pool's, then the store's."""
-        ok = [self.held is not None and self.held.copy(key, self._flat(slot)) 
+        ok = [self.held is not None and self.held.copy(key, self._flat(slot))
               for key, slot in zip(keys, slots, strict=True)]
         if any(ok):
             self.state.count(pages_forwarded_from_memory=sum(ok))
