@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from dualpath.srt import surface
+from dualpath.srt.layers import host_pages
 
 
 class HeldPages:
@@ -55,7 +56,7 @@ class HeldPages:
 
     def drop(self, host_indices: torch.Tensor) -> None:
         """SGLang frees these host slots: their pages are no longer held."""
-        pages = torch.unique(torch.div(host_indices.cpu(), self.page_size, rounding_mode="floor")).tolist()
+        pages = host_pages(host_indices, self.page_size)
         with self._lock:
             for page in pages:
                 self._forget_page(page)

@@ -169,7 +169,7 @@ class LayerGate:
 
     def settle(self, host_indices: torch.Tensor) -> None:
         """Wait until no page of ``host_indices`` is landing (before SGLang frees them)."""
-        pages = set(_pages(host_indices, self._page))
+        pages = set(host_pages(host_indices, self._page))
         with self._cond:
             self._cond.wait_for(lambda: pages.isdisjoint(self._held))
 
@@ -233,7 +233,8 @@ class LayerGate:
             torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self._staging.untyped_storage().data_ptr()))
 
 
-def _pages(host_indices: torch.Tensor, page_size: int) -> list[int]:
+def host_pages(host_indices: torch.Tensor, page_size: int) -> list[int]:
+    """The host-pool pages (index // page size) that ``host_indices`` touch, each once."""
     return torch.unique(torch.div(host_indices.cpu(), page_size, rounding_mode="floor")).tolist()
 
 
